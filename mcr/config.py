@@ -1,0 +1,106 @@
+"""Configuration: model presets and the training config (a dataclass; argparse flags in mcr.train)."""
+import dataclasses
+from dataclasses import dataclass, field
+
+VARIANTS = ("mcr", "dual-stream", "abm")
+
+
+@dataclass
+class ModelConfig:
+    """Shapes and method choices of the MCR model (see docs/method in ../shared/docs)."""
+    image_size: int = 96
+    patch_size: int = 16
+    in_chans: int = 1                 # 1: grayscale patch embedding; 3: replicated (timm weights)
+    vit_width: int = 192
+    vit_depth: int = 4
+    vit_heads: int = 3
+    decoder_width: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    text_width: int = 192
+    text_depth: int = 4
+    text_heads: int = 3
+    text_intermediate: int = 768
+    max_text_len: int = 128
+    vocab_size: int = 2048            # of the tokenizer trained on the corpus; a loaded one sets it
+    embed_dim: int = 128              # joint space E
+    head_hidden: int = 0              # MbA head hidden width; 0 = model width
+    head_activation: str = "gelu"
+    image_mask_ratio: float = 0.5
+    text_mask_ratio: float = 0.25
+    text_mask_replace: bool = False   # BERT's 80/10/10 replacement; False = always [MASK]
+    norm_pix_loss: bool = False
+    image_conditioned_mrm: bool = True
+    mrm_decoder_depth: int = 1
+    variant: str = "mcr"              # mcr | dual-stream | abm
+    init_temperature: float = 0.07
+
+
+PRESETS = {
+    "small": ModelConfig(),
+    "paper": ModelConfig(
+        image_size=224, patch_size=16, in_chans=3, vit_width=768, vit_depth=12, vit_heads=12,
+        decoder_width=512, decoder_depth=8, decoder_heads=16, text_width=768, text_depth=12,
+        text_heads=12, text_intermediate=3072, vocab_size=30522, embed_dim=512),
+}
+
+
+def preset(name, **overrides):
+    """A copy of preset `name` with fields replaced; ValueError names what is unknown."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets are {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"unknown model config fields {sorted(unknown)}")
+    cfg = dataclasses.replace(PRESETS[name], **overrides)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"unknown variant {cfg.variant!r}; variants are {VARIANTS}")
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(f"image_size {cfg.image_size} must be a multiple of patch_size {cfg.patch_size}")
+    if not 0.0 < cfg.image_mask_ratio < 1.0:
+        raise ValueError(f"image_mask_ratio must be in (0, 1), got {cfg.image_mask_ratio}")
+    if not 0.0 < cfg.text_mask_ratio < 1.0:
+        raise ValueError(f"text_mask_ratio must be in (0, 1), got {cfg.text_mask_ratio}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `python -m mcr.train` takes; every field is a --flag."""
+    preset: str = "small"
+    variant: str = "mcr"
+    data: str = "synthetic"
+    data_root: str = ""
+    train_size: int = 20000           # synthetic corpus sizes
+    val_size: int = 1000
+    out_dir: str = "runs/default"
+    tokenizer: str = ""               # local HF tokenizer dir; empty = train WordPiece on the corpus
+    image_weights: str = ""
+    text_weights: str = ""
+    batch_size: int = 64
+    epochs: float = 0.0               # if > 0, overrides max_steps
+    max_steps: int = 1200
+    max_minutes: float = 0.0          # stop training after this wall time (0 = no limit)
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    loss_contrastive: float = 0.1     # lambda_vrc : lambda_mim : lambda_mrm = 0.1 : 1 : 1 (paper)
+    loss_mim: float = 1.0
+    loss_mrm: float = 1.0
+    eval_every: int = 400
+    save_every: int = 400
+    keep_checkpoints: int = 2
+    log_every: int = 20
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"           # auto (bf16 on CUDA) | bf16 | fp32
+    num_workers: int = 0
+    tensorboard: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)

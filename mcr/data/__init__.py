@@ -1,0 +1,1 @@
+"""Datasets (synthetic corpus, tokenizers) and batching."""

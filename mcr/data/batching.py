@@ -1,0 +1,28 @@
+"""Batching: every dataset yields Study-like records (image uint8 [H, W],
+report str, labels float32 [C]); `Collate` turns them into model batches."""
+import numpy as np
+import torch
+
+IMAGE_MEAN, IMAGE_STD = 0.5, 0.25
+
+
+class Collate:
+    """Records -> batch dict: image float [B, C, H, W] normalized, input_ids,
+    attention_mask, special_tokens_mask int64 [B, L] (padded to the longest), labels."""
+
+    def __init__(self, tokenizer, max_length, in_chans=1):
+        self.tokenizer, self.max_length, self.in_chans = tokenizer, max_length, in_chans
+
+    def __call__(self, studies):
+        images = torch.from_numpy(np.stack([s.image for s in studies])).float().div_(255.0)
+        images = ((images - IMAGE_MEAN) / IMAGE_STD).unsqueeze(1).expand(-1, self.in_chans, -1, -1)
+        enc = self.tokenizer([s.report for s in studies], padding=True, truncation=True,
+                             max_length=self.max_length, return_special_tokens_mask=True,
+                             return_tensors="pt")
+        return {
+            "image": images.contiguous(),
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "special_tokens_mask": enc["special_tokens_mask"],
+            "labels": torch.from_numpy(np.stack([s.labels for s in studies])),
+        }

@@ -1,0 +1,103 @@
+"""Cross-modal retrieval evaluation: Recall@K, mean/median rank, label-aware Precision@K.
+
+    python -m mcr.evaluate --checkpoint runs/default/checkpoints/step_00001200
+
+Ties of identical report texts: a report whose text equals the query's true report is
+counted as a hit (image->report), and so is every image whose report text equals the query
+report (report->image). A query's rank is 1 + the number of non-hits scored above its best
+hit. Precision@K counts retrieved items whose finding-label set equals the query's.
+"""
+import argparse
+import json
+import os
+
+import torch
+
+KS = (1, 5, 10)
+
+
+def retrieval_metrics(sim, hits, labels=None, ks=KS):
+    """sim [Q, G] float; hits [Q, G] bool (True = correct gallery item); labels [Q=G, C] or None.
+
+    Returns R@K (%), mean_rank, median_rank, chance_R@1 (%), and P@K (%) when labels given.
+    """
+    sim, hits = sim.float(), hits.bool()
+    if not hits.any(dim=1).all():
+        raise ValueError("every query needs at least one correct gallery item in hits")
+    best_hit = sim.masked_fill(~hits, float("-inf")).amax(dim=1, keepdim=True)
+    ranks = 1 + ((sim > best_hit) & ~hits).sum(dim=1).float()
+    out = {f"R@{k}": 100.0 * (ranks <= k).float().mean().item() for k in ks}
+    out["mean_rank"] = ranks.mean().item()
+    out["median_rank"] = ranks.median().item()
+    out["chance_R@1"] = 100.0 * hits.float().sum(1).div(sim.shape[1]).mean().item()
+    if labels is not None:
+        same_labels = (labels[:, None, :] == labels[None, :, :]).all(-1)
+        top = sim.topk(min(max(ks), sim.shape[1]), dim=1).indices
+        relevant = torch.gather(same_labels, 1, top).float()
+        for k in ks:
+            out[f"P@{k}"] = 100.0 * relevant[:, :k].mean().item()
+    return out
+
+
+def identical_texts(reports):
+    """[N, N] bool: report i and report j have the same text."""
+    index = {}
+    ids = torch.tensor([index.setdefault(r, len(index)) for r in reports])
+    return ids[:, None] == ids[None, :]
+
+
+@torch.no_grad()
+def embed_dataset(model, loader, device, autocast_dtype=None):
+    """Unmasked embeddings of every pair: (image [N, E], text [N, E], labels [N, C])."""
+    model.eval()
+    images, texts, labels = [], [], []
+    for batch in loader:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            img, txt = model.embed(batch["image"].to(device), batch["input_ids"].to(device),
+                                   batch["attention_mask"].to(device))
+        images.append(img.float().cpu())
+        texts.append(txt.float().cpu())
+        labels.append(batch["labels"])
+    return torch.cat(images), torch.cat(texts), torch.cat(labels)
+
+
+def evaluate_retrieval(model, loader, reports, device, autocast_dtype=None):
+    """Both directions on one split: {"i2t": {...}, "t2i": {...}}."""
+    img, txt, labels = embed_dataset(model, loader, device, autocast_dtype)
+    hits = identical_texts(reports)
+    sim = img @ txt.T
+    return {"i2t": retrieval_metrics(sim, hits, labels), "t2i": retrieval_metrics(sim.T, hits.T, labels)}
+
+
+def format_table(results):
+    """A plain-text table of evaluate_retrieval's output."""
+    cols = ["R@1", "R@5", "R@10", "median_rank", "mean_rank", "P@1", "P@5", "P@10", "chance_R@1"]
+    lines = [f"{'direction':<10}" + "".join(f"{c:>12}" for c in cols)]
+    for name, row in results.items():
+        lines.append(f"{name:<10}" + "".join(f"{row.get(c, float('nan')):>12.2f}" for c in cols))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    from mcr.train import build_eval, load_trained
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest)")
+    parser.add_argument("--split", default="val", help="held-out split to evaluate (val or test)")
+    parser.add_argument("--size", type=int, default=0, help="number of pairs (synthetic data; 0 = config's)")
+    parser.add_argument("--output", default="", help="JSON file to write (default: beside the checkpoint)")
+    args = parser.parse_args(argv)
+    model, cfg, tokenizer, device, path = load_trained(args.checkpoint)
+    loader, reports = build_eval(cfg, tokenizer, split=args.split, size=args.size or cfg.val_size)
+    results = evaluate_retrieval(model, loader, reports, device)
+    print(f"checkpoint {path}, split {args.split}, {len(reports)} pairs")
+    print(format_table(results))
+    output = args.output or os.path.join(path, f"eval_{args.split}.json")
+    with open(output, "w") as f:
+        json.dump({"checkpoint": path, "split": args.split, "pairs": len(reports), **results}, f, indent=1)
+    print(f"wrote {output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

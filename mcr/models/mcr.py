@@ -1,0 +1,201 @@
+"""MCR: Masked Contrastive Reconstruction (Wei, Jin, Zhou, arXiv 2312.15840).
+
+One forward pass per modality on masked inputs only: ~50% of image patches dropped, ~25%
+of report tokens replaced by [MASK]. The same masked features feed
+  - masked image modelling: an MAE decoder restores the sequence and predicts pixels,
+  - masked report modelling: an MLM head (optionally image-conditioned) predicts tokens,
+  - MbA alignment: every local token mapped into the joint space, then pooled, InfoNCE.
+Variants: "dual-stream" (unmasked second pass for the contrastive loss, the baseline) and
+"abm" (aggregate, then map). The hot spots go through mcr_kernels' public ops.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+from transformers import BertConfig, BertModel
+from transformers.models.bert.modeling_bert import BertOnlyMLMHead
+
+import mcr_kernels
+from mcr.models.attention import ATTN_IMPLEMENTATION, use_flash_attention
+from mcr_kernels import ProjectionHead
+
+
+def bert_config(cfg, pad_token_id=0):
+    """The HF BertConfig of a ModelConfig (dropout off: masking is the regulariser)."""
+    return BertConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.text_width, num_hidden_layers=cfg.text_depth,
+        num_attention_heads=cfg.text_heads, intermediate_size=cfg.text_intermediate,
+        max_position_embeddings=max(512, cfg.max_text_len), pad_token_id=pad_token_id,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        attn_implementation=ATTN_IMPLEMENTATION)
+
+
+def mask_report_tokens(input_ids, attention_mask, special_mask, ratio, mask_id, vocab_size,
+                       replace=False, generator=None):
+    """BERT-style masking of round(ratio * n) ordinary tokens per report (at least one).
+
+    input_ids/attention_mask/special_mask [B, L]. Returns (masked_ids, labels) with labels
+    = original id at masked positions and -100 elsewhere. replace=True applies 80/10/10.
+    """
+    candidates = attention_mask.bool() & ~special_mask.bool()
+    scores = torch.rand(input_ids.shape, device=input_ids.device, generator=generator)
+    scores = scores.masked_fill(~candidates, 2.0)
+    rank = scores.argsort(dim=1).argsort(dim=1)
+    num = (candidates.sum(1, keepdim=True) * ratio).round().clamp(min=1)
+    chosen = (rank < num) & candidates
+    labels = input_ids.masked_fill(~chosen, -100)
+    masked = input_ids.masked_fill(chosen, mask_id)
+    if replace:
+        u = torch.rand(input_ids.shape, device=input_ids.device, generator=generator)
+        random_ids = torch.randint(vocab_size, input_ids.shape, device=input_ids.device, generator=generator)
+        masked = torch.where(chosen & (u >= 0.8) & (u < 0.9), random_ids, masked)
+        masked = torch.where(chosen & (u >= 0.9), input_ids, masked)
+    return masked, labels
+
+
+class MCR(nn.Module):
+    """The MCR model. Batches are dicts: image float [B, C, H, W] (normalized), input_ids,
+    attention_mask, special_tokens_mask int64 [B, L]."""
+
+    def __init__(self, cfg, *, pad_token_id=0, mask_token_id=4):
+        super().__init__()
+        self.cfg = cfg
+        self.mask_token_id = mask_token_id
+        # image encoder: timm ViT, attention through mcr_kernels
+        self.vit = VisionTransformer(
+            img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+            embed_dim=cfg.vit_width, depth=cfg.vit_depth, num_heads=cfg.vit_heads,
+            num_classes=0, global_pool="token", class_token=True)
+        use_flash_attention(self.vit)
+        num_patches = self.vit.patch_embed.num_patches
+        # MAE decoder
+        self.decoder_embed = nn.Linear(cfg.vit_width, cfg.decoder_width)
+        self.mask_token = nn.Parameter(torch.zeros(cfg.decoder_width))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, cfg.decoder_width))
+        self.decoder_blocks = nn.ModuleList(
+            Block(cfg.decoder_width, cfg.decoder_heads, qkv_bias=True) for _ in range(cfg.decoder_depth))
+        use_flash_attention(self.decoder_blocks)
+        self.decoder_norm = nn.LayerNorm(cfg.decoder_width)
+        self.decoder_pred = nn.Linear(cfg.decoder_width, cfg.patch_size ** 2 * cfg.in_chans)
+        # report encoder: HF BERT, attention through mcr_kernels
+        self.bert_config = bert_config(cfg, pad_token_id)
+        self.bert = BertModel(self.bert_config, add_pooling_layer=False)
+        # masked report modelling: optional image conditioning + small encoder + MLM head
+        self.image_to_text = nn.Linear(cfg.vit_width, cfg.text_width) if cfg.image_conditioned_mrm else None
+        self.mrm_blocks = nn.ModuleList(
+            Block(cfg.text_width, cfg.text_heads, qkv_bias=True) for _ in range(cfg.mrm_decoder_depth))
+        use_flash_attention(self.mrm_blocks)
+        self.mlm_head = BertOnlyMLMHead(self.bert_config)
+        # MbA heads and temperature
+        self.image_head = ProjectionHead(cfg.vit_width, cfg.embed_dim, cfg.head_hidden or cfg.vit_width,
+                                         cfg.head_activation)
+        self.text_head = ProjectionHead(cfg.text_width, cfg.embed_dim, cfg.head_hidden or cfg.text_width,
+                                        cfg.head_activation)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    # --- image ---------------------------------------------------------------------------
+
+    def patchify(self, imgs):
+        """[B, C, H, W] -> [B, N, p*p*C] in row-major patch order."""
+        p = self.cfg.patch_size
+        B, C, H, W = imgs.shape
+        x = imgs.reshape(B, C, H // p, p, W // p, p)
+        return torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
+
+    def encode_image(self, imgs, mask_ratio):
+        """-> latent [B, 1 + K, D] (CLS first), mask [B, N] (1 = dropped), ids_restore [B, N];
+        mask and ids_restore are None when mask_ratio is 0."""
+        vit = self.vit
+        x = vit.patch_embed(imgs) + vit.pos_embed[:, 1:]
+        mask = ids_restore = None
+        if mask_ratio > 0:  # unmasked passes (evaluation, dual-stream) draw no randomness
+            x, mask, ids_restore = mcr_kernels.random_masking(x, mask_ratio, num_prefix_tokens=0)
+        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in vit.blocks:
+            x = blk(x)
+        return vit.norm(x), mask, ids_restore
+
+    def reconstruct_image(self, latent, ids_restore):
+        """MAE decoder: latent [B, 1 + K, D] -> pixel predictions [B, N, p*p*C]."""
+        x = self.decoder_embed(latent)
+        patches = mcr_kernels.restore_tokens(x[:, 1:], ids_restore, self.mask_token)
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    def mim_loss(self, imgs, pred, mask):
+        target = self.patchify(imgs)
+        if self.cfg.norm_pix_loss:
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        per_patch = ((pred.float() - target.float()) ** 2).mean(-1)
+        return (per_patch * mask).sum() / mask.sum().clamp(min=1)
+
+    # --- text ----------------------------------------------------------------------------
+
+    def encode_text(self, input_ids, attention_mask):
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def mrm_logits(self, text_tokens, attention_mask, image_latent):
+        x = text_tokens
+        if self.image_to_text is not None:
+            x = x + self.image_to_text(image_latent[:, 1:].mean(1)).unsqueeze(1)
+        for blk in self.mrm_blocks:
+            x = blk(x, attn_mask=attention_mask.bool())
+        return self.mlm_head(x)
+
+    # --- alignment -----------------------------------------------------------------------
+
+    def contrastive_loss(self, img_tokens, txt_tokens, txt_mask):
+        """MbA (map every token, then pool) or AbM; image tokens exclude CLS."""
+        scale = self.logit_scale.exp().clamp(max=100)
+        if self.cfg.variant == "abm":
+            image_emb = self.image_head(img_tokens.mean(1))
+            text_emb = self.text_head(mcr_kernels.reference.masked_mean(txt_tokens, txt_mask))
+            return mcr_kernels.infonce_loss(image_emb, text_emb, scale)
+        loss, _, _ = mcr_kernels.mba_infonce(img_tokens, None, txt_tokens, txt_mask, self.image_head,
+                                             self.text_head, scale)
+        return loss
+
+    @torch.no_grad()
+    def embed(self, imgs, input_ids, attention_mask):
+        """Unmasked retrieval embeddings, L2-normalized: (image [B, E], text [B, E])."""
+        latent, _, _ = self.encode_image(imgs, 0.0)
+        txt = self.encode_text(input_ids, attention_mask)
+        mask = attention_mask.bool()
+        if self.cfg.variant == "abm":
+            image_emb = self.image_head(latent[:, 1:].mean(1))
+            text_emb = self.text_head(mcr_kernels.reference.masked_mean(txt, mask))
+        else:
+            image_emb = self.image_head.pool(latent[:, 1:], None)
+            text_emb = self.text_head.pool(txt, mask)
+        return F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
+
+    def forward(self, batch, generator=None):
+        """Masked forward; returns a dict of the three losses (float32 scalars)."""
+        cfg = self.cfg
+        imgs, ids, attn = batch["image"], batch["input_ids"], batch["attention_mask"]
+        latent, mask, ids_restore = self.encode_image(imgs, cfg.image_mask_ratio)
+        masked_ids, labels = mask_report_tokens(
+            ids, attn, batch["special_tokens_mask"], cfg.text_mask_ratio, self.mask_token_id,
+            cfg.vocab_size, cfg.text_mask_replace, generator)
+        txt = self.encode_text(masked_ids, attn)
+        pred = self.reconstruct_image(latent, ids_restore)
+        logits = self.mrm_logits(txt, attn, latent)
+        losses = {
+            "mim": self.mim_loss(imgs, pred, mask),
+            "mrm": F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100),
+        }
+        if cfg.variant == "dual-stream":  # second, unmasked pass per modality for alignment
+            full_latent, _, _ = self.encode_image(imgs, 0.0)
+            full_txt = self.encode_text(ids, attn)
+            losses["contrastive"] = self.contrastive_loss(full_latent[:, 1:], full_txt, attn.bool())
+        else:
+            losses["contrastive"] = self.contrastive_loss(latent[:, 1:], txt, attn.bool())
+        return losses

@@ -1,0 +1,298 @@
+"""Pretrain MCR.  `python -m mcr.train` trains the small preset on the embedded synthetic
+corpus (2 CPU cores, a few minutes) and reports retrieval on 1,000 held-out pairs.
+
+Every TrainConfig field is a flag (--batch-size 64); ModelConfig fields too (--image-size,
+--vit-depth ...), overriding the preset. Outputs under --out-dir: metrics.jsonl,
+tokenizer/, checkpoints/ (see mcr.checkpoint), final.json.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from mcr import checkpoint
+from mcr.config import VARIANTS, ModelConfig, TrainConfig, preset
+from mcr.data.batching import Collate
+from mcr.evaluate import evaluate_retrieval, format_table
+from mcr.models.mcr import MCR
+
+DATASETS = ("synthetic",)
+
+
+# --- configuration --------------------------------------------------------------------
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def _add_fields(parser, cls, group_defaults_none=False, skip=("model",)):
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = None if group_defaults_none else f.default
+        if f.type in (bool, "bool"):
+            parser.add_argument(_flag(f.name), type=lambda s: s.lower() in ("1", "true", "yes", "on"),
+                                nargs="?", const=True, default=default, metavar="BOOL")
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            parser.add_argument(_flag(f.name), type=kind, default=default)
+
+
+def parse_args(argv=None):
+    """argv -> TrainConfig (model fields start from the preset, flags override)."""
+    parser = argparse.ArgumentParser(prog="python -m mcr.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_fields(parser, TrainConfig)
+    model_flags = parser.add_argument_group("model (override the preset)")
+    _add_fields(model_flags, ModelConfig, group_defaults_none=True, skip=("variant",))
+    args = vars(parser.parse_args(argv))
+    model_names = {f.name for f in dataclasses.fields(ModelConfig)} - {"variant"}
+    overrides = {k: v for k, v in args.items() if k in model_names and v is not None}
+    train_args = {k: v for k, v in args.items() if k not in model_names}
+    cfg = TrainConfig(**{k: v for k, v in train_args.items() if k != "variant"}, variant=args["variant"])
+    if cfg.variant not in VARIANTS:
+        parser.error(f"unknown --variant {cfg.variant!r}; variants are {', '.join(VARIANTS)}")
+    try:
+        cfg.model = preset(cfg.preset, **overrides, variant=cfg.variant)
+    except ValueError as err:
+        parser.error(str(err))
+    return cfg
+
+
+# --- data -----------------------------------------------------------------------------
+
+def build_dataset(cfg, split, size):
+    """The records of one split for cfg.data."""
+    if cfg.data not in DATASETS:
+        raise ValueError(f"unknown --data {cfg.data!r}; datasets are {DATASETS}")
+    from mcr.data.synthetic import SyntheticCXR
+
+    return SyntheticCXR(size, split=split, image_size=cfg.model.image_size, seed=cfg.seed)
+
+
+def build_tokenizer(cfg, train_set):
+    from mcr.data.tokenizer import load_tokenizer, train_wordpiece
+
+    saved = os.path.join(cfg.out_dir, "tokenizer")
+    if cfg.resume and os.path.isdir(saved):
+        return load_tokenizer(saved)
+    if cfg.tokenizer:
+        tok = load_tokenizer(cfg.tokenizer)
+    else:
+        texts = (train_set[i].report for i in range(min(len(train_set), 4000)))
+        tok = train_wordpiece(texts, cfg.model.vocab_size)
+    tok.save_pretrained(saved)
+    return tok
+
+
+def batches_for_epoch(num_samples, batch_size, seed, epoch):
+    """The shuffled index batches of one epoch, a pure function of (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_samples, generator=g).tolist()
+    return [order[i:i + batch_size] for i in range(0, num_samples - batch_size + 1, batch_size)]
+
+
+def build_eval(cfg, tokenizer, split="val", size=None):
+    """(loader, report texts) of a held-out split, in order."""
+    dataset = build_dataset(cfg, split, size or cfg.val_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, collate_fn=Collate(
+        tokenizer, cfg.model.max_text_len, cfg.model.in_chans), num_workers=cfg.num_workers)
+    return loader, [dataset[i].report for i in range(len(dataset))]
+
+
+# --- model and optimisation ------------------------------------------------------------
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(cfg, device):
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    return None
+
+
+def build_optimizer(model, cfg):
+    """AdamW; no weight decay on biases, norms, embeddings, tokens and the temperature."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embed" in name or "token" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def lr_at(step, cfg, total_steps):
+    """Linear warm-up, then cosine decay to 0."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def model_config_dict(cfg):
+    return dataclasses.asdict(cfg.model)
+
+
+def load_trained(path):
+    """(model, TrainConfig, tokenizer, device, checkpoint path) from a checkpoint or run folder."""
+    from mcr.data.tokenizer import load_tokenizer
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if not os.path.isfile(os.path.join(path, "state.json")):
+        path = checkpoint.latest_checkpoint(path) or path
+    state = checkpoint.read_state(path)
+    train_fields = dict(state["config"])
+    model_cfg = ModelConfig(**train_fields.pop("model"))
+    cfg = TrainConfig(**train_fields, model=model_cfg)
+    tokenizer = load_tokenizer(os.path.join(cfg.out_dir, "tokenizer")
+                               if os.path.isdir(os.path.join(cfg.out_dir, "tokenizer"))
+                               else os.path.join(os.path.dirname(os.path.dirname(path)), "tokenizer"))
+    device = pick_device(cfg.device)
+    model = MCR(model_cfg, pad_token_id=tokenizer.pad_token_id, mask_token_id=tokenizer.mask_token_id).to(device)
+    checkpoint.load_checkpoint(path, model)
+    return model, cfg, tokenizer, device, path
+
+
+# --- the loop ----------------------------------------------------------------------------
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl (and TensorBoard if asked)."""
+
+    def __init__(self, out_dir, tensorboard=False):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+    def write(self, step, kind, values):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "kind": kind, "time": time.time(), **values}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+
+
+def flatten_eval(results):
+    return {f"{direction}_{k}": v for direction, row in results.items() for k, v in row.items()}
+
+
+def train(cfg):
+    """Train with `cfg`; returns the final evaluation results."""
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    amp_dtype = autocast_dtype(cfg, device)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    resume_path = checkpoint.latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    if cfg.resume and resume_path is None:
+        print(f"--resume: no checkpoint under {cfg.out_dir}, starting fresh", file=sys.stderr)
+
+    train_set = build_dataset(cfg, "train", cfg.train_size)
+    tokenizer = build_tokenizer(cfg, train_set)
+    cfg.model = dataclasses.replace(cfg.model, vocab_size=len(tokenizer))
+    collate = Collate(tokenizer, cfg.model.max_text_len, cfg.model.in_chans)
+    val_loader, val_reports = build_eval(cfg, tokenizer)
+
+    model = MCR(cfg.model, pad_token_id=tokenizer.pad_token_id, mask_token_id=tokenizer.mask_token_id).to(device)
+    optimizer = build_optimizer(model, cfg)
+    steps_per_epoch = len(train_set) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--train-size {cfg.train_size} is smaller than one batch of {cfg.batch_size}")
+    total_steps = math.ceil(cfg.epochs * steps_per_epoch) if cfg.epochs > 0 else cfg.max_steps
+    start_step = 0
+    if resume_path:
+        saved = checkpoint.read_state(resume_path)
+        checkpoint.check_same_config(saved["config"]["model"], model_config_dict(cfg))
+        checkpoint.load_checkpoint(resume_path, model, optimizer, restore_rng=True)
+        start_step = saved["step"]
+        print(f"resumed from {resume_path} at step {start_step}")
+
+    log = MetricsLog(cfg.out_dir, cfg.tensorboard)
+    print(f"MCR variant={cfg.variant} preset={cfg.preset} device={device} "
+          f"params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M steps={total_steps} "
+          f"batch={cfg.batch_size} train={len(train_set)} val={len(val_reports)}")
+    weights = {"contrastive": cfg.loss_contrastive, "mim": cfg.loss_mim, "mrm": cfg.loss_mrm}
+
+    def evaluate(step):
+        results = evaluate_retrieval(model, val_loader, val_reports, device, amp_dtype)
+        log.write(step, "val", flatten_eval(results))
+        model.train()
+        return results
+
+    def save(step):
+        state = {"config": dataclasses.asdict(cfg), "variant": cfg.variant}
+        checkpoint.save_checkpoint(cfg.out_dir, step, model, optimizer, state, keep=cfg.keep_checkpoints)
+
+    model.train()
+    step, started = start_step, time.time()
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=2)
+    window_time, window_samples = time.time(), 0
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_sampler=batches_for_epoch(len(train_set), cfg.batch_size, cfg.seed, epoch)[offset:],
+            collate_fn=collate, num_workers=cfg.num_workers,
+            generator=torch.Generator().manual_seed(cfg.seed + epoch))  # leaves the global RNG alone
+        for batch in loader:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg, total_steps)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                losses = model(batch)
+            total = sum(weights[k] * v for k, v in losses.items())
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            window_samples += cfg.batch_size
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                rate = window_samples / (time.time() - window_time)
+                values = {k: v.item() for k, v in losses.items()}
+                values.update(loss=total.item(), lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(),
+                              temperature=1 / model.logit_scale.exp().item(), samples_per_s=rate)
+                log.write(step, "train", values)
+                bar.set_postfix(loss=f"{values['loss']:.3f}", con=f"{values['contrastive']:.2f}",
+                                mim=f"{values['mim']:.3f}", mrm=f"{values['mrm']:.2f}", sps=f"{rate:.0f}")
+                window_time, window_samples = time.time(), 0
+            out_of_time = cfg.max_minutes > 0 and time.time() - started > 60 * cfg.max_minutes
+            if step < total_steps and not out_of_time:
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    r = evaluate(step)["i2t"]
+                    tqdm.write(f"step {step}: val i2t R@1 {r['R@1']:.2f}% R@5 {r['R@5']:.2f}% P@5 {r['P@5']:.2f}%")
+                if cfg.save_every and step % cfg.save_every == 0:
+                    save(step)
+            if step >= total_steps or out_of_time:
+                total_steps = step
+                break
+    bar.close()
+    save(step)
+    results = evaluate(step)
+    print(f"final validation after {step} steps ({(time.time() - started) / 60:.1f} min), "
+          f"{len(val_reports)} pairs:")
+    print(format_table(results))
+    with open(os.path.join(cfg.out_dir, "final.json"), "w") as f:
+        json.dump({"step": step, "minutes": (time.time() - started) / 60, **results}, f, indent=1)
+    return results
+
+
+def main(argv=None):
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""MbA alignment: map every token into the joint space, pool, then symmetric InfoNCE.
+
+    pooled = mba_pool(tokens, mask, w1, b1, w2, b2)                 # [B, L, D] -> [B, E]
+    loss = infonce_loss(img_emb, txt_emb, logit_scale)              # CLIP loss, scale exp'd
+    loss = mba_infonce(img_tokens, img_mask, txt_tokens, txt_mask, img_head, txt_head, scale)
+"""
+import torch
+from torch import nn
+
+from mcr_kernels import backend, reference
+from mcr_kernels._validate import FLOAT_DTYPES, check_size, check_tensor
+
+ACTIVATIONS = tuple(reference.ACTIVATIONS)
+POOLS = ("mean", "max")
+
+
+class ProjectionHead(nn.Module):
+    """Per-token map into the joint space: fc2(act(fc1(x))), or fc1(x) when hidden_dim is None."""
+
+    def __init__(self, in_dim, out_dim, hidden_dim=None, activation="gelu"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.activation = activation if hidden_dim else "none"
+        self.fc1 = nn.Linear(in_dim, hidden_dim or out_dim)
+        self.fc2 = nn.Linear(hidden_dim, out_dim) if hidden_dim else None
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(reference.ACTIVATIONS[self.activation](h)) if self.fc2 is not None else h
+
+    def pool(self, tokens, mask, *, pool="mean", normalize_tokens=False):
+        """mba_pool of tokens [B, L, D] with this head's weights -> [B, E]."""
+        fc2 = self.fc2
+        return mba_pool(tokens, mask, self.fc1.weight, self.fc1.bias,
+                        None if fc2 is None else fc2.weight, None if fc2 is None else fc2.bias,
+                        activation=self.activation, pool=pool, normalize_tokens=normalize_tokens)
+
+
+def mba_pool(tokens, mask, weight1, bias1, weight2=None, bias2=None, *, activation="gelu",
+             pool="mean", normalize_tokens=False):
+    """Map every token, then pool (MbA): tokens [B, L, D], mask [B, L] bool -> pooled [B, E].
+
+    h = act(x W1ᵀ + b1) and y = h W2ᵀ + b2 with a second layer (weight2 [E, H]), else
+    y = x W1ᵀ + b1; optional per-token L2 normalization; masked mean or max over L
+    (mask True = counted, None = all). Rows with no counted token give zeros.
+    """
+    check_tensor("tokens", tokens, ndim=3, dtypes=FLOAT_DTYPES)
+    B, L, D = tokens.shape
+    if mask is not None:
+        check_tensor("mask", mask, ndim=2, dtypes=(torch.bool,), device=tokens.device)
+        check_size("mask", mask, 0, B, "tokens.shape[0] (batch)")
+        check_size("mask", mask, 1, L, "tokens.shape[1] (length)")
+    check_tensor("weight1", weight1, ndim=2, dtypes=FLOAT_DTYPES, device=tokens.device)
+    check_size("weight1", weight1, 1, D, "tokens.shape[2] (model width)")
+    if bias1 is not None:
+        check_tensor("bias1", bias1, ndim=1, device=tokens.device)
+        check_size("bias1", bias1, 0, weight1.shape[0], "weight1.shape[0]")
+    if weight2 is not None:
+        check_tensor("weight2", weight2, ndim=2, dtypes=FLOAT_DTYPES, device=tokens.device)
+        check_size("weight2", weight2, 1, weight1.shape[0], "weight1.shape[0] (hidden)")
+        if bias2 is not None:
+            check_tensor("bias2", bias2, ndim=1, device=tokens.device)
+            check_size("bias2", bias2, 0, weight2.shape[0], "weight2.shape[0]")
+    elif bias2 is not None:
+        raise ValueError("bias2 given without weight2")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    _, fn = backend.resolve("mba_pool", tokens.device)
+    return fn(tokens, mask, weight1, bias1, weight2, bias2, activation=activation, pool=pool,
+              normalize_tokens=normalize_tokens)
+
+
+def infonce_loss(image_emb, text_emb, logit_scale, *, logit_bias=None, normalize=True,
+                 gather=False, local_loss=True):
+    """Symmetric InfoNCE over scaled cosine logits; a float32 scalar.
+
+    image_emb, text_emb [B, E]; logit_scale: scalar tensor, already exponentiated
+    (open_clip). gather=True takes negatives from every rank of torch.distributed
+    (gradients reach each rank's own embeddings); local_loss scores local rows only.
+    """
+    check_tensor("image_emb", image_emb, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("text_emb", text_emb, ndim=2, dtypes=FLOAT_DTYPES, device=image_emb.device)
+    if text_emb.shape != image_emb.shape:
+        raise ValueError(f"text_emb must have the shape of image_emb {tuple(image_emb.shape)}, "
+                         f"got {tuple(text_emb.shape)}")
+    if not isinstance(logit_scale, torch.Tensor) or logit_scale.numel() != 1:
+        raise ValueError("logit_scale must be a one-element tensor (already exponentiated)")
+    _, fn = backend.resolve("infonce_loss", image_emb.device)
+    return fn(image_emb, text_emb, logit_scale, logit_bias=logit_bias, normalize=normalize,
+              gather=gather, local_loss=local_loss)
+
+
+def mba_infonce(img_tokens, img_mask, txt_tokens, txt_mask, img_head, txt_head, logit_scale, *,
+                logit_bias=None, pool="mean", normalize_tokens=False, gather=False, local_loss=True):
+    """MbA + InfoNCE: each modality's tokens mapped by its ProjectionHead, pooled, then the
+    symmetric loss. Returns (loss, image_emb [B, E], text_emb [B, E]); embeddings unnormalized."""
+    image_emb = img_head.pool(img_tokens, img_mask, pool=pool, normalize_tokens=normalize_tokens)
+    text_emb = txt_head.pool(txt_tokens, txt_mask, pool=pool, normalize_tokens=normalize_tokens)
+    loss = infonce_loss(image_emb, text_emb, logit_scale, logit_bias=logit_bias, gather=gather,
+                        local_loss=local_loss)
+    return loss, image_emb, text_emb
+
+
+backend.register("mba_pool", "reference", reference.mba_pool)
+backend.register("infonce_loss", "reference", reference.infonce_loss)

@@ -1,0 +1,120 @@
+"""Build and install mcr and mcr_kernels.
+
+mcr_kernels._C is built from csrc/: the C++ CPU sources always, the CUDA sources when
+torch is a CUDA build and a CUDA toolkit is found (CUDA_HOME, else the toolkit behind
+`nvcc` on PATH, following wrapper scripts). MCR_BUILD_CUDA=0 skips CUDA.
+
+torch must be installed first and the build must see it:
+    pip install --no-build-isolation -e .
+"""
+import glob
+import os
+import re
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+
+def find_cuda_root():
+    """The CUDA toolkit root (the folder holding include/cuda_runtime.h), or None."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    try:  # a wrapper script names the real nvcc: `exec /usr/local/cuda-13.0/bin/nvcc "$@"`
+        with open(nvcc, "rb") as f:
+            head = f.read(4096)
+        if head.startswith(b"#!"):
+            candidates += [os.path.dirname(bin_dir)
+                           for bin_dir in re.findall(r"(/\S+)/nvcc\b", head.decode(errors="ignore"))]
+    except OSError:
+        pass
+    for root in candidates:
+        if os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")):
+            return root
+    return None
+
+
+cuda_root = find_cuda_root()
+if cuda_root and not os.environ.get("CUDA_HOME"):
+    os.environ["CUDA_HOME"] = cuda_root  # read by torch.utils.cpp_extension at import
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:
+    sys.exit("mcr builds a torch extension: install torch first, then run "
+             "`pip install --no-build-isolation -e .` so that the build sees it.")
+
+
+def wheel_cuda_include_dirs():
+    """Headers of the CUDA libraries shipped by pip's nvidia-* wheels (cuBLAS, cuSPARSE, ...):
+    torch's CUDA headers include them, and a compiler-only toolkit lacks them."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted(d for root in nvidia.__path__ for d in glob.glob(os.path.join(root, "*", "include")))
+
+
+def native_extension():
+    """The extension mcr_kernels._C and a note of what was skipped (or None)."""
+    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/*.cu"))
+    cxx_flags = ["-O3"]
+    skip = None
+    if os.environ.get("MCR_BUILD_CUDA", "1") == "0":
+        skip = "MCR_BUILD_CUDA=0"
+    elif torch.version.cuda is None:
+        skip = f"torch {torch.__version__} is not a CUDA build"
+    elif cuda_root is None:
+        skip = "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+    if skip:
+        ext = cpp_extension.CppExtension("mcr_kernels._C", cpp_sources,
+                                         extra_compile_args={"cxx": cxx_flags})
+        return ext, f"CUDA kernels of mcr_kernels._C skipped ({skip}); C++ CPU kernels built."
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # A100, H100/H200: no GPU to ask
+    ext = cpp_extension.CUDAExtension(
+        "mcr_kernels._C", cpp_sources + cuda_sources,
+        define_macros=[("MCR_WITH_CUDA", None)],
+        include_dirs=wheel_cuda_include_dirs(),
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]})
+    return ext, None
+
+
+extension, skipped_note = native_extension()
+if skipped_note:
+    print(f"\n*** {skipped_note}\n", file=sys.stderr)
+
+setup(
+    name="mcr",
+    version="0.1.0",
+    description="Masked Contrastive Reconstruction for medical image-report pretraining, with fused kernels",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mcr", "mcr.*", "mcr_kernels", "mcr_kernels.*"]),
+    ext_modules=[extension],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "timm>=1.0",
+        "transformers>=4.48",
+        "tokenizers>=0.20",
+        "numpy",
+        "safetensors",
+        "tqdm",
+        "ninja",
+        "pybind11",
+        "pillow",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout"],
+        "flash-attn": ["flash-attn>=2.6"],
+        "tensorboard": ["tensorboard"],
+    },
+)
