@@ -1,6 +1,17 @@
-"""Shared test fixtures: tiny model configs that run in seconds on a CPU."""
+"""Shared test fixtures: tiny model configs that run in seconds on a CPU.
+
+Without a GPU, Triton kernels run under the interpreter (TRITON_INTERPRET=1, set here
+before any kernel module is imported) on CPU tensors; with one they run for real.
+"""
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 from mcr.config import preset
 
