@@ -1,0 +1,130 @@
+"""What every benchmark here shares: timing, peak memory, the device's copy bandwidth and
+bf16 matmul rate, and result files with device, versions and date.
+
+    t = time_ms(fn)                       # median ms over repeats (CUDA events on GPU)
+    ms, peak = time_and_peak(fn)          # + peak bytes allocated during one call (GPU)
+    write_results("patch_drop", rows)     # benchmarks/results/patch_drop-<device>-<date>.{json,csv}
+"""
+import csv
+import datetime
+import json
+import pathlib
+import platform
+import statistics
+import time
+
+import torch
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def device_name(device=None):
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def environment():
+    """Device, versions and date: stored beside every result row."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, *, warmup=10, repeats=50):
+    """Median wall time of fn() in milliseconds (CUDA events when a GPU is present)."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_bytes(fn):
+    """Peak GPU bytes allocated during one fn() above what was allocated before (0 on CPU)."""
+    if not torch.cuda.is_available():
+        return 0
+    _sync()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    _sync()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def time_and_peak(fn, **kw):
+    return time_ms(fn, **kw), peak_bytes(fn)
+
+
+def copy_bandwidth_gbs(num_bytes=1 << 30):
+    """Measured device-to-device copy rate in GB/s (bytes read + bytes written)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    src = torch.empty(num_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), warmup=3, repeats=20)
+    return 2 * num_bytes / ms / 1e6
+
+
+def matmul_tflops(n=8192, dtype=torch.bfloat16):
+    """Measured dense matmul rate in TFLOP/s (the MFU denominator)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    ms = time_ms(lambda: a @ b, warmup=5, repeats=20)
+    return 2 * n ** 3 / ms / 1e9
+
+
+def is_oom(error):
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error)
+
+
+def write_results(name, rows, extra=None):
+    """Write rows (list of flat dicts) to results/<name>-<device>-<date>.json and .csv; return paths."""
+    env = environment()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}-{env['device'].replace(' ', '_')}-{env['date'][:10]}"
+    json_path, csv_path = RESULTS_DIR / f"{stem}.json", RESULTS_DIR / f"{stem}.csv"
+    json_path.write_text(json.dumps({"environment": env, **(extra or {}), "rows": rows}, indent=1))
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    return json_path, csv_path
+
+
+def print_table(rows, keys=None):
+    keys = keys or list(dict.fromkeys(k for row in rows for k in row))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    widths = [max(len(k), *(len(fmt(r.get(k, ""))) for r in rows)) for k in keys]
+    print("  ".join(k.rjust(w) for k, w in zip(keys, widths)))
+    for r in rows:
+        print("  ".join(fmt(r.get(k, "")).rjust(w) for k, w in zip(keys, widths)))
