@@ -33,26 +33,42 @@ def bert_config(cfg, pad_token_id=0):
 
 
 def mask_report_tokens(input_ids, attention_mask, special_mask, ratio, mask_id, vocab_size,
-                       replace=False, generator=None):
+                       replace=False, generator=None, noise=None):
     """BERT-style masking of round(ratio * n) ordinary tokens per report (at least one).
 
     input_ids/attention_mask/special_mask [B, L]. Returns (masked_ids, labels) with labels
     = original id at masked positions and -100 elsewhere. replace=True applies 80/10/10.
+    noise: optional float [B, >=L, 2] uniform draws (see MCR.draw_masks); else drawn here.
     """
+    B, L = input_ids.shape
+    if noise is None:
+        noise = torch.rand(B, L, 2, device=input_ids.device, generator=generator)
+    scores, u = noise[:, :L, 0], noise[:, :L, 1]
     candidates = attention_mask.bool() & ~special_mask.bool()
-    scores = torch.rand(input_ids.shape, device=input_ids.device, generator=generator)
     scores = scores.masked_fill(~candidates, 2.0)
     rank = scores.argsort(dim=1).argsort(dim=1)
     num = (candidates.sum(1, keepdim=True) * ratio).round().clamp(min=1)
     chosen = (rank < num) & candidates
     labels = input_ids.masked_fill(~chosen, -100)
     masked = input_ids.masked_fill(chosen, mask_id)
-    if replace:
-        u = torch.rand(input_ids.shape, device=input_ids.device, generator=generator)
-        random_ids = torch.randint(vocab_size, input_ids.shape, device=input_ids.device, generator=generator)
+    if replace:  # u in [0.8, 0.9): a random token (drawn from u itself), [0.9, 1): unchanged
+        random_ids = ((u - 0.8) * 10 * vocab_size).long().clamp(0, vocab_size - 1)
         masked = torch.where(chosen & (u >= 0.8) & (u < 0.9), random_ids, masked)
         masked = torch.where(chosen & (u >= 0.9), input_ids, masked)
     return masked, labels
+
+
+def global_mean(total, count):
+    """total / count summed over the ranks of torch.distributed (scaled so that DDP's
+    gradient averaging gives the global mean); plain total / count otherwise."""
+    import torch.distributed as dist
+
+    count = count.detach().float()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        count = count.clone()
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return total / count.clamp(min=1)
 
 
 class MCR(nn.Module):
@@ -106,19 +122,20 @@ class MCR(nn.Module):
         x = imgs.reshape(B, C, H // p, p, W // p, p)
         return torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
 
-    def encode_image(self, imgs, mask_ratio):
-        """-> latent [B, 1 + K, D] (CLS first), mask [B, N] (1 = dropped), ids_restore [B, N];
-        mask and ids_restore are None when mask_ratio is 0."""
+    def encode_image(self, imgs, ids_keep=None, ids_restore=None):
+        """-> latent [B, 1 + K, D] (CLS first), mask [B, N] (1 = dropped); only the patches
+        ids_keep [B, K] are encoded (all of them, mask None, when ids_keep is None)."""
         vit = self.vit
         x = vit.patch_embed(imgs) + vit.pos_embed[:, 1:]
-        mask = ids_restore = None
-        if mask_ratio > 0:  # unmasked passes (evaluation, dual-stream) draw no randomness
-            x, mask, ids_restore = mcr_kernels.random_masking(x, mask_ratio, num_prefix_tokens=0)
+        mask = None
+        if ids_keep is not None:  # position embedding added before the drop (MAE)
+            x = mcr_kernels.gather_tokens(x, ids_keep)
+            mask = (ids_restore >= ids_keep.shape[1]).to(x.dtype)
         cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         for blk in vit.blocks:
             x = blk(x)
-        return vit.norm(x), mask, ids_restore
+        return vit.norm(x), mask
 
     def reconstruct_image(self, latent, ids_restore):
         """MAE decoder: latent [B, 1 + K, D] -> pixel predictions [B, N, p*p*C]."""
@@ -130,12 +147,13 @@ class MCR(nn.Module):
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
     def mim_loss(self, imgs, pred, mask):
+        """Mean squared error over the dropped patches (of all ranks under DDP)."""
         target = self.patchify(imgs)
         if self.cfg.norm_pix_loss:
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()
         per_patch = ((pred.float() - target.float()) ** 2).mean(-1)
-        return (per_patch * mask).sum() / mask.sum().clamp(min=1)
+        return global_mean((per_patch * mask).sum(), mask.sum())
 
     # --- text ----------------------------------------------------------------------------
 
@@ -166,7 +184,7 @@ class MCR(nn.Module):
     @torch.no_grad()
     def embed(self, imgs, input_ids, attention_mask):
         """Unmasked retrieval embeddings, L2-normalized: (image [B, E], text [B, E])."""
-        latent, _, _ = self.encode_image(imgs, 0.0)
+        latent, _ = self.encode_image(imgs)
         txt = self.encode_text(input_ids, attention_mask)
         mask = attention_mask.bool()
         if self.cfg.variant == "abm":
@@ -177,23 +195,38 @@ class MCR(nn.Module):
             text_emb = self.text_head.pool(txt, mask)
         return F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
 
-    def forward(self, batch, generator=None):
-        """Masked forward; returns a dict of the three losses (float32 scalars)."""
+    def draw_masks(self, batch_size, *, device=None, generator=None):
+        """The random masks of one batch, drawn once for a global batch so that every rank
+        (or a resumed run) can take its rows: ids_keep int64 [B, K], ids_restore int64 [B, N]
+        (MAE convention) and text_noise float32 [B, max_text_len, 2]."""
+        cfg = self.cfg
+        num_patches = self.vit.patch_embed.num_patches
+        num_keep = int(num_patches * (1 - cfg.image_mask_ratio))
+        ids_keep, ids_restore = mcr_kernels.random_keep_indices(
+            batch_size, num_patches, num_keep, device=device, generator=generator)
+        text_noise = torch.rand(batch_size, cfg.max_text_len, 2, device=device, generator=generator)
+        return {"ids_keep": ids_keep, "ids_restore": ids_restore, "text_noise": text_noise}
+
+    def forward(self, batch, masks=None, generator=None):
+        """Masked forward; returns a dict of the three losses (float32 scalars).
+
+        masks: from draw_masks (rows of this batch); drawn here with `generator` if None."""
         cfg = self.cfg
         imgs, ids, attn = batch["image"], batch["input_ids"], batch["attention_mask"]
-        latent, mask, ids_restore = self.encode_image(imgs, cfg.image_mask_ratio)
+        if masks is None:
+            masks = self.draw_masks(imgs.shape[0], device=imgs.device, generator=generator)
+        latent, mask = self.encode_image(imgs, masks["ids_keep"], masks["ids_restore"])
         masked_ids, labels = mask_report_tokens(
             ids, attn, batch["special_tokens_mask"], cfg.text_mask_ratio, self.mask_token_id,
-            cfg.vocab_size, cfg.text_mask_replace, generator)
+            cfg.vocab_size, cfg.text_mask_replace, noise=masks["text_noise"])
         txt = self.encode_text(masked_ids, attn)
-        pred = self.reconstruct_image(latent, ids_restore)
+        pred = self.reconstruct_image(latent, masks["ids_restore"])
         logits = self.mrm_logits(txt, attn, latent)
-        losses = {
-            "mim": self.mim_loss(imgs, pred, mask),
-            "mrm": F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100),
-        }
+        mrm_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                  reduction="sum")
+        losses = {"mim": self.mim_loss(imgs, pred, mask), "mrm": global_mean(mrm_sum, (labels != -100).sum())}
         if cfg.variant == "dual-stream":  # second, unmasked pass per modality for alignment
-            full_latent, _, _ = self.encode_image(imgs, 0.0)
+            full_latent, _ = self.encode_image(imgs)
             full_txt = self.encode_text(ids, attn)
             losses["contrastive"] = self.contrastive_loss(full_latent[:, 1:], full_txt, attn.bool())
         else:
