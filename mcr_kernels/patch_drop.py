@@ -132,3 +132,12 @@ backend.register("random_keep_indices", "reference", reference.random_keep_indic
 backend.register("gather_tokens", "reference", reference.gather_tokens)
 backend.register("gather_tokens", "native", _gather_tokens_native, native_available)
 backend.register("restore_tokens", "reference", reference.restore_tokens)
+
+try:
+    from mcr_kernels.triton import patch_drop as _triton
+except ImportError:  # no triton on this platform
+    _triton = None
+if _triton is not None:
+    backend.register("random_keep_indices", "triton", _triton.random_keep_indices, backend.triton_available)
+    backend.register("gather_tokens", "triton", _triton.gather_tokens, backend.triton_available)
+    backend.register("restore_tokens", "triton", _triton.restore_tokens, backend.triton_available)
