@@ -71,8 +71,8 @@ def _restore_rows_kernel(x_ptr, ids_ptr, fill_ptr, out_ptr, N, K, D,
 @triton.jit
 def _segment_sum_kernel(src_ptr, order_ptr, bounds_ptr, out_ptr, L, NB, D, FIRST, COUNT,
                         stride_sb, stride_sl, stride_sd,
-                        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Segment sums in float32, one output row per segment, written once.
+                        FP64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Segment sums in float32 (float64 when FP64), one output row per segment, written once.
 
     Program (b * COUNT + s, d-block) handles segment r = FIRST + s of batch row b: it sums
     src[b, order[b, p], :] for p in [bounds[b, r], bounds[b, r + 1]) and writes
@@ -86,14 +86,17 @@ def _segment_sum_kernel(src_ptr, order_ptr, bounds_ptr, out_ptr, L, NB, D, FIRST
     end = tl.load(bounds_ptr + b * NB + r + 1)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = offs < D
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if FP64:
+        acc = tl.zeros([BLOCK_D], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for p0 in range(start, end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         in_p = p < end
         src_rows = tl.load(order_ptr + b * L + p, mask=in_p, other=0)
         tile = tl.load(src_ptr + b * stride_sb + src_rows[:, None] * stride_sl + offs[None, :] * stride_sd,
                        mask=in_p[:, None] & in_d[None, :], other=0.0)
-        acc += tl.sum(tile.to(tl.float32), axis=0)
+        acc += tl.sum(tile.to(acc.dtype), axis=0)
     tl.store(out_ptr + pid * D + offs, acc.to(out_ptr.dtype.element_ty), mask=in_d)
 
 
@@ -107,6 +110,10 @@ def _keep_restore_kernel(shuffle_ptr, keep_ptr, restore_ptr, N, K, BLOCK_N: tl.c
         ids = tl.load(shuffle_ptr + b * N + j, mask=in_n, other=0)
         tl.store(restore_ptr + b * N + ids, j.to(tl.int64), mask=in_n)
         tl.store(keep_ptr + b * K + j, ids, mask=j < K)
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _d_grid(rows, D):
@@ -130,7 +137,7 @@ def _segment_sum(src, order, bounds, out, first, count, block_p):
         return
     _segment_sum_kernel[_d_grid(B * count, D)](
         src, order, bounds, out, order.shape[1], bounds.shape[1], D, first, count,
-        src.stride(0), src.stride(1), src.stride(2), BLOCK_P=block_p)
+        src.stride(0), src.stride(1), src.stride(2), FP64=src.dtype == torch.float64, BLOCK_P=block_p)
 
 
 # --- torch ops ------------------------------------------------------------------------
@@ -216,7 +223,8 @@ def _(x_kept, ids_restore, mask_token):
 @torch.library.custom_op("mcr::restore_tokens_backward_triton", mutates_args=())
 def restore_tokens_backward(grad: torch.Tensor, ids_restore: torch.Tensor,
                             num_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad [B, N, D] -> (grad_x_kept [B, K, D] in grad's dtype, grad_mask_token float32 [D]).
+    """grad [B, N, D] -> (grad_x_kept [B, K, D] in grad's dtype, grad_mask_token [D] in float32,
+    float64 for float64 grads).
 
     grad_x_kept[b, k] sums grad[b, n] over n with ids_restore[b, n] == k; the mask token's
     grad sums grad[b, n] over every slot with ids_restore[b, n] >= K.
@@ -224,17 +232,17 @@ def restore_tokens_backward(grad: torch.Tensor, ids_restore: torch.Tensor,
     B, N, D = grad.shape
     K = num_keep
     grad_x = grad.new_empty(B, K, D)
-    per_row = torch.empty(B, D, dtype=torch.float32, device=grad.device)
+    per_row = torch.empty(B, D, dtype=_acc_dtype(grad.dtype), device=grad.device)
     order, bounds = _segments(ids_restore.clamp(max=K), K)
     _segment_sum(grad, order, bounds, grad_x, 0, K, block_p=1)
-    _segment_sum(grad, order, bounds, per_row, K, 1, block_p=32)
+    _segment_sum(grad, order, bounds, per_row, K, 1, block_p=32)  # the masked slots
     return grad_x, per_row.sum(0)
 
 
 @restore_tokens_backward.register_fake
 def _(grad, ids_restore, num_keep):
     return (grad.new_empty(grad.shape[0], num_keep, grad.shape[2]),
-            grad.new_empty(grad.shape[2], dtype=torch.float32))
+            grad.new_empty(grad.shape[2], dtype=_acc_dtype(grad.dtype)))
 
 
 def _restore_setup_context(ctx, inputs, output):
