@@ -5,7 +5,9 @@
     x_full = restore_tokens(x_kept, ids_restore, mask_token) # [B, K, D] -> [B, N, D]
     x_kept, mask, ids_restore = random_masking(x, 0.5)       # MAE's random_masking, CLS kept
 
-float32, float16, bfloat16 (and float64); any D; non-contiguous inputs are copied.
+float32, float16, bfloat16 (and float64); any D; non-contiguous inputs welcome.
+Backends: triton (mcr_kernels/triton/patch_drop.py), native (csrc/), reference.
+Full documentation: docs/patch_drop.md.
 """
 import torch
 
