@@ -164,7 +164,9 @@ def _(x, ids_keep):
 def scatter_tokens(grad: torch.Tensor, ids_keep: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Backward of gather_tokens: grad [B, K, D] -> [B, num_tokens, D], out[b, n] = sum of
     grad[b, j] over j with ids_keep[b, j] == n (zeros where none)."""
-    B, _, D = grad.shape
+    B, K, D = grad.shape
+    if K == 0:  # nothing was gathered: no kernel on empty tensors
+        return grad.new_zeros(B, num_tokens, D)
     out = grad.new_empty(B, num_tokens, D)
     order, bounds = _segments(ids_keep, num_tokens)
     _segment_sum(grad, order, bounds, out, 0, num_tokens, block_p=1)
@@ -209,7 +211,7 @@ def restore_tokens(x_kept: torch.Tensor, ids_restore: torch.Tensor, mask_token: 
     fill = mask_token.to(x_kept.dtype)  # D elements; rounds like the reference
     if out.numel():
         _restore_rows_kernel[_d_grid(B * N, D)](
-            x_kept, ids_restore, fill, out, N, K, D,
+            x_kept if K else fill, ids_restore, fill, out, N, K, D,  # K = 0: x is never read
             x_kept.stride(0), x_kept.stride(1), x_kept.stride(2),
             ids_restore.stride(0), ids_restore.stride(1), fill.stride(0))
     return out
