@@ -18,6 +18,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Gradients are sums accumulated in float32 and rounded once to the dtype.
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
        torch.bfloat16: dict(atol=2e-2, rtol=1e-2), torch.float64: dict(atol=1e-12, rtol=1e-12)}
+# Repeated indices: the native kernels add in the dtype, rounding after each of up to 6 adds.
+REPEAT_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=1e-2, rtol=5e-3),
+              torch.bfloat16: dict(atol=8e-2, rtol=4e-2)}
 OPS = ("random_keep_indices", "gather_tokens", "restore_tokens")
 # (B, N, K, D): B=1, N=1, K=0, K=N, D in 1, 7, 100, 768 (not multiples of any block).
 SHAPES = [(1, 1, 1, 1), (2, 7, 3, 7), (3, 5, 0, 100), (2, 6, 6, 1), (1, 4, 2, 768)]
@@ -85,7 +88,7 @@ def test_gather_repeated_indices_add_up_in_backward(name, dtype):
     torch.testing.assert_close(out.double(), ref, atol=0, rtol=0)
     g = randn(2, 6, 7, dtype=dtype)
     (gx,), (gx_ref,) = grads(out, [x], g), grads(ref, [x64], g.double())
-    torch.testing.assert_close(gx.double(), gx_ref, **TOL[dtype])
+    torch.testing.assert_close(gx.double(), gx_ref, **REPEAT_TOL[dtype])
     assert (gx[0, 3] == 0).all() and (gx[1, 0] == 0).all()  # never-picked tokens get zeros
 
 
