@@ -22,8 +22,9 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3,
 REPEAT_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=1e-2, rtol=5e-3),
               torch.bfloat16: dict(atol=8e-2, rtol=4e-2)}
 OPS = ("random_keep_indices", "gather_tokens", "restore_tokens")
-# (B, N, K, D): B=1, N=1, K=0, K=N, D in 1, 7, 100, 768 (not multiples of any block).
-SHAPES = [(1, 1, 1, 1), (2, 7, 3, 7), (3, 5, 0, 100), (2, 6, 6, 1), (1, 4, 2, 768)]
+# (B, N, K, D): B=1, N=1, K=0, K=N, D in 1, 7, 100, 768 (not multiples of any block), and
+# N - K = 32 masked slots, more than one chunk of the restore backward.
+SHAPES = [(1, 1, 1, 1), (2, 7, 3, 7), (3, 5, 0, 100), (2, 6, 6, 1), (1, 4, 2, 768), (2, 37, 5, 3)]
 
 
 def backends_of(op):

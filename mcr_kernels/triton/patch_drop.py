@@ -69,21 +69,23 @@ def _restore_rows_kernel(x_ptr, ids_ptr, fill_ptr, out_ptr, N, K, D,
 
 @triton.autotune(_CONFIGS, key=["D", "BLOCK_P"])
 @triton.jit
-def _segment_sum_kernel(src_ptr, order_ptr, bounds_ptr, out_ptr, L, NB, D, FIRST, COUNT,
+def _segment_sum_kernel(src_ptr, order_ptr, bounds_ptr, out_ptr, L, NB, D, FIRST, COUNT, SPLITS, CHUNK,
                         stride_sb, stride_sl, stride_sd,
                         FP64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Segment sums in float32 (float64 when FP64), one output row per segment, written once.
+    """Segment sums in float32 (float64 when FP64), one output row per (segment, split), written once.
 
-    Program (b * COUNT + s, d-block) handles segment r = FIRST + s of batch row b: it sums
-    src[b, order[b, p], :] for p in [bounds[b, r], bounds[b, r + 1]) and writes
-    out[b * COUNT + s, :] (cast to out's dtype). order is [B, L], bounds is [B, NB]; both
-    contiguous. BLOCK_P rows are loaded at a time (1 for short segments, more for long).
+    Program ((b * COUNT + s) * SPLITS + c, d-block) handles split c of segment r = FIRST + s
+    of batch row b: it sums src[b, order[b, p], :] for p in [bounds[b, r], bounds[b, r + 1])
+    intersected with [bounds[b, r] + c * CHUNK, + CHUNK) and writes row program_id(0) of
+    out (cast to out's dtype). order is [B, L], bounds is [B, NB]; both contiguous.
+    BLOCK_P rows are loaded at a time (1 for short segments, more for long ones).
     """
     pid = tl.program_id(0).to(tl.int64)
-    b = pid // COUNT
-    r = FIRST + pid % COUNT
-    start = tl.load(bounds_ptr + b * NB + r)
-    end = tl.load(bounds_ptr + b * NB + r + 1)
+    segment = pid // SPLITS
+    b = segment // COUNT
+    r = FIRST + segment % COUNT
+    start = tl.load(bounds_ptr + b * NB + r) + (pid % SPLITS) * CHUNK
+    end = tl.minimum(tl.load(bounds_ptr + b * NB + r + 1), start + CHUNK)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = offs < D
     if FP64:
@@ -112,6 +114,9 @@ def _keep_restore_kernel(shuffle_ptr, keep_ptr, restore_ptr, N, K, BLOCK_N: tl.c
         tl.store(keep_ptr + b * K + j, ids, mask=j < K)
 
 
+_MASK_CHUNK = 16  # masked slots summed per program in the restore backward
+
+
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -131,12 +136,14 @@ def _segments(ids, num_segments):
     return order, torch.searchsorted(sorted_ids, values)
 
 
-def _segment_sum(src, order, bounds, out, first, count, block_p):
-    B, D = src.shape[0], src.shape[2]
-    if B * count == 0 or D == 0:
+def _segment_sum(src, order, bounds, out, first, count, *, splits=1, chunk=None, block_p=1):
+    """Launch _segment_sum_kernel over segments [first, first + count) of every batch row,
+    each cut into `splits` chunks of `chunk` positions (default: one chunk per segment)."""
+    B, L, D = src.shape[0], order.shape[1], src.shape[2]
+    if B * count * splits == 0 or D == 0:
         return
-    _segment_sum_kernel[_d_grid(B * count, D)](
-        src, order, bounds, out, order.shape[1], bounds.shape[1], D, first, count,
+    _segment_sum_kernel[_d_grid(B * count * splits, D)](
+        src, order, bounds, out, L, bounds.shape[1], D, first, count, splits, chunk or max(L, 1),
         src.stride(0), src.stride(1), src.stride(2), FP64=src.dtype == torch.float64, BLOCK_P=block_p)
 
 
@@ -169,7 +176,7 @@ def scatter_tokens(grad: torch.Tensor, ids_keep: torch.Tensor, num_tokens: int) 
         return grad.new_zeros(B, num_tokens, D)
     out = grad.new_empty(B, num_tokens, D)
     order, bounds = _segments(ids_keep, num_tokens)
-    _segment_sum(grad, order, bounds, out, 0, num_tokens, block_p=1)
+    _segment_sum(grad, order, bounds, out, 0, num_tokens)
     return out
 
 
@@ -234,11 +241,14 @@ def restore_tokens_backward(grad: torch.Tensor, ids_restore: torch.Tensor,
     B, N, D = grad.shape
     K = num_keep
     grad_x = grad.new_empty(B, K, D)
-    per_row = torch.empty(B, D, dtype=_acc_dtype(grad.dtype), device=grad.device)
+    # The masked slots form one long segment per batch row (N - K slots for MAE indices):
+    # cut into chunks of _MASK_CHUNK rows summed by separate programs, then added here.
+    splits = triton.cdiv(N, _MASK_CHUNK)
+    partial = torch.empty(B * splits, D, dtype=_acc_dtype(grad.dtype), device=grad.device)
     order, bounds = _segments(ids_restore.clamp(max=K), K)
-    _segment_sum(grad, order, bounds, grad_x, 0, K, block_p=1)
-    _segment_sum(grad, order, bounds, per_row, K, 1, block_p=32)  # the masked slots
-    return grad_x, per_row.sum(0)
+    _segment_sum(grad, order, bounds, grad_x, 0, K)
+    _segment_sum(grad, order, bounds, partial, K, 1, splits=splits, chunk=_MASK_CHUNK, block_p=_MASK_CHUNK)
+    return grad_x, partial.sum(0)
 
 
 @restore_tokens_backward.register_fake
