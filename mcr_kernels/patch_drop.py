@@ -85,9 +85,11 @@ def random_masking(x, mask_ratio, *, num_prefix_tokens=1, generator=None):
     N = x.shape[1] - P
     K = int(N * (1 - mask_ratio))
     ids_keep, ids_restore = random_keep_indices(B, N, K, device=x.device, generator=generator)
-    x_kept = gather_tokens(x[:, P:], ids_keep)
+    if P:  # gather the prefix too, in the same pass: no concatenation copy
+        prefix = torch.arange(P, device=x.device).expand(B, P)
+        ids_keep = torch.cat([prefix, ids_keep + P], dim=1)
     mask = (ids_restore >= K).to(x.dtype)
-    return torch.cat([x[:, :P], x_kept], dim=1), mask, ids_restore
+    return gather_tokens(x, ids_keep), mask, ids_restore
 
 
 # --- native backend: the C++/CUDA kernels of mcr_kernels._C as a torch op ---------------
