@@ -5,7 +5,9 @@
     x_full = restore_tokens(x_kept, ids_restore, mask_token) # [B, K, D] -> [B, N, D]
     x_kept, mask, ids_restore = random_masking(x, 0.5)       # MAE's random_masking, CLS kept
 
-float32, float16, bfloat16 (and float64); any D; non-contiguous inputs are copied.
+float32, float16, bfloat16 (and float64); any D; non-contiguous inputs welcome.
+Backends: triton (mcr_kernels/triton/patch_drop.py), native (csrc/), reference.
+Full documentation: docs/patch_drop.md.
 """
 import torch
 
@@ -83,9 +85,11 @@ def random_masking(x, mask_ratio, *, num_prefix_tokens=1, generator=None):
     N = x.shape[1] - P
     K = int(N * (1 - mask_ratio))
     ids_keep, ids_restore = random_keep_indices(B, N, K, device=x.device, generator=generator)
-    x_kept = gather_tokens(x[:, P:], ids_keep)
+    if P:  # gather the prefix too, in the same pass: no concatenation copy
+        prefix = torch.arange(P, device=x.device).expand(B, P)
+        ids_keep = torch.cat([prefix, ids_keep + P], dim=1)
     mask = (ids_restore >= K).to(x.dtype)
-    return torch.cat([x[:, :P], x_kept], dim=1), mask, ids_restore
+    return gather_tokens(x, ids_keep), mask, ids_restore
 
 
 # --- native backend: the C++/CUDA kernels of mcr_kernels._C as a torch op ---------------
@@ -128,7 +132,60 @@ def _gather_backward(ctx, grad):
 _gather_tokens_native.register_autograd(_gather_backward, setup_context=_gather_setup_context)
 
 
+@torch.library.custom_op("mcr::restore_tokens_native", mutates_args=())
+def _restore_tokens_native(x_kept: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+    if x_kept.is_cuda:
+        return _C.restore_tokens_cuda(x_kept, ids_restore, mask_token)
+    return _C.restore_tokens_cpu(x_kept, ids_restore, mask_token)
+
+
+@_restore_tokens_native.register_fake
+def _(x_kept, ids_restore, mask_token):
+    return x_kept.new_empty(x_kept.shape[0], ids_restore.shape[1], x_kept.shape[2])
+
+
+@torch.library.custom_op("mcr::restore_tokens_backward_native", mutates_args=())
+def _restore_tokens_backward_native(grad: torch.Tensor, ids_restore: torch.Tensor,
+                                    num_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if grad.is_cuda:
+        return _C.restore_tokens_backward_cuda(grad, ids_restore, num_keep)
+    return _C.restore_tokens_backward_cpu(grad, ids_restore, num_keep)
+
+
+@_restore_tokens_backward_native.register_fake
+def _(grad, ids_restore, num_keep):
+    acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    return (grad.new_empty(grad.shape[0], num_keep, grad.shape[2]),
+            grad.new_empty(grad.shape[2], dtype=acc_dtype))
+
+
+def _restore_setup_context(ctx, inputs, output):
+    x_kept, ids_restore, mask_token = inputs
+    ctx.save_for_backward(ids_restore)
+    ctx.num_keep = x_kept.shape[1]
+    ctx.mask_dtype = mask_token.dtype
+
+
+def _restore_backward(ctx, grad):
+    (ids_restore,) = ctx.saved_tensors
+    grad_x, grad_mask = _restore_tokens_backward_native(grad.contiguous(), ids_restore, ctx.num_keep)
+    return grad_x, None, grad_mask.to(ctx.mask_dtype)
+
+
+_restore_tokens_native.register_autograd(_restore_backward, setup_context=_restore_setup_context)
+
+
 backend.register("random_keep_indices", "reference", reference.random_keep_indices)
 backend.register("gather_tokens", "reference", reference.gather_tokens)
 backend.register("gather_tokens", "native", _gather_tokens_native, native_available)
 backend.register("restore_tokens", "reference", reference.restore_tokens)
+backend.register("restore_tokens", "native", _restore_tokens_native, native_available)
+
+try:
+    from mcr_kernels.triton import patch_drop as _triton
+except ImportError:  # no triton on this platform
+    _triton = None
+if _triton is not None:
+    backend.register("random_keep_indices", "triton", _triton.random_keep_indices, backend.triton_available)
+    backend.register("gather_tokens", "triton", _triton.gather_tokens, backend.triton_available)
+    backend.register("restore_tokens", "triton", _triton.restore_tokens, backend.triton_available)
