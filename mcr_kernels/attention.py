@@ -63,3 +63,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 backend.register("flash_attention", "reference", reference.flash_attention)
 backend.register("flash_attention_varlen", "reference", reference.flash_attention_varlen)
+
+try:  # registers the `triton` backends
+    import mcr_kernels.triton.attention  # noqa: F401,E402
+except ImportError:  # triton is not installed
+    pass
