@@ -30,11 +30,12 @@ LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs(small_only=False):
+def _configs():
     if _INTERPRET:  # one config: the interpreter cannot benchmark, and it is slow
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    shapes = [(32, 32, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
-              (64, 32, 4, 3)]
+    # (BLOCK_M, BLOCK_N, warps, stages): a small-tile config for short sequences, then the
+    # usual FA2 tiles on H100; few, so that first-call tuning stays short
+    shapes = [(32, 32, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
@@ -390,8 +391,38 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@triton.jit
+def _mask_info_kernel(MASK, Q_LEN, KV_LEN, KV_FULL, B, LK, LQ, stride_mb,
+                      SAME_LEN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr):
+    """One program: per-row key lengths of the mask, then whether every row is a prefix."""
+    not_prefix = 0
+    for b0 in range(0, B, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        last = tl.zeros([BLOCK_B], dtype=tl.int32)
+        count = tl.zeros([BLOCK_B], dtype=tl.int32)
+        for l0 in range(0, LK, BLOCK_L):
+            offs_l = l0 + tl.arange(0, BLOCK_L)
+            attend = tl.load(MASK + offs_b[:, None].to(tl.int64) * stride_mb + offs_l[None, :],
+                             mask=(offs_b < B)[:, None] & (offs_l < LK)[None, :], other=0) != 0
+            last = tl.maximum(last, tl.max(tl.where(attend, offs_l[None, :] + 1, 0), 1))
+            count += tl.sum(attend.to(tl.int32), 1)
+        tl.store(KV_LEN + offs_b, last, mask=offs_b < B)
+        not_prefix += tl.sum((last != count).to(tl.int32), 0)
+    tl.debug_barrier()
+    prefix = not_prefix == 0
+    for b0 in range(0, B, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        last = tl.load(KV_LEN + offs_b, mask=offs_b < B, other=0)
+        tl.store(KV_FULL + offs_b, tl.where(prefix, last, 0), mask=offs_b < B)
+        if SAME_LEN:
+            tl.store(Q_LEN + offs_b, tl.where(prefix, last, LQ), mask=offs_b < B)
+        else:
+            tl.store(Q_LEN + offs_b, tl.zeros([BLOCK_B], dtype=tl.int32) + LQ, mask=offs_b < B)
+
+
 def _mask_info(mask, Lq):
-    """Device-side (no sync) per-sequence lengths of a key padding mask [B, Lk] bool.
+    """Per-sequence lengths of a key padding mask [B, Lk] bool, computed on the device in one
+    launch (no host sync).
 
     Returns (mask as uint8, q_len, kv_len, kv_full), int32 [B] each: kv_len = last
     attended key + 1; kv_full = kv_len if the whole mask is a right-padding prefix, else 0
@@ -399,13 +430,11 @@ def _mask_info(mask, Lq):
     (padded query rows are zeros), else Lq.
     """
     B, Lk = mask.shape
-    positions = torch.arange(1, Lk + 1, device=mask.device, dtype=torch.int32)
-    kv_len = torch.where(mask, positions, 0).amax(1) if Lk else mask.new_zeros(B, dtype=torch.int32)
-    kv_len = kv_len.to(torch.int32)
-    prefix = (kv_len == mask.sum(1, dtype=torch.int32)).all()
-    kv_full = torch.where(prefix, kv_len, 0).to(torch.int32)
-    q_len = torch.where(prefix, kv_len, Lq).to(torch.int32) if Lq == Lk else torch.full_like(kv_len, Lq)
-    return mask.contiguous().view(torch.uint8), q_len, kv_len, kv_full
+    mask_u8 = mask.contiguous().view(torch.uint8)
+    info = torch.empty((3, B), device=mask.device, dtype=torch.int32)
+    _mask_info_kernel[(1,)](mask_u8, info[0], info[1], info[2], B, Lk, Lq, mask_u8.stride(0),
+                            SAME_LEN=Lq == Lk, BLOCK_B=32, BLOCK_L=128, num_warps=4)
+    return mask_u8, info[0], info[1], info[2]
 
 
 def _grid(rows, bh):
