@@ -4,6 +4,7 @@
     out = flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k)   # packed [total, H, Dh]
 
 key_padding_mask [B, Lk] bool, True = attend (HF's attention_mask convention).
+Signatures, dtypes, backends, limits and an example: docs/attention.md.
 """
 import torch
 

@@ -6,6 +6,7 @@ Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest),
 cases are small; the full sweep over head dims, lengths and fp16/bf16 needs CUDA.
 (The 3.8 interpreter mis-computes bf16 tl.dot, so bf16 is tested on the GPU only.)
 """
+import contextlib
 import copy
 
 import pytest
@@ -15,9 +16,10 @@ from conftest import requires_cuda
 import mcr_kernels
 from mcr_kernels import reference
 
+triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # max abs error allowed, relative to max |reference| (outputs are O(1) for unit inputs)
-TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 
 
 def triton_backend():
@@ -264,21 +266,47 @@ def test_bert_mcr_attention_matches_eager_on_real_tokens(kernel_calls):
 
 # --- GPU sweep ---------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def one_config(Dh):
+    """Skip autotuning (one tile per kernel) so that the sweep compiles ~3 kernels per case."""
+    from mcr_kernels.triton import attention as triton_attention
+    tiles = (32, 32, 1) if Dh > 128 else (64, 64, 2)
+    config = triton.Config({"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}, num_warps=4, num_stages=tiles[2])
+    kernels = (triton_attention._attn_fwd, triton_attention._attn_bwd_dkdv, triton_attention._attn_bwd_dq)
+    saved = [kernel.configs for kernel in kernels]
+    for kernel in kernels:
+        kernel.configs = [config]
+    try:
+        yield
+    finally:
+        for kernel, configs in zip(kernels, saved):
+            kernel.configs = configs
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("Dh", [32, 48, 64, 80, 96, 128, 256])
-@pytest.mark.parametrize("L", [1, 7, 77, 99, 197, 200])
-@pytest.mark.parametrize("mask_kind,causal", [(None, False), ("prefix", False), ("random", False), (None, True)])
-def test_gpu_sweep(dtype, Dh, L, mask_kind, causal):
-    check_against_reference(3, 2, L, L, Dh, mask_kind, causal, dtype=dtype, seed=L + Dh)
+def test_gpu_head_dims(dtype, Dh):
+    with one_config(Dh):
+        for L in (77, 200):
+            check_against_reference(3, 2, L, L, Dh, "prefix", dtype=dtype, seed=L + Dh)
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("Lq,Lk", [(99, 197), (200, 7), (128, 128), (1, 200)])
-def test_gpu_uneven_lengths(dtype, Lq, Lk):
-    check_against_reference(4, 3, Lq, Lk, 64, "prefix", dtype=dtype)
-    check_against_reference(4, 3, Lq, Lk, 64, None, True, dtype=dtype)
+@pytest.mark.parametrize("mask_kind,causal", [(None, False), ("random", False), (None, True), ("prefix", True)])
+def test_gpu_masks_and_lengths(dtype, mask_kind, causal):
+    with one_config(64):
+        for L in (1, 7, 99, 197):
+            check_against_reference(3, 2, L, L, 64, mask_kind, causal, dtype=dtype, seed=L)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_autotuned_uneven_lengths(dtype):
+    for Lq, Lk in ((99, 197), (200, 7), (128, 128), (1, 200)):
+        check_against_reference(4, 3, Lq, Lk, 64, "prefix", dtype=dtype)
+        check_against_reference(4, 3, Lq, Lk, 64, None, True, dtype=dtype)
 
 
 @requires_cuda

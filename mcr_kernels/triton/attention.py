@@ -40,15 +40,18 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
-    """Large tiles do not fit in shared memory / registers at large head dims."""
+    """Head dims above 128: small tiles only (registers and shared memory)."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     if block_d is None or block_d <= 128:
         return configs
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return kept or configs[:1]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in ((32, 32, 4, 1), (64, 32, 4, 2), (64, 64, 8, 1))]
 
 
-_TUNE_KEY = ["MAX_LQ", "MAX_LK", "DH", "HAS_MASK", "CAUSAL", "VARLEN"]
+# tuned per power-of-two length bucket: padded report batches have many distinct Lmax
+_TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "DH", "HAS_MASK", "CAUSAL", "VARLEN"]
+# one binary per (dtype, head dim, mask, causal, varlen, tile), whatever the sizes
+_NO_SPECIALIZE = ["H", "MAX_LQ", "MAX_LK", "LQ_BUCKET", "LK_BUCKET"]
 
 
 # --- shared helpers ---------------------------------------------------------------------
@@ -152,13 +155,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, offs_m, offs_d, kv_len,
 
 
 @triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_fwd(Q, K, V, O, LSE, MASK, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-              stride_lb, stride_lh, stride_mb, H, MAX_LQ, MAX_LK, qk_scale,
-              DH: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-              VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              stride_lb, stride_lh, stride_mb, H, MAX_LQ, MAX_LK, LQ_BUCKET, LK_BUCKET, qk_scale,
+              DH: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_MASK: tl.constexpr,
+              CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -173,7 +176,6 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K,
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_n = tl.arange(0, BLOCK_N)
-        EVEN_D: tl.constexpr = BLOCK_D == DH
         q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + (q_start + offs_m)[:, None] * stride_qm + offs_d[None, :]
         k_ptrs = K + b64 * stride_kb + h64 * stride_kh + (k_start + offs_n)[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = V + b64 * stride_vb + h64 * stride_vh + (k_start + offs_n)[:, None] * stride_vn + offs_d[None, :]
@@ -245,14 +247,14 @@ def _load_row_stats(LSE, DELTA, lse_off, offs_m, q_len):
 
 
 @triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_dkb, stride_dkh, stride_dkn, stride_lb, stride_lh, stride_mb,
-                   H, MAX_LQ, MAX_LK, sm_scale, qk_scale,
-                   DH: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                   VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   H, MAX_LQ, MAX_LK, LQ_BUCKET, LK_BUCKET, sm_scale, qk_scale,
+                   DH: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_MASK: tl.constexpr,
+                   CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key block (dK/dV share strides), looping over the query blocks."""
     pid_n = tl.program_id(0)
@@ -272,7 +274,6 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, Q_LEN, KV_LEN, KV_FULL
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         offs_m0 = tl.arange(0, BLOCK_M)
-        EVEN_D: tl.constexpr = BLOCK_D == DH
         k = _load(K + b64 * stride_kb + h64 * stride_kh + (k_start + offs_n)[:, None] * stride_kn + offs_d[None, :],
                   offs_n, kv_len, offs_d, DH, True, not EVEN_D)
         v = _load(V + b64 * stride_vb + h64 * stride_vh + (k_start + offs_n)[:, None] * stride_vn + offs_d[None, :],
@@ -332,14 +333,14 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, lo, hi, offs_m, offs_d, kv_
 
 
 @triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                  stride_dqb, stride_dqh, stride_dqm, stride_lb, stride_lh, stride_mb,
-                 H, MAX_LQ, MAX_LK, sm_scale, qk_scale,
-                 DH: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                 VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 H, MAX_LQ, MAX_LK, LQ_BUCKET, LK_BUCKET, sm_scale, qk_scale,
+                 DH: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_MASK: tl.constexpr,
+                 CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block, looping over the key blocks like the forward."""
     pid_m = tl.program_id(0)
@@ -355,7 +356,6 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, Q_LEN, KV_LEN, KV_FULL, CU_Q
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_n = tl.arange(0, BLOCK_N)
-        EVEN_D: tl.constexpr = BLOCK_D == DH
         rows = (q_start + offs_m)[:, None]
         q = _load(Q + b64 * stride_qb + h64 * stride_qh + rows * stride_qm + offs_d[None, :],
                   offs_m, q_len, offs_d, DH, True, not EVEN_D)
@@ -395,7 +395,7 @@ def _last_dim_contiguous(t):
 def _mask_info_kernel(MASK, Q_LEN, KV_LEN, KV_FULL, B, LK, LQ, stride_mb,
                       SAME_LEN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr):
     """One program: per-row key lengths of the mask, then whether every row is a prefix."""
-    not_prefix = 0
+    not_prefix = tl.zeros([BLOCK_B], dtype=tl.int32)
     for b0 in range(0, B, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         last = tl.zeros([BLOCK_B], dtype=tl.int32)
@@ -407,9 +407,9 @@ def _mask_info_kernel(MASK, Q_LEN, KV_LEN, KV_FULL, B, LK, LQ, stride_mb,
             last = tl.maximum(last, tl.max(tl.where(attend, offs_l[None, :] + 1, 0), 1))
             count += tl.sum(attend.to(tl.int32), 1)
         tl.store(KV_LEN + offs_b, last, mask=offs_b < B)
-        not_prefix += tl.sum((last != count).to(tl.int32), 0)
+        not_prefix += (last != count).to(tl.int32)
     tl.debug_barrier()
-    prefix = not_prefix == 0
+    prefix = tl.sum(not_prefix, 0) == 0
     for b0 in range(0, B, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         last = tl.load(KV_LEN + offs_b, mask=offs_b < B, other=0)
@@ -445,87 +445,87 @@ def _grid_n(rows, bh):
     return lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]), bh)
 
 
-class _Layout:
-    """Strides (batch, head, row) of a dense [B, H, L, Dh] or packed [total, H, Dh] tensor."""
+def _rows(t, varlen):
+    """(batch, head, row) strides of a dense [B, H, L, Dh] or packed [total, H, Dh] tensor."""
+    return (0, t.stride(1), t.stride(0)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
 
-    @staticmethod
-    def of(t, varlen):
-        return (0, t.stride(1), t.stride(0)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+class _Problem:
+    """What every kernel launch shares: sizes, sequence bounds and mask arguments."""
+
+    def __init__(self, q, k, mask, causal, cu_q, cu_k, max_q, max_k):
+        self.causal = causal
+        self.varlen = cu_q is not None
+        if self.varlen:
+            _, self.H, self.Dh = q.shape
+            self.B, self.max_lq, self.max_lk = cu_q.shape[0] - 1, max_q, max_k
+        else:
+            self.B, self.H, self.max_lq, self.Dh = q.shape
+            self.max_lk = k.shape[2]
+        self.has_mask = mask is not None
+        if self.has_mask:
+            self.mask, *self.lengths = _mask_info(mask, self.max_lq)
+        else:
+            self.mask, self.lengths = q, (q, q, q)  # unused pointers
+        self.cu = (cu_q, cu_k) if self.varlen else (q, q)
+        self.empty = self.B == 0 or self.H == 0 or self.max_lq == 0
+
+    def pointers(self):
+        """MASK, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K."""
+        return (self.mask, *self.lengths, *self.cu)
+
+    def sizes(self):
+        """stride_mb, H, MAX_LQ, MAX_LK and the autotuning keys (lengths rounded up to a power
+        of two: padded report batches have many distinct Lmax)."""
+        return (self.mask.stride(0) if self.has_mask else 0, self.H, self.max_lq, self.max_lk,
+                triton.next_power_of_2(max(self.max_lq, 1)), triton.next_power_of_2(max(self.max_lk, 1)))
+
+    def constexprs(self, dtype):
+        block_d = max(16, triton.next_power_of_2(self.Dh))
+        return dict(DH=self.Dh, BLOCK_D=block_d, EVEN_D=block_d == self.Dh, HAS_MASK=self.has_mask,
+                    CAUSAL=self.causal, VARLEN=self.varlen, DOT_PRECISION=_dot_precision(dtype))
 
 
 def _forward(q, k, v, mask, scale, causal, cu_q=None, cu_k=None, max_q=0, max_k=0):
-    varlen = cu_q is not None
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    if varlen:
-        total_q, H, Dh = q.shape
-        B = cu_q.shape[0] - 1
+    pb = _Problem(q, k, mask, causal, cu_q, cu_k, max_q, max_k)
+    if pb.varlen:
         out = torch.zeros_like(q)
-        lse = torch.full((H, total_q), float("-inf"), device=q.device, dtype=torch.float32)
+        lse = torch.full((pb.H, q.shape[0]), float("-inf"), device=q.device, dtype=torch.float32)
         lse_strides = (0, lse.stride(0))
-        max_lq, max_lk = max_q, max_k
     else:
-        B, H, max_lq, Dh = q.shape
-        max_lk = k.shape[2]
-        out = torch.empty((B, max_lq, H, Dh), device=q.device, dtype=q.dtype).transpose(1, 2)
-        lse = torch.empty((B, H, max_lq), device=q.device, dtype=torch.float32)
+        out = torch.empty((pb.B, pb.max_lq, pb.H, pb.Dh), device=q.device, dtype=q.dtype).transpose(1, 2)
+        lse = torch.empty((pb.B, pb.H, pb.max_lq), device=q.device, dtype=torch.float32)
         lse_strides = (lse.stride(0), lse.stride(1))
-    if B == 0 or H == 0 or max_lq == 0:
+    if pb.empty:
         return out, lse
-    if mask is not None:
-        mask_u8, q_len, kv_len, kv_full = _mask_info(mask, max_lq)
-    else:
-        mask_u8 = q_len = kv_len = kv_full = q  # unused pointers
-    cu_q, cu_k = (cu_q, cu_k) if varlen else (q, q)
-    _attn_fwd[_grid(max_lq, B * H)](
-        q, k, v, out, lse, mask_u8, q_len, kv_len, kv_full, cu_q, cu_k,
-        *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(out, varlen),
-        *lse_strides, mask_u8.stride(0) if mask is not None else 0, H, max_lq, max_lk, scale * LOG2E,
-        DH=Dh, BLOCK_D=max(16, triton.next_power_of_2(Dh)), HAS_MASK=mask is not None, CAUSAL=causal,
-        VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype))
+    _attn_fwd[_grid(pb.max_lq, pb.B * pb.H)](
+        q, k, v, out, lse, *pb.pointers(),
+        *_rows(q, pb.varlen), *_rows(k, pb.varlen), *_rows(v, pb.varlen), *_rows(out, pb.varlen),
+        *lse_strides, *pb.sizes(), scale * LOG2E, **pb.constexprs(q.dtype))
     return out, lse
 
 
 def _backward(do, q, k, v, out, lse, mask, scale, causal, cu_q=None, cu_k=None, max_q=0, max_k=0):
-    varlen = cu_q is not None
     do, q, k, v, out = (_last_dim_contiguous(t) for t in (do, q, k, v, out))
-    new = torch.zeros_like if varlen else torch.empty_like
-    dq, dk = new(q, memory_format=torch.contiguous_format), new(k, memory_format=torch.contiguous_format)
-    dv = new(v, memory_format=torch.contiguous_format)
-    if varlen:
-        total_q, H, Dh = q.shape
-        B = cu_q.shape[0] - 1
-        lse_strides = (0, lse.stride(0))
-        max_lq, max_lk = max_q, max_k
-    else:
-        B, H, max_lq, Dh = q.shape
-        max_lk = k.shape[2]
-        lse_strides = (lse.stride(0), lse.stride(1))
-    if B == 0 or H == 0:
+    pb = _Problem(q, k, mask, causal, cu_q, cu_k, max_q, max_k)
+    new = torch.zeros_like if pb.varlen or pb.max_lk == 0 else torch.empty_like
+    dq, dk, dv = (new(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    if pb.empty or pb.max_lk == 0:
         return dq, dk, dv
-    if max_lq == 0 or max_lk == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    block_d = max(16, triton.next_power_of_2(Dh))
-    if mask is not None:
-        mask_u8, q_len, kv_len, kv_full = _mask_info(mask, max_lq)
-    else:
-        mask_u8 = q_len = kv_len = kv_full = q
-    cu_q, cu_k = (cu_q, cu_k) if varlen else (q, q)
+    lse_strides = (0, lse.stride(0)) if pb.varlen else (lse.stride(0), lse.stride(1))
     delta = torch.empty_like(lse)
-    _bwd_preprocess[(triton.cdiv(max_lq, 64), B * H)](
-        out, do, delta, cu_q, *_Layout.of(out, varlen), *_Layout.of(do, varlen), *lse_strides,
-        H, max_lq, DH=Dh, BLOCK_D=block_d, VARLEN=varlen, BLOCK_M=64)
-    common = dict(DH=Dh, BLOCK_D=block_d, HAS_MASK=mask is not None, CAUSAL=causal, VARLEN=varlen,
-                  DOT_PRECISION=_dot_precision(q.dtype))
-    strides = (*_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(do, varlen))
-    mask_stride = mask_u8.stride(0) if mask is not None else 0
-    _attn_bwd_dkdv[_grid_n(max_lk, B * H)](
-        q, k, v, do, lse, delta, dk, dv, mask_u8, q_len, kv_len, kv_full, cu_q, cu_k,
-        *strides, *_Layout.of(dk, varlen), *lse_strides, mask_stride, H, max_lq, max_lk, scale, scale * LOG2E,
-        **common)
-    _attn_bwd_dq[_grid(max_lq, B * H)](
-        q, k, v, do, lse, delta, dq, mask_u8, q_len, kv_len, kv_full, cu_q, cu_k,
-        *strides, *_Layout.of(dq, varlen), *lse_strides, mask_stride, H, max_lq, max_lk, scale, scale * LOG2E,
-        **common)
+    const = pb.constexprs(q.dtype)
+    _bwd_preprocess[(triton.cdiv(pb.max_lq, 64), pb.B * pb.H)](
+        out, do, delta, pb.cu[0], *_rows(out, pb.varlen), *_rows(do, pb.varlen), *lse_strides,
+        pb.H, pb.max_lq, DH=pb.Dh, BLOCK_D=const["BLOCK_D"], VARLEN=pb.varlen, BLOCK_M=64)
+    strides = (*_rows(q, pb.varlen), *_rows(k, pb.varlen), *_rows(v, pb.varlen), *_rows(do, pb.varlen))
+    _attn_bwd_dkdv[_grid_n(pb.max_lk, pb.B * pb.H)](
+        q, k, v, do, lse, delta, dk, dv, *pb.pointers(), *strides, *_rows(dk, pb.varlen), *lse_strides,
+        *pb.sizes(), scale, scale * LOG2E, **const)
+    _attn_bwd_dq[_grid(pb.max_lq, pb.B * pb.H)](
+        q, k, v, do, lse, delta, dq, *pb.pointers(), *strides, *_rows(dq, pb.varlen), *lse_strides,
+        *pb.sizes(), scale, scale * LOG2E, **const)
     return dq, dk, dv
 
 
