@@ -5,7 +5,7 @@ Registered as torch.library custom ops (`mcr_kernels::flash_attn_fwd`, `..._bwd`
 `triton` backend of mcr_kernels.flash_attention / flash_attention_varlen. Docs:
 docs/attention.md.
 
-Kernels (one program per (block of rows, batch*head)):
+Kernels (one program per (block of rows, head, batch)):
 - forward: tiled online softmax (exp2), stores out and the row log-sum-exp (float32).
 - backward: delta = rowsum(dO * O); a dK/dV kernel looping over query blocks and a dQ
   kernel looping over key blocks (recomputing P from the LSE; no atomics).
@@ -51,7 +51,7 @@ def _prune(configs, named_args, **kwargs):
 # tuned per power-of-two length bucket: padded report batches have many distinct Lmax
 _TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "DH", "HAS_MASK", "CAUSAL", "VARLEN"]
 # one binary per (dtype, head dim, mask, causal, varlen, tile), whatever the sizes
-_NO_SPECIALIZE = ["H", "MAX_LQ", "MAX_LK", "LQ_BUCKET", "LK_BUCKET"]
+_NO_SPECIALIZE = ["MAX_LQ", "MAX_LK", "LQ_BUCKET", "LK_BUCKET"]
 
 
 # --- shared helpers ---------------------------------------------------------------------
@@ -159,14 +159,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, offs_m, offs_d, kv_len,
 def _attn_fwd(Q, K, V, O, LSE, MASK, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-              stride_lb, stride_lh, stride_mb, H, MAX_LQ, MAX_LK, LQ_BUCKET, LK_BUCKET, qk_scale,
+              stride_lb, stride_lh, stride_mb, MAX_LQ, MAX_LK, LQ_BUCKET, LK_BUCKET, qk_scale,
               DH: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_MASK: tl.constexpr,
               CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    h = tl.program_id(1)
+    b = tl.program_id(2)
     q_start, q_len, q_rows, k_start, kv_len, kv_full, causal_off = _seq_info(
         b, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K, MAX_LQ, MAX_LK, HAS_MASK, VARLEN)
     start_m = pid_m * BLOCK_M
@@ -210,14 +209,13 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K,
 
 @triton.jit
 def _bwd_preprocess(O, DO, DELTA, CU_Q, stride_ob, stride_oh, stride_om,
-                    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, H, MAX_LQ,
+                    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, MAX_LQ,
                     DH: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
                     BLOCK_M: tl.constexpr):
     """delta[row] = sum_d dO[row, d] * O[row, d] in float32, laid out like the LSE."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    h = tl.program_id(1)
+    b = tl.program_id(2)
     if VARLEN:
         q_start = tl.load(CU_Q + b)
         q_rows = tl.load(CU_Q + b + 1) - q_start
@@ -252,15 +250,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, Q_LEN, KV_LEN, KV_FULL
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_dkb, stride_dkh, stride_dkn, stride_lb, stride_lh, stride_mb,
-                   H, MAX_LQ, MAX_LK, LQ_BUCKET, LK_BUCKET, sm_scale, qk_scale,
+                   MAX_LQ, MAX_LK, LQ_BUCKET, LK_BUCKET, sm_scale, qk_scale,
                    DH: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_MASK: tl.constexpr,
                    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key block (dK/dV share strides), looping over the query blocks."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    h = tl.program_id(1)
+    b = tl.program_id(2)
     q_start, q_len, q_rows, k_start, kv_len, kv_full, causal_off = _seq_info(
         b, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K, MAX_LQ, MAX_LK, HAS_MASK, VARLEN)
     if VARLEN:
@@ -338,15 +335,14 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, Q_LEN, KV_LEN, KV_FULL, CU_Q
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                  stride_dqb, stride_dqh, stride_dqm, stride_lb, stride_lh, stride_mb,
-                 H, MAX_LQ, MAX_LK, LQ_BUCKET, LK_BUCKET, sm_scale, qk_scale,
+                 MAX_LQ, MAX_LK, LQ_BUCKET, LK_BUCKET, sm_scale, qk_scale,
                  DH: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_MASK: tl.constexpr,
                  CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block, looping over the key blocks like the forward."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    h = tl.program_id(1)
+    b = tl.program_id(2)
     q_start, q_len, q_rows, k_start, kv_len, kv_full, causal_off = _seq_info(
         b, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K, MAX_LQ, MAX_LK, HAS_MASK, VARLEN)
     start_m = pid_m * BLOCK_M
@@ -437,12 +433,12 @@ def _mask_info(mask, Lq):
     return mask_u8, info[0], info[1], info[2]
 
 
-def _grid(rows, bh):
-    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), bh)
+def _grid(rows, pb):  # (row blocks, heads, batch): no 65535 limit on B * H
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), pb.H, pb.B)
 
 
-def _grid_n(rows, bh):
-    return lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]), bh)
+def _grid_n(rows, pb):
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]), pb.H, pb.B)
 
 
 def _rows(t, varlen):
@@ -475,9 +471,9 @@ class _Problem:
         return (self.mask, *self.lengths, *self.cu)
 
     def sizes(self):
-        """stride_mb, H, MAX_LQ, MAX_LK and the autotuning keys (lengths rounded up to a power
+        """stride_mb, MAX_LQ, MAX_LK and the autotuning keys (lengths rounded up to a power
         of two: padded report batches have many distinct Lmax)."""
-        return (self.mask.stride(0) if self.has_mask else 0, self.H, self.max_lq, self.max_lk,
+        return (self.mask.stride(0) if self.has_mask else 0, self.max_lq, self.max_lk,
                 triton.next_power_of_2(max(self.max_lq, 1)), triton.next_power_of_2(max(self.max_lk, 1)))
 
     def constexprs(self, dtype):
@@ -499,7 +495,7 @@ def _forward(q, k, v, mask, scale, causal, cu_q=None, cu_k=None, max_q=0, max_k=
         lse_strides = (lse.stride(0), lse.stride(1))
     if pb.empty:
         return out, lse
-    _attn_fwd[_grid(pb.max_lq, pb.B * pb.H)](
+    _attn_fwd[_grid(pb.max_lq, pb)](
         q, k, v, out, lse, *pb.pointers(),
         *_rows(q, pb.varlen), *_rows(k, pb.varlen), *_rows(v, pb.varlen), *_rows(out, pb.varlen),
         *lse_strides, *pb.sizes(), scale * LOG2E, **pb.constexprs(q.dtype))
@@ -516,14 +512,14 @@ def _backward(do, q, k, v, out, lse, mask, scale, causal, cu_q=None, cu_k=None, 
     lse_strides = (0, lse.stride(0)) if pb.varlen else (lse.stride(0), lse.stride(1))
     delta = torch.empty_like(lse)
     const = pb.constexprs(q.dtype)
-    _bwd_preprocess[(triton.cdiv(pb.max_lq, 64), pb.B * pb.H)](
+    _bwd_preprocess[(triton.cdiv(pb.max_lq, 64), pb.H, pb.B)](
         out, do, delta, pb.cu[0], *_rows(out, pb.varlen), *_rows(do, pb.varlen), *lse_strides,
-        pb.H, pb.max_lq, DH=pb.Dh, BLOCK_D=const["BLOCK_D"], VARLEN=pb.varlen, BLOCK_M=64)
+        pb.max_lq, DH=pb.Dh, BLOCK_D=const["BLOCK_D"], VARLEN=pb.varlen, BLOCK_M=64)
     strides = (*_rows(q, pb.varlen), *_rows(k, pb.varlen), *_rows(v, pb.varlen), *_rows(do, pb.varlen))
-    _attn_bwd_dkdv[_grid_n(pb.max_lk, pb.B * pb.H)](
+    _attn_bwd_dkdv[_grid_n(pb.max_lk, pb)](
         q, k, v, do, lse, delta, dk, dv, *pb.pointers(), *strides, *_rows(dk, pb.varlen), *lse_strides,
         *pb.sizes(), scale, scale * LOG2E, **const)
-    _attn_bwd_dq[_grid(pb.max_lq, pb.B * pb.H)](
+    _attn_bwd_dq[_grid(pb.max_lq, pb)](
         q, k, v, do, lse, delta, dq, *pb.pointers(), *strides, *_rows(dq, pb.varlen), *lse_strides,
         *pb.sizes(), scale, scale * LOG2E, **const)
     return dq, dk, dv
