@@ -208,6 +208,19 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("Lq,Lk", [(0, 5), (5, 0)])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_empty_sequences_give_zero_outputs_and_grads(Lq, Lk, with_mask):
+    q, k, v, _ = inputs(2, 2, Lq, Lk, 32, torch.float32)
+    mask = torch.ones(2, Lk, dtype=torch.bool, device=DEVICE) if with_mask else None
+    with triton_backend():
+        out = mcr_kernels.flash_attention(q, k, v, key_padding_mask=mask)
+    out.sum().backward()
+    assert out.shape == (2, 2, Lq, 32) and (out == 0).all()
+    for t in (q, k, v):
+        assert (t.grad == 0).all()
+
+
 def test_bad_head_dim_is_a_value_error():
     q = torch.zeros(1, 1, 2, 264)
     with pytest.raises(ValueError, match="head dim"):

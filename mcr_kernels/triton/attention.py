@@ -505,7 +505,7 @@ def _forward(q, k, v, mask, scale, causal, cu_q=None, cu_k=None, max_q=0, max_k=
 def _backward(do, q, k, v, out, lse, mask, scale, causal, cu_q=None, cu_k=None, max_q=0, max_k=0):
     do, q, k, v, out = (_last_dim_contiguous(t) for t in (do, q, k, v, out))
     pb = _Problem(q, k, mask, causal, cu_q, cu_k, max_q, max_k)
-    new = torch.zeros_like if pb.varlen or pb.max_lk == 0 else torch.empty_like
+    new = torch.zeros_like if pb.varlen or pb.empty or pb.max_lk == 0 else torch.empty_like
     dq, dk, dv = (new(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     if pb.empty or pb.max_lk == 0:
         return dq, dk, dv
