@@ -4,6 +4,7 @@
     out = flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k)   # packed [total, H, Dh]
 
 key_padding_mask [B, Lk] bool, True = attend (HF's attention_mask convention).
+Signatures, dtypes, backends, limits and an example: docs/attention.md.
 """
 import torch
 
@@ -63,3 +64,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 backend.register("flash_attention", "reference", reference.flash_attention)
 backend.register("flash_attention_varlen", "reference", reference.flash_attention_varlen)
+
+try:  # registers the `triton` backends
+    import mcr_kernels.triton.attention  # noqa: F401,E402
+except ImportError:  # triton is not installed
+    pass

@@ -1,0 +1,330 @@
+"""mcr_kernels.flash_attention / flash_attention_varlen: the Triton backend against the
+float64 reference (outputs, LSE and all gradients), masks, causal, varlen, registration
+(opcheck, torch.compile) and the ViT / BERT integration.
+
+Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest), so the CPU
+cases are small; the full sweep over head dims, lengths and fp16/bf16 needs CUDA.
+(The 3.8 interpreter mis-computes bf16 tl.dot, so bf16 is tested on the GPU only.)
+"""
+import contextlib
+import copy
+
+import pytest
+import torch
+from conftest import requires_cuda
+
+import mcr_kernels
+from mcr_kernels import reference
+
+triton = pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# max abs error allowed, relative to max |reference| (outputs are O(1) for unit inputs)
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+
+
+def triton_backend():
+    return mcr_kernels.use_backend("triton", "flash_attention", "flash_attention_varlen")
+
+
+def make_mask(kind, B, Lk, generator):
+    if kind is None:
+        return None
+    if kind == "prefix":  # right padding with lengths 0, 1, full, then random
+        lengths = torch.randint(0, Lk + 1, (B,), generator=generator)
+        lengths[: 3] = torch.tensor([0, 1, Lk])[: B]
+        return (torch.arange(Lk)[None] < lengths[:, None]).to(DEVICE)
+    mask = torch.rand(B, Lk, generator=generator) > 0.4  # arbitrary pattern, one row all masked
+    mask[0] = False
+    return mask.to(DEVICE)
+
+
+def inputs(B, H, Lq, Lk, Dh, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda L: torch.randn(B, H, L, Dh, generator=g).to(DEVICE, dtype).requires_grad_()
+    return make(Lq), make(Lk), make(Lk), g
+
+
+def assert_close(actual, expected, dtype, what):
+    assert not torch.isnan(actual).any(), f"{what} has NaN"
+    if expected.numel() == 0:
+        return
+    scale = max(expected.abs().max().item(), 1.0)
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype] * scale:.3g}"
+
+
+def check_against_reference(B, H, Lq, Lk, Dh, mask_kind=None, causal=False, dtype=torch.float32,
+                            softmax_scale=None, seed=0):
+    q, k, v, g = inputs(B, H, Lq, Lk, Dh, dtype, seed)
+    mask = make_mask(mask_kind, B, Lk, g)
+    with triton_backend():
+        out, lse = mcr_kernels.flash_attention(q, k, v, key_padding_mask=mask, causal=causal,
+                                               softmax_scale=softmax_scale, return_lse=True)
+    grad_out = torch.randn(out.shape, generator=g).to(DEVICE, dtype)
+    out.backward(grad_out)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = reference.flash_attention(q64, k64, v64, key_padding_mask=mask, causal=causal,
+                                             softmax_scale=softmax_scale, return_lse=True)
+    ref.backward(grad_out.double())
+    assert out.dtype == dtype and out.shape == (B, H, Lq, Dh) and lse.dtype == torch.float32
+    assert_close(out, ref, dtype, "out")
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "lse: -inf rows differ"
+    finite = torch.isfinite(ref_lse)
+    assert_close(lse[finite], ref_lse[finite], torch.float32 if dtype == torch.float32 else dtype, "lse")
+    for name, t, t64 in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+        assert_close(t.grad, t64.grad, dtype, name)
+    return out, (q.grad, k.grad, v.grad), mask
+
+
+CASES = [  # B, H, Lq, Lk, Dh, mask, causal
+    (2, 2, 77, 77, 64, None, False),
+    (1, 1, 1, 1, 32, None, False),
+    (2, 1, 7, 40, 48, None, True),      # Lq < Lk, bottom-right causal
+    (2, 1, 40, 7, 32, None, True),      # Lq > Lk: the first rows have no key
+    (4, 1, 50, 50, 32, "prefix", False),
+    (3, 2, 99, 99, 64, "prefix", False),
+    (4, 1, 30, 50, 80, "prefix", False),   # Lq != Lk with padding
+    (3, 2, 45, 45, 96, "random", False),
+    (3, 1, 20, 45, 128, "random", True),
+]
+
+
+@pytest.mark.parametrize("B,H,Lq,Lk,Dh,mask_kind,causal", CASES)
+def test_matches_float64_reference(B, H, Lq, Lk, Dh, mask_kind, causal):
+    check_against_reference(B, H, Lq, Lk, Dh, mask_kind, causal)
+
+
+def test_softmax_scale_and_float16():
+    check_against_reference(2, 1, 33, 33, 64, "prefix", dtype=torch.float16, softmax_scale=0.3)
+
+
+def test_fully_masked_rows_give_zeros_not_nan():
+    out, grads, mask = check_against_reference(3, 2, 45, 45, 32, "random")
+    assert torch.equal(out[0], torch.zeros_like(out[0]))  # row 0 attends nothing
+    assert torch.equal(grads[0][0], torch.zeros_like(grads[0][0]))
+    for g in grads:
+        assert torch.isfinite(g).all()
+    # keys nobody attends get zero gradients
+    assert (grads[1][~mask[:, None, :, None].expand_as(grads[1])] == 0).all()
+
+
+def test_right_padding_zeroes_padded_queries_and_their_grads():
+    out, grads, mask = check_against_reference(4, 1, 50, 50, 32, "prefix")
+    padded = ~mask[:, None, :, None].expand_as(out)
+    assert (out[padded] == 0).all() and (grads[0][padded] == 0).all() and (grads[1][padded] == 0).all()
+
+
+def test_deterministic():
+    runs = []
+    for _ in range(2):
+        q, k, v, g = inputs(2, 2, 40, 40, 32, torch.float32, seed=3)
+        mask = make_mask("prefix", 2, 40, g)
+        with triton_backend():
+            out = mcr_kernels.flash_attention(q, k, v, key_padding_mask=mask)
+        out.backward(torch.ones_like(out))
+        runs.append((out, q.grad, k.grad, v.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_mask_lengths_kernel_many_rows_and_long_keys():
+    from mcr_kernels.triton.attention import _mask_info
+    g = torch.Generator().manual_seed(0)
+    B, L = 70, 150  # several row chunks and key chunks in the one-program kernel
+    lengths = torch.randint(0, L + 1, (B,), generator=g)
+    prefix = (torch.arange(L)[None] < lengths[:, None]).to(DEVICE)
+    _, q_len, kv_len, kv_full = _mask_info(prefix, L)
+    assert torch.equal(kv_len.cpu(), lengths.int()) and torch.equal(kv_full, kv_len) and torch.equal(q_len, kv_len)
+    _, q_len, _, _ = _mask_info(prefix, 9)
+    assert (q_len == 9).all()
+    holes = prefix.clone()
+    holes[5, 0] = False
+    holes[5, 1] = True
+    _, q_len, kv_len, kv_full = _mask_info(holes, L)
+    last = torch.where(holes.cpu(), torch.arange(1, L + 1), 0).amax(1)
+    assert torch.equal(kv_len.cpu(), last.int()) and (kv_full == 0).all() and (q_len == L).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_with_empty_and_length_one_sequences(causal):
+    g = torch.Generator().manual_seed(1)
+    len_q, len_k = [0, 1, 7, 33, 0, 20], [5, 1, 7, 40, 3, 0]
+    cu_q = torch.tensor([0] + len_q).cumsum(0).int().to(DEVICE)
+    cu_k = torch.tensor([0] + len_k).cumsum(0).int().to(DEVICE)
+    H, Dh = 2, 48
+    make = lambda n: torch.randn(n, H, Dh, generator=g).to(DEVICE).requires_grad_()
+    q, k, v = make(sum(len_q)), make(sum(len_k)), make(sum(len_k))
+    with triton_backend():
+        out = mcr_kernels.flash_attention_varlen(q, k, v, cu_q, cu_k, max(len_q), max(len_k), causal=causal)
+    grad_out = torch.randn(out.shape, generator=g).to(DEVICE)
+    out.backward(grad_out)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference.flash_attention_varlen(q64, k64, v64, cu_q, cu_k, max(len_q), max(len_k), causal=causal)
+    ref.backward(grad_out.double())
+    assert_close(out, ref, torch.float32, "out")
+    for name, t, t64 in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+        assert_close(t.grad, t64.grad, torch.float32, name)
+
+
+def test_varlen_matches_padded_via_unpad_pad():
+    g = torch.Generator().manual_seed(2)
+    B, H, L, Dh = 3, 2, 20, 32
+    mask = (torch.arange(L)[None] < torch.tensor([[20], [1], [13]])).to(DEVICE)
+    x = torch.randn(B, L, 3, H, Dh, generator=g).to(DEVICE)
+    packed, indices, cu, max_len = mcr_kernels.unpad_input(x, mask)
+    with triton_backend():
+        out = mcr_kernels.flash_attention_varlen(packed[:, 0], packed[:, 1], packed[:, 2], cu, cu, max_len, max_len)
+        dense = mcr_kernels.flash_attention(*(x[:, :, i].transpose(1, 2) for i in range(3)), key_padding_mask=mask)
+    repadded = mcr_kernels.pad_input(out, indices, B, L)
+    torch.testing.assert_close(repadded, dense.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(0)
+    make = lambda *s: torch.randn(*s, generator=g).to(DEVICE).requires_grad_()
+    q, k, v = make(2, 2, 9, 32), make(2, 2, 11, 32), make(2, 2, 11, 32)
+    mask = (torch.arange(11)[None] < torch.tensor([[3], [11]])).to(DEVICE)
+    torch.library.opcheck(torch.ops.mcr_kernels.flash_attn_fwd, (q, k, v, mask, 0.3, False))
+    torch.library.opcheck(torch.ops.mcr_kernels.flash_attn_fwd, (q, k, v, None, 0.2, True))
+    cu = torch.tensor([0, 4, 4, 9], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(torch.ops.mcr_kernels.flash_attn_varlen_fwd,
+                          (make(9, 2, 32), make(9, 2, 32), make(9, 2, 32), cu, cu, 5, 5, 0.1, False))
+
+
+def test_torch_compile_fullgraph():
+    q, k, v, g = inputs(2, 2, 9, 11, 32, torch.float32)
+    mask = make_mask("prefix", 2, 11, g)
+
+    def loss(q, k, v, mask):
+        return (mcr_kernels.flash_attention(q, k, v, key_padding_mask=mask) ** 2).sum()
+
+    with triton_backend():
+        # aot_eager traces fwd+bwd through the op's fake impls like inductor does, without
+        # spending a minute compiling C++ on CPU CI
+        compiled = torch.compile(loss, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
+        grads = torch.autograd.grad(compiled(q, k, v, mask), (q, k, v))
+        expected = torch.autograd.grad(loss(q, k, v, mask), (q, k, v))
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("Lq,Lk", [(0, 5), (5, 0)])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_empty_sequences_give_zero_outputs_and_grads(Lq, Lk, with_mask):
+    q, k, v, _ = inputs(2, 2, Lq, Lk, 32, torch.float32)
+    mask = torch.ones(2, Lk, dtype=torch.bool, device=DEVICE) if with_mask else None
+    with triton_backend():
+        out = mcr_kernels.flash_attention(q, k, v, key_padding_mask=mask)
+    out.sum().backward()
+    assert out.shape == (2, 2, Lq, 32) and (out == 0).all()
+    for t in (q, k, v):
+        assert (t.grad == 0).all()
+
+
+def test_bad_head_dim_is_a_value_error():
+    q = torch.zeros(1, 1, 2, 264)
+    with pytest.raises(ValueError, match="head dim"):
+        mcr_kernels.flash_attention(q, q, q)
+
+
+# --- integration -----------------------------------------------------------------------------
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the calls that reach the Triton op (proves the layer used our attention)."""
+    from mcr_kernels.triton import attention as triton_attention
+    calls = []
+    op = triton_attention.flash_attn_fwd
+    monkeypatch.setattr(triton_attention, "flash_attn_fwd", lambda *a: calls.append(a[3]) or op(*a))
+    return calls
+
+
+def test_vit_attention_matches_timm_eager(kernel_calls):
+    from timm.layers import Attention
+    from mcr.models.attention import use_flash_attention
+    eager = Attention(64, num_heads=4, qkv_bias=True).to(DEVICE)
+    eager.fused_attn = False
+    ours = use_flash_attention(copy.deepcopy(eager))
+    x = torch.randn(2, 13, 64, device=DEVICE, requires_grad=True)
+    with triton_backend():
+        out = ours(x)
+    out.sum().backward()
+    grad_ours = (x.grad.clone(), ours.qkv.weight.grad)
+    x.grad = None
+    expected = eager(x)
+    expected.sum().backward()
+    assert kernel_calls == [None]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad_ours[0], x.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad_ours[1], eager.qkv.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_bert_mcr_attention_matches_eager_on_real_tokens(kernel_calls):
+    from transformers import BertConfig, BertModel
+    import mcr.models.attention  # noqa: F401  registers "mcr"
+    make_cfg = lambda impl: BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=96, attention_probs_dropout_prob=0.0,
+                                       hidden_dropout_prob=0.0, attn_implementation=impl)
+    eager = BertModel(make_cfg("eager")).to(DEVICE).eval()
+    ours = BertModel(make_cfg("mcr")).to(DEVICE).eval()
+    assert ours.config._attn_implementation == "mcr"
+    ours.load_state_dict(eager.state_dict())
+    ids = torch.randint(1, 50, (3, 17), device=DEVICE)
+    attn = (torch.arange(17, device=DEVICE)[None] < torch.tensor([[17], [9], [1]], device=DEVICE)).long()
+    with triton_backend():
+        out = ours(input_ids=ids, attention_mask=attn).last_hidden_state
+    expected = eager(input_ids=ids, attention_mask=attn).last_hidden_state
+    real = attn.bool()
+    assert len(kernel_calls) == 2 and torch.equal(kernel_calls[0], real)  # the padding mask reached the kernel
+    torch.testing.assert_close(out[real], expected[real], atol=1e-5, rtol=1e-4)
+
+
+# --- GPU sweep ---------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def one_config(Dh):
+    """Skip autotuning (one tile per kernel) so that the sweep compiles ~3 kernels per case."""
+    from mcr_kernels.triton import attention as triton_attention
+    tiles = (32, 32, 1) if Dh > 128 else (64, 64, 2)
+    config = triton.Config({"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}, num_warps=4, num_stages=tiles[2])
+    kernels = (triton_attention._attn_fwd, triton_attention._attn_bwd_dkdv, triton_attention._attn_bwd_dq)
+    saved = [kernel.configs for kernel in kernels]
+    for kernel in kernels:
+        kernel.configs = [config]
+    try:
+        yield
+    finally:
+        for kernel, configs in zip(kernels, saved):
+            kernel.configs = configs
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("Dh", [32, 48, 64, 80, 96, 128, 256])
+def test_gpu_head_dims(dtype, Dh):
+    with one_config(Dh):
+        for L in (77, 200):
+            check_against_reference(3, 2, L, L, Dh, "prefix", dtype=dtype, seed=L + Dh)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind,causal", [(None, False), ("random", False), (None, True), ("prefix", True)])
+def test_gpu_masks_and_lengths(dtype, mask_kind, causal):
+    with one_config(64):
+        for L in (1, 7, 99, 197):
+            check_against_reference(3, 2, L, L, 64, mask_kind, causal, dtype=dtype, seed=L)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_autotuned_uneven_lengths(dtype):
+    for Lq, Lk in ((99, 197), (200, 7), (128, 128), (1, 200)):
+        check_against_reference(4, 3, Lq, Lk, 64, "prefix", dtype=dtype)
+        check_against_reference(4, 3, Lq, Lk, 64, None, True, dtype=dtype)
+
+
+@requires_cuda
+def test_gpu_float32_and_long_sequence():
+    check_against_reference(2, 2, 1000, 1000, 64, "prefix", dtype=torch.float32)
+    check_against_reference(1, 2, 2048, 2048, 64, None, True, dtype=torch.bfloat16)
