@@ -31,6 +31,7 @@ from mcr_kernels import reference
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ACT_IDS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 _DPRE_CHUNK_ELEMENTS = 1 << 25  # dpre [rows, L, H] per backward chunk: 64 MiB in bf16
+_UPCAST_DOT = tl.constexpr(_INTERPRET)  # the interpreter's bf16 tl.dot is wrong (triton 3.8)
 
 
 def _precision(dtype):
@@ -88,6 +89,8 @@ def _pre_tile(X, W1, B1, row, offs_l, offs_h, lmask, hmask, D, sxb, sxl, sxd, sw
                     mask=lmask[:, None] & dmask[None, :], other=0.0)
         w = tl.load(W1 + offs_h[None, :] * swh + offs_d[:, None] * swd,
                     mask=hmask[None, :] & dmask[:, None], other=0.0)
+        if _UPCAST_DOT:
+            x, w = x.to(tl.float32), w.to(tl.float32)
         pre += tl.dot(x, w, input_precision=PREC)
     if HAS_BIAS:
         pre += tl.load(B1 + offs_h, mask=hmask, other=0.0).to(tl.float32)[None, :]
@@ -232,22 +235,27 @@ def _masked_affine(pooled, nonempty, weight, bias):
 def mba_pool(tokens, mask, weight1, bias1, weight2=None, bias2=None, *, activation="gelu",
              pool="mean", normalize_tokens=False):
     """Triton backend of mcr_kernels.mba_pool (same arguments and result, dtype of tokens)."""
-    if pool != "mean" or normalize_tokens or tokens.dtype == torch.float64:
+    linear = weight2 is None or activation == "none"
+    if pool != "mean" or normalize_tokens or (tokens.dtype == torch.float64 and not linear):
         return reference.mba_pool(tokens, mask, weight1, bias1, weight2, bias2, activation=activation,
                                   pool=pool, normalize_tokens=normalize_tokens)
     B, L, _ = tokens.shape
     if mask is None:
         mask = torch.ones(B, L, dtype=torch.bool, device=tokens.device)
+    dtype = torch.promote_types(tokens.dtype, torch.float32)  # float32, or float64 inputs
     counts = mask.sum(1, keepdim=True)
-    weights = mask.float() / counts.clamp(min=1)         # [B, L]: mean over counted tokens
-    nonempty = (counts > 0).float()                       # [B, 1]
-    if weight2 is None or activation == "none":           # linear head: pool, then project
-        pooled = torch.bmm(weights.unsqueeze(1).to(tokens.dtype), tokens).squeeze(1).float()
-        out = _masked_affine(pooled, nonempty, weight1.float(), None if bias1 is None else bias1.float())
+    weights = mask.to(dtype) / counts.clamp(min=1)        # [B, L]: mean over counted tokens
+    nonempty = (counts > 0).to(dtype)                     # [B, 1]
+    if linear:                                            # linear head: pool, then project
+        summed = torch.bmm(mask.to(tokens.dtype).unsqueeze(1), tokens).squeeze(1)
+        pooled = summed.to(dtype) / counts.clamp(min=1)
+        out = _masked_affine(pooled, nonempty, weight1.to(dtype),
+                             None if bias1 is None else bias1.to(dtype))
     else:
         out = mba_act_pool(tokens, weights, weight1.to(tokens.dtype), bias1, activation)
     if weight2 is not None:
-        out = _masked_affine(out, nonempty, weight2.float(), None if bias2 is None else bias2.float())
+        out = _masked_affine(out, nonempty.to(out.dtype), weight2.to(out.dtype),
+                             None if bias2 is None else bias2.to(out.dtype))
     return out.to(tokens.dtype)
 
 
@@ -336,8 +344,8 @@ _grad = _tuned(_grad_kernel, [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOC
                               for bm, bn, be, beo, w, s in [(64, 64, 32, 128, 4, 3), (64, 64, 64, 256, 8, 2),
                                                             (128, 64, 32, 128, 8, 2), (64, 32, 64, 256, 4, 2),
                                                             (128, 64, 32, 64, 4, 3)]], ["M", "N", "E"])
-_LSE_INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_E": 32}
-_GRAD_INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_E": 32, "BLOCK_EO": 32}
+_LSE_INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_E": 32}
+_GRAD_INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_E": 32, "BLOCK_EO": 32}
 
 
 def _row_lse(q, k, scale):
