@@ -276,10 +276,10 @@ def test_opcheck_custom_ops():
     img = F.normalize(torch.randn(4, 6, device=DEVICE), dim=-1).requires_grad_()
     txt = F.normalize(torch.randn(4, 6, device=DEVICE), dim=-1).requires_grad_()
     scale = torch.tensor(10.0, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(tm.infonce_square, (img, txt, scale))
+    torch.library.opcheck(tm.infonce_square, (img, txt, scale, False))
     all_img = torch.randn(8, 6, device=DEVICE, requires_grad=True)
     all_txt = torch.randn(8, 6, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(tm.infonce_local, (img, txt, all_img, all_txt, scale, 4))
+    torch.library.opcheck(tm.infonce_local, (img, txt, all_img, all_txt, scale, 4, True))
 
 
 def test_torch_compile_fullgraph_matches_eager():

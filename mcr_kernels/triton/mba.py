@@ -39,6 +39,11 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _tf32(allow):
+    """tl.dot input precision for the float32 InfoNCE embeddings."""
+    return "tf32" if allow else "ieee"
+
+
 def _tuned(kernel, configs, key):
     """The autotuned kernel on a GPU; the plain one (explicit small blocks) in the interpreter."""
     return kernel if _INTERPRET else triton.autotune(configs=configs, key=key)(kernel)
@@ -49,29 +54,31 @@ def _tuned(kernel, configs, key):
 @triton.jit
 def _act(x, ACT: tl.constexpr):
     if ACT == 1:
-        return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+        y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     elif ACT == 2:
         u = tl.minimum(tl.maximum(0.7978845608028654 * (x + 0.044715 * x * x * x), -15.0), 15.0)
-        return 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))
+        y = 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))
     elif ACT == 3:
-        return tl.maximum(x, 0.0)
+        y = tl.maximum(x, 0.0)
     else:
-        return x
+        y = x
+    return y
 
 
 @triton.jit
 def _act_grad(x, ACT: tl.constexpr):
     if ACT == 1:
-        return 0.5 * (1.0 + tl.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+        y = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
     elif ACT == 2:
         u = tl.minimum(tl.maximum(0.7978845608028654 * (x + 0.044715 * x * x * x), -15.0), 15.0)
         t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
-        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+        y = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
     elif ACT == 3:
-        return tl.where(x > 0.0, 1.0, 0.0)
+        y = tl.where(x > 0.0, 1.0, 0.0)
     else:
-        return x * 0.0 + 1.0
+        y = x * 0.0 + 1.0
+    return y
 
 
 # --- mba_pool: fused GEMM + activation + masked mean ---------------------------------------
@@ -102,7 +109,7 @@ def _pool_fwd_kernel(X, WTS, W1, B1, OUT, L, D, H, sxb, sxl, sxd, swtb, swtl, sw
                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     """OUT[b, h] = sum_l WTS[b, l] * act(x[b, l] · W1[h] + b1[h]); grid (B, cdiv(H, BLOCK_H))."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2**31
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = offs_h < H
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -124,7 +131,7 @@ def _pool_bwd_kernel(X, WTS, W1, B1, G, DPRE, row0, L, D, H, sxb, sxl, sxd, swtb
                      BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     """DPRE[b - row0, l, h] = G[b, h] * WTS[b, l] * act'(pre[b, l, h]), pre recomputed;
     grid (rows, cdiv(L, BLOCK_L), cdiv(H, BLOCK_H))."""
-    row = row0 + tl.program_id(0)
+    row = row0 + tl.program_id(0).to(tl.int64)
     offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
     lmask, hmask = offs_l < L, offs_h < H
@@ -348,17 +355,17 @@ _LSE_INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_E": 32}
 _GRAD_INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_E": 32, "BLOCK_EO": 32}
 
 
-def _row_lse(q, k, scale):
+def _row_lse(q, k, scale, prec):
     """float32 [M]: log-sum-exp over j of scale * q[i] · k[j]; q [M, E], k [N, E] float32."""
     M, E = q.shape
     out = torch.empty(M, dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
-    _lse[grid](q, k, scale, out, M, k.shape[0], E, *q.stride(), *k.stride(), PREC=_precision(q.dtype),
+    _lse[grid](q, k, scale, out, M, k.shape[0], E, *q.stride(), *k.stride(), PREC=prec,
                **_blocks(_LSE_INTERPRET_BLOCKS))
     return out
 
 
-def _grad_rows(x, y, scale, lse_x, lse_y, offset, coef):
+def _grad_rows(x, y, scale, lse_x, lse_y, offset, coef, prec):
     """float32 [M, E]: sum_j G[i, j] y[j] for the logit gradient G of _grad_kernel."""
     M, E = x.shape
     out = torch.empty(M, E, dtype=torch.float32, device=x.device)
@@ -366,53 +373,55 @@ def _grad_rows(x, y, scale, lse_x, lse_y, offset, coef):
     _grad[grid](x, y, scale, lse_x, lse_y, out, M, y.shape[0], E, offset,
                 coef if lse_x is not None else 0.0, coef if lse_y is not None else 0.0,
                 *x.stride(), *y.stride(), *out.stride(), HAS_LSE_X=lse_x is not None,
-                HAS_LSE_Y=lse_y is not None, PREC=_precision(x.dtype), **_blocks(_GRAD_INTERPRET_BLOCKS))
+                HAS_LSE_Y=lse_y is not None, PREC=prec, **_blocks(_GRAD_INTERPRET_BLOCKS))
     return out
 
 
 @torch.library.custom_op("mcr_kernels::infonce_square", mutates_args=())
-def infonce_square(image_emb: torch.Tensor, text_emb: torch.Tensor,
-                   scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def infonce_square(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor,
+                   allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE of scale * image_emb text_embᵀ ([B, E] float32 each, scale a float32
-    scalar): (loss, row LSE [B], column LSE [B]); the [B, B] logits are never stored."""
-    lse_rows = _row_lse(image_emb, text_emb, scale)
-    lse_cols = _row_lse(text_emb, image_emb, scale)
+    scalar): (loss, row LSE [B], column LSE [B]); the [B, B] logits are never stored.
+    allow_tf32: tensor-core products (for embeddings that came in fp16/bf16)."""
+    prec = _tf32(allow_tf32)
+    lse_rows = _row_lse(image_emb, text_emb, scale, prec)
+    lse_cols = _row_lse(text_emb, image_emb, scale, prec)
     target = scale * (image_emb * text_emb).sum(1)
     loss = ((lse_rows - target).mean() + (lse_cols - target).mean()) / 2
     return loss, lse_rows, lse_cols
 
 
 @infonce_square.register_fake
-def _(image_emb, text_emb, scale):
+def _(image_emb, text_emb, scale, allow_tf32):
     B = image_emb.shape[0]
     return image_emb.new_empty(()), image_emb.new_empty(B), image_emb.new_empty(B)
 
 
 @torch.library.custom_op("mcr_kernels::infonce_square_backward", mutates_args=())
 def infonce_square_backward(grad: torch.Tensor, image_emb: torch.Tensor, text_emb: torch.Tensor,
-                            scale: torch.Tensor, lse_rows: torch.Tensor,
-                            lse_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            scale: torch.Tensor, lse_rows: torch.Tensor, lse_cols: torch.Tensor,
+                            allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d image_emb, d text_emb, d scale) of infonce_square's loss, logit tiles recomputed."""
-    coef = 0.5 / image_emb.shape[0]
-    acc_img = _grad_rows(image_emb, text_emb, scale, lse_rows, lse_cols, 0, coef)
-    acc_txt = _grad_rows(text_emb, image_emb, scale, lse_cols, lse_rows, 0, coef)
+    coef, prec = 0.5 / image_emb.shape[0], _tf32(allow_tf32)
+    acc_img = _grad_rows(image_emb, text_emb, scale, lse_rows, lse_cols, 0, coef, prec)
+    acc_txt = _grad_rows(text_emb, image_emb, scale, lse_cols, lse_rows, 0, coef, prec)
     d_scale = grad * (image_emb * acc_img).sum()
     return grad * scale * acc_img, grad * scale * acc_txt, d_scale
 
 
 @infonce_square_backward.register_fake
-def _(grad, image_emb, text_emb, scale, lse_rows, lse_cols):
+def _(grad, image_emb, text_emb, scale, lse_rows, lse_cols, allow_tf32):
     return torch.empty_like(image_emb), torch.empty_like(text_emb), image_emb.new_empty(())
 
 
 def _square_setup(ctx, inputs, output):
-    image_emb, text_emb, scale = inputs
+    image_emb, text_emb, scale, ctx.allow_tf32 = inputs
     _, lse_rows, lse_cols = output
     ctx.save_for_backward(image_emb, text_emb, scale, lse_rows, lse_cols)
 
 
 def _square_backward(ctx, grad, _grad_lse_rows, _grad_lse_cols):
-    return infonce_square_backward(grad, *ctx.saved_tensors)
+    return (*infonce_square_backward(grad, *ctx.saved_tensors, ctx.allow_tf32), None)
 
 
 infonce_square.register_autograd(_square_backward, setup_context=_square_setup)
@@ -420,13 +429,13 @@ infonce_square.register_autograd(_square_backward, setup_context=_square_setup)
 
 @torch.library.custom_op("mcr_kernels::infonce_local", mutates_args=())
 def infonce_local(image_emb: torch.Tensor, text_emb: torch.Tensor, all_image_emb: torch.Tensor,
-                  all_text_emb: torch.Tensor, scale: torch.Tensor,
-                  offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  all_text_emb: torch.Tensor, scale: torch.Tensor, offset: int,
+                  allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """open_clip local loss: local rows [M, E] against all columns [N, E]; local row i's positive
     is column i + offset. Returns (loss, image->text LSE [M], text->image LSE [M])."""
-    M = image_emb.shape[0]
-    lse_img = _row_lse(image_emb, all_text_emb, scale)
-    lse_txt = _row_lse(text_emb, all_image_emb, scale)
+    M, prec = image_emb.shape[0], _tf32(allow_tf32)
+    lse_img = _row_lse(image_emb, all_text_emb, scale, prec)
+    lse_txt = _row_lse(text_emb, all_image_emb, scale, prec)
     target_img = scale * (image_emb * all_text_emb[offset:offset + M]).sum(1)
     target_txt = scale * (text_emb * all_image_emb[offset:offset + M]).sum(1)
     loss = ((lse_img - target_img).mean() + (lse_txt - target_txt).mean()) / 2
@@ -434,7 +443,7 @@ def infonce_local(image_emb: torch.Tensor, text_emb: torch.Tensor, all_image_emb
 
 
 @infonce_local.register_fake
-def _(image_emb, text_emb, all_image_emb, all_text_emb, scale, offset):
+def _(image_emb, text_emb, all_image_emb, all_text_emb, scale, offset, allow_tf32):
     M = image_emb.shape[0]
     return image_emb.new_empty(()), image_emb.new_empty(M), image_emb.new_empty(M)
 
@@ -443,33 +452,34 @@ def _(image_emb, text_emb, all_image_emb, all_text_emb, scale, offset):
 def infonce_local_backward(grad: torch.Tensor, image_emb: torch.Tensor, text_emb: torch.Tensor,
                            all_image_emb: torch.Tensor, all_text_emb: torch.Tensor,
                            scale: torch.Tensor, lse_img: torch.Tensor, lse_txt: torch.Tensor,
-                           offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                 torch.Tensor, torch.Tensor]:
+                           offset: int, allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor]:
     """Gradients of infonce_local's loss for its 4 embedding inputs and scale."""
-    coef = 0.5 / image_emb.shape[0]
-    acc_img = _grad_rows(image_emb, all_text_emb, scale, lse_img, None, offset, coef)
-    acc_all_txt = _grad_rows(all_text_emb, image_emb, scale, None, lse_img, -offset, coef)
-    acc_txt = _grad_rows(text_emb, all_image_emb, scale, lse_txt, None, offset, coef)
-    acc_all_img = _grad_rows(all_image_emb, text_emb, scale, None, lse_txt, -offset, coef)
+    coef, prec = 0.5 / image_emb.shape[0], _tf32(allow_tf32)
+    acc_img = _grad_rows(image_emb, all_text_emb, scale, lse_img, None, offset, coef, prec)
+    acc_all_txt = _grad_rows(all_text_emb, image_emb, scale, None, lse_img, -offset, coef, prec)
+    acc_txt = _grad_rows(text_emb, all_image_emb, scale, lse_txt, None, offset, coef, prec)
+    acc_all_img = _grad_rows(all_image_emb, text_emb, scale, None, lse_txt, -offset, coef, prec)
     d_scale = grad * ((image_emb * acc_img).sum() + (text_emb * acc_txt).sum())
     g = grad * scale
     return g * acc_img, g * acc_txt, g * acc_all_img, g * acc_all_txt, d_scale
 
 
 @infonce_local_backward.register_fake
-def _(grad, image_emb, text_emb, all_image_emb, all_text_emb, scale, lse_img, lse_txt, offset):
+def _(grad, image_emb, text_emb, all_image_emb, all_text_emb, scale, lse_img, lse_txt, offset,
+      allow_tf32):
     return (torch.empty_like(image_emb), torch.empty_like(text_emb), torch.empty_like(all_image_emb),
             torch.empty_like(all_text_emb), image_emb.new_empty(()))
 
 
 def _local_setup(ctx, inputs, output):
-    *embs, scale, offset = inputs
+    *embs, scale, ctx.offset, ctx.allow_tf32 = inputs
     ctx.save_for_backward(*embs, scale, output[1], output[2])
-    ctx.offset = offset
 
 
 def _local_backward(ctx, grad, _grad_lse_img, _grad_lse_txt):
-    return (*infonce_local_backward(grad, *ctx.saved_tensors, ctx.offset), None)
+    return (*infonce_local_backward(grad, *ctx.saved_tensors, ctx.offset, ctx.allow_tf32), None, None)
 
 
 infonce_local.register_autograd(_local_backward, setup_context=_local_setup)
@@ -478,6 +488,7 @@ infonce_local.register_autograd(_local_backward, setup_context=_local_setup)
 def infonce_loss(image_emb, text_emb, logit_scale, *, logit_bias=None, normalize=True, gather=False,
                  local_loss=True):
     """Triton backend of mcr_kernels.infonce_loss (same arguments, float32 scalar)."""
+    allow_tf32 = image_emb.dtype in (torch.float16, torch.bfloat16)
     img, txt = image_emb.float(), text_emb.float()
     if normalize:
         img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
@@ -488,11 +499,12 @@ def infonce_loss(image_emb, text_emb, logit_scale, *, logit_bias=None, normalize
 
         all_img, all_txt = reference.gather_features(img, txt)
         if local_loss:
-            loss = infonce_local(img, txt, all_img, all_txt, scale, img.shape[0] * dist.get_rank())[0]
+            loss = infonce_local(img, txt, all_img, all_txt, scale, img.shape[0] * dist.get_rank(),
+                                 allow_tf32)[0]
         else:
-            loss = infonce_square(all_img, all_txt, scale)[0]
+            loss = infonce_square(all_img, all_txt, scale, allow_tf32)[0]
     else:
-        loss = infonce_square(img, txt, scale)[0]
+        loss = infonce_square(img, txt, scale, allow_tf32)[0]
     if logit_bias is not None:  # softmax is shift invariant: the loss ignores a scalar bias
         loss = loss + 0.0 * logit_bias.float().sum()
     return loss
