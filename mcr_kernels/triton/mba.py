@@ -189,7 +189,7 @@ def mba_act_pool_backward(grad: torch.Tensor, tokens: torch.Tensor, weights: tor
     B, L, D = tokens.shape
     H = weight1.shape[0]
     grad = grad.float().contiguous()
-    d_tokens = torch.empty_like(tokens)
+    d_tokens = torch.empty(B, L, D, dtype=tokens.dtype, device=tokens.device)
     d_weight1 = torch.zeros(H, D, dtype=torch.float32, device=tokens.device)
     d_bias1 = torch.zeros(H, dtype=torch.float32, device=tokens.device)
     chunk = max(1, min(B, _DPRE_CHUNK_ELEMENTS // max(1, L * H)))
@@ -203,7 +203,7 @@ def mba_act_pool_backward(grad: torch.Tensor, tokens: torch.Tensor, weights: tor
                         PREC=_precision(tokens.dtype), **_blocks(_POOL_INTERPRET_BLOCKS))
         dp = dpre[:rows].reshape(rows * L, H)
         x = tokens[row0:row0 + rows].reshape(rows * L, D)
-        d_tokens[row0:row0 + rows] = (dp @ weight1).view(rows, L, D)
+        torch.mm(dp, weight1, out=d_tokens[row0:row0 + rows].view(rows * L, D))
         d_weight1 += (dp.t() @ x).float()
         d_bias1 += dp.float().sum(0)
     return d_tokens, d_weight1.to(weight1.dtype), d_bias1
