@@ -62,10 +62,10 @@ def step_fn(loss_fn, inputs, heads, scale):
 
 
 def measure(step, repeats):
-    """(ms, peak bytes) of step, or None on OOM."""
+    """(ms, peak bytes) of step, or None on OOM; ms is None when repeats is 0 (fit test)."""
     try:
         peak = peak_bytes(step)
-        ms = time_ms(step, warmup=2, repeats=repeats)
+        ms = time_ms(step, warmup=2, repeats=repeats) if repeats else None
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if not is_oom(error):
             raise
@@ -113,17 +113,10 @@ def main():
             for name, fn in impls.items():
                 if not timed and name == "compiled":
                     continue
-                step = step_fn(fn, inputs, heads, scale)
-                if timed:
-                    results[name] = measure(step, repeats)
-                else:  # fit test: one step, peak memory only
-                    try:
-                        results[name] = (float("nan"), peak_bytes(step))
-                    except (torch.OutOfMemoryError, RuntimeError) as error:
-                        if not is_oom(error):
-                            raise
-                        torch.cuda.empty_cache()
-                        results[name] = None
+                results[name] = measure(step_fn(fn, inputs, heads, scale), repeats if timed else 0)
+            # the gradients a step returns (tokens, heads, scale) are part of every peak
+            grad_mib = sum(t.numel() * t.element_size() for t in (*inputs[:2], *heads[0].parameters(),
+                                                                   *heads[1].parameters())) / 2 ** 20
             eager = results.get("eager")
             for name, res in results.items():
                 row = dict(head=head, B=B, impl=name, test="timed" if timed else "fit")
@@ -131,10 +124,12 @@ def main():
                     row.update(status="oom")
                 else:
                     ms, peak = res
-                    row.update(status="ok", ms=ms, peak_mib=peak / 2 ** 20)
+                    row.update(status="ok", ms=ms, peak_mib=peak / 2 ** 20, grads_mib=grad_mib)
                     if eager is not None and name != "eager":
-                        row.update(time_vs_eager=ms / eager[0] if timed else float("nan"),
-                                   peak_vs_eager=peak / eager[1] if eager[1] else float("nan"))
+                        if timed:
+                            row.update(time_vs_eager=ms / eager[0])
+                        if eager[1]:
+                            row.update(peak_vs_eager=peak / eager[1])
                     if timed and results.get("compiled") and name == "mcr_triton":
                         row.update(time_vs_compiled=ms / results["compiled"][0])
                 rows.append(row)
@@ -142,7 +137,7 @@ def main():
             del inputs
             if cuda:
                 torch.cuda.empty_cache()
-    print_table(rows, ["head", "B", "impl", "test", "status", "ms", "peak_mib", "time_vs_eager",
+    print_table(rows, ["head", "B", "impl", "test", "status", "ms", "peak_mib", "grads_mib", "time_vs_eager",
                        "peak_vs_eager", "time_vs_compiled"])
     if not args.quick:
         extra = {"shapes": dims, "dtype": str(dtype), "mlp_hidden": D, "activation": "gelu"}

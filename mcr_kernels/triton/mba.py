@@ -205,7 +205,7 @@ def mba_act_pool_backward(grad: torch.Tensor, tokens: torch.Tensor, weights: tor
         x = tokens[row0:row0 + rows].reshape(rows * L, D)
         torch.mm(dp, weight1, out=d_tokens[row0:row0 + rows].view(rows * L, D))
         d_weight1 += (dp.t() @ x).float()
-        d_bias1 += dp.float().sum(0)
+        d_bias1 += dp.sum(0, dtype=torch.float32)
     return d_tokens, d_weight1.to(weight1.dtype), d_bias1
 
 
@@ -350,7 +350,8 @@ _grad = _tuned(_grad_kernel, [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOC
                                             num_warps=w, num_stages=s)
                               for bm, bn, be, beo, w, s in [(64, 64, 32, 128, 4, 3), (64, 64, 64, 256, 8, 2),
                                                             (128, 64, 32, 128, 8, 2), (64, 32, 64, 256, 4, 2),
-                                                            (128, 64, 32, 64, 4, 3)]], ["M", "N", "E"])
+                                                            (128, 64, 32, 64, 4, 3), (64, 64, 32, 512, 8, 2)]],
+              ["M", "N", "E"])
 _LSE_INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_E": 32}
 _GRAD_INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_E": 32, "BLOCK_EO": 32}
 
