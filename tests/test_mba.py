@@ -2,7 +2,8 @@
 
 Outputs and every gradient (tokens, weights, biases, logit_scale). Without a GPU the Triton
 kernels run on CPU tensors under TRITON_INTERPRET=1 (set by conftest), so shapes stay tiny.
-Tolerances: float32 1e-4 (relative to the largest reference value), float16 5e-3, bfloat16 3e-2.
+Tolerances, relative to the largest reference value (at least 0.1, as gradients that cancel
+to ~0 carry float32 rounding of their terms): float32 1e-4, float16 5e-3, bfloat16 3e-2.
 """
 import os
 import socket
@@ -23,7 +24,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 def assert_close(actual, expected, dtype, what):
     expected = expected.double()
     err = (actual.double() - expected).abs().max().item()
-    scale = max(1.0, expected.abs().max().item())
+    scale = max(0.1, expected.abs().max().item())
     assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype]} * {scale:.3g}"
 
 
