@@ -8,6 +8,7 @@ to ~0 carry float32 rounding of their terms): float32 1e-4, float16 5e-3, bfloat
 import os
 import socket
 import tempfile
+from unittest import mock
 
 import pytest
 import torch
@@ -169,8 +170,9 @@ def test_infonce_half_precision_inputs(dtype):
 
 
 def test_infonce_logit_bias_leaves_loss_unchanged_with_zero_gradient():
-    img, txt, scale = torch.randn(5, 8), torch.randn(5, 8), torch.tensor(10.0)
-    bias = torch.tensor(-3.0, requires_grad=True)
+    img, txt = torch.randn(5, 8, device=DEVICE), torch.randn(5, 8, device=DEVICE)
+    scale = torch.tensor(10.0, device=DEVICE)
+    bias = torch.tensor(-3.0, device=DEVICE, requires_grad=True)
     expected = reference.infonce_loss(img, txt, scale, logit_bias=bias)
     with mcr_kernels.use_backend("triton", "infonce_loss"):
         loss = mcr_kernels.infonce_loss(img, txt, scale, logit_bias=bias)
@@ -201,6 +203,26 @@ def test_mba_infonce_matches_reference_backend(hidden):
         assert_close(g, r, torch.float32, f"grad {i}")
 
 
+def test_model_alignment_path_on_triton_matches_reference(tiny_config):
+    from mcr.models.mcr import MCR
+
+    model = MCR(tiny_config(), pad_token_id=0, mask_token_id=1).to(DEVICE)
+    cfg = model.cfg
+    img = torch.randn(2, 4, cfg.vit_width, device=DEVICE)
+    txt = torch.randn(2, 6, cfg.text_width, device=DEVICE)
+    txt_mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool, device=DEVICE)
+    params = [model.logit_scale, *model.image_head.parameters(), *model.text_head.parameters()]
+    results = []
+    for name in ("reference", "triton"):
+        with mcr_kernels.use_backend(name):
+            loss = model.contrastive_loss(img, txt, txt_mask)
+        results.append((loss, grads(loss, params, None)))
+    (ref_loss, ref_grads), (loss, got) = results
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    for i, (g, r) in enumerate(zip(got, ref_grads)):
+        assert_close(g, r, torch.float32, f"grad {i}")
+
+
 # --- torch.distributed: negatives from every rank ----------------------------------------
 
 WORLD = 2
@@ -215,7 +237,6 @@ def _free_port():
 def _dist_worker(rank, port, out_dir, img, txt, scale_value):
     import torch.distributed as dist
 
-    os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         b = img.shape[0] // WORLD
@@ -241,7 +262,8 @@ def test_infonce_gather_two_gloo_processes_match_one_process():
 
     B = 6
     img, txt, scale = torch.randn(B, 9), torch.randn(B, 9), 20.0
-    with tempfile.TemporaryDirectory() as out_dir:
+    # gloo runs on CPU tensors: the workers run the Triton kernels in the interpreter
+    with tempfile.TemporaryDirectory() as out_dir, mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}):
         mp.spawn(_dist_worker, args=(_free_port(), out_dir, img, txt, scale), nprocs=WORLD, join=True)
         ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
     img64, txt64 = leaf(img.cpu(), torch.float64), leaf(txt.cpu(), torch.float64)
