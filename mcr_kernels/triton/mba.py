@@ -20,6 +20,7 @@ side's embeddings: peak memory O(B·E). A scalar logit_bias shifts every logit e
 softmax cross-entropy ignores: the loss does not depend on it and its gradient is zero.
 """
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +161,7 @@ def _blocks(interpret_blocks):
 
 @torch.library.custom_op("mcr_kernels::mba_act_pool", mutates_args=())
 def mba_act_pool(tokens: torch.Tensor, weights: torch.Tensor, weight1: torch.Tensor,
-                 bias1: torch.Tensor | None, activation: str) -> torch.Tensor:
+                 bias1: Optional[torch.Tensor], activation: str) -> torch.Tensor:
     """sum_l weights[b, l] * act(tokens[b, l] W1ᵀ + b1) -> float32 [B, H]; never stores [B, L, H].
 
     tokens [B, L, D] and weight1 [H, D] share a dtype; weights [B, L] float32 (mask / count).
@@ -183,7 +184,7 @@ def _(tokens, weights, weight1, bias1, activation):
 
 @torch.library.custom_op("mcr_kernels::mba_act_pool_backward", mutates_args=())
 def mba_act_pool_backward(grad: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor,
-                          weight1: torch.Tensor, bias1: torch.Tensor | None,
+                          weight1: torch.Tensor, bias1: Optional[torch.Tensor],
                           activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d tokens, d weight1, d bias1 [float32 H]) of mba_act_pool, recomputing pre per chunk."""
     B, L, D = tokens.shape
