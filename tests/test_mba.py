@@ -114,13 +114,19 @@ def test_linear_mean_shortcut_equals_map_then_pool():
     assert out[0].abs().max().item() == 0  # row 0 has no counted token
 
 
-def test_mba_pool_no_mask_counts_every_token():
-    x, _, w1, b1, w2, b2 = pool_inputs(2, 5, 8, 6, 4, two_layers=True)
-    ref = reference.mba_pool(x, None, w1, b1, w2, b2)
+def test_mba_pool_no_mask_non_contiguous_tokens():
+    """mask None counts every token; tokens may be a strided view (the model drops CLS)."""
+    x, _, w1, b1, w2, b2 = pool_inputs(2, 6, 8, 6, 4, two_layers=True)
+    ref = reference.mba_pool(x[:, 1:], None, w1, b1, w2, b2)
+    params = (x, w1, b1, w2, b2)
+    grad_out = torch.randn_like(ref)
+    expected = grads(ref, params, grad_out)
+    low = [leaf(t, torch.float32) for t in params]
     with mcr_kernels.use_backend("triton", "mba_pool"):
-        out = mcr_kernels.mba_pool(*(leaf(t, torch.float32) for t in (x,)), None,
-                                   *(leaf(t, torch.float32) for t in (w1, b1, w2, b2)))
+        out = mcr_kernels.mba_pool(low[0][:, 1:], None, *low[1:])
     assert_close(out, ref, torch.float32, "pooled")
+    for got, want in zip(grads(out, low, grad_out.float()), expected):
+        assert_close(got, want, torch.float32, "grad")
 
 
 # --- infonce_loss -----------------------------------------------------------------------
