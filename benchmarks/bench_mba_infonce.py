@@ -74,6 +74,25 @@ def measure(step, repeats):
     return ms, peak
 
 
+def goal_summary(rows):
+    """Issue 5's acceptance goals, per head, from this run's rows."""
+    goals = {}
+    for head in dict.fromkeys(r["head"] for r in rows):
+        fused = [r for r in rows if r["head"] == head and r["impl"] == "mcr_triton" and r["status"] == "ok"]
+        timed = [r for r in fused if r["test"] == "timed"]
+        at_4096 = [r.get("peak_vs_eager") for r in timed if r["B"] == 4096]
+        eager_oom = {r["B"] for r in rows if r["head"] == head and r["impl"] == "eager" and r["status"] == "oom"}
+        goals[head] = {
+            "peak_vs_eager_at_4096 (goal <= 0.25)": at_4096[0] if at_4096 else None,
+            "max_time_vs_eager (goal <= 1)": max((r["time_vs_eager"] for r in timed if "time_vs_eager" in r),
+                                                 default=None),
+            "max_time_vs_compiled (goal <= 1)": max((r["time_vs_compiled"] for r in timed
+                                                     if "time_vs_compiled" in r), default=None),
+            "batches_only_fused_fits": sorted(r["B"] for r in fused if r["B"] in eager_oom),
+        }
+    return goals
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, runs on CPU")
@@ -109,11 +128,14 @@ def main():
             except torch.OutOfMemoryError:
                 rows.append(dict(head=head, B=B, impl="inputs", status="oom"))
                 continue
-            results = {}
+            results, losses = {}, {}
             for name, fn in impls.items():
                 if not timed and name == "compiled":
                     continue
                 results[name] = measure(step_fn(fn, inputs, heads, scale), repeats if timed else 0)
+                if timed and results[name] is not None:  # sanity: every impl gives the same loss
+                    with torch.no_grad():
+                        losses[name] = fn(*inputs, *heads, scale).item()
             # the gradients a step returns (tokens, heads, scale) are part of every peak
             grad_mib = sum(t.numel() * t.element_size() for t in (*inputs[:2], *heads[0].parameters(),
                                                                    *heads[1].parameters())) / 2 ** 20
@@ -124,7 +146,8 @@ def main():
                     row.update(status="oom")
                 else:
                     ms, peak = res
-                    row.update(status="ok", ms=ms, peak_mib=peak / 2 ** 20, grads_mib=grad_mib)
+                    row.update(status="ok", ms=ms, peak_mib=peak / 2 ** 20, grads_mib=grad_mib,
+                               loss=losses.get(name))
                     if eager is not None and name != "eager":
                         if timed:
                             row.update(time_vs_eager=ms / eager[0])
@@ -137,10 +160,12 @@ def main():
             del inputs
             if cuda:
                 torch.cuda.empty_cache()
-    print_table(rows, ["head", "B", "impl", "test", "status", "ms", "peak_mib", "grads_mib", "time_vs_eager",
+    print_table(rows, ["head", "B", "impl", "test", "status", "loss", "ms", "peak_mib", "grads_mib", "time_vs_eager",
                        "peak_vs_eager", "time_vs_compiled"])
+    goals = goal_summary(rows)
+    print("goals:", goals)
     if not args.quick:
-        extra = {"shapes": dims, "dtype": str(dtype), "mlp_hidden": D, "activation": "gelu"}
+        extra = {"shapes": dims, "dtype": str(dtype), "mlp_hidden": D, "activation": "gelu", "goals": goals}
         paths = write_results("mba_infonce", rows, extra=extra)
         print("wrote", *paths)
 
