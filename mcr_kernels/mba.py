@@ -88,6 +88,8 @@ def infonce_loss(image_emb, text_emb, logit_scale, *, logit_bias=None, normalize
                          f"got {tuple(text_emb.shape)}")
     if not isinstance(logit_scale, torch.Tensor) or logit_scale.numel() != 1:
         raise ValueError("logit_scale must be a one-element tensor (already exponentiated)")
+    if logit_bias is not None and (not isinstance(logit_bias, torch.Tensor) or logit_bias.numel() != 1):
+        raise ValueError("logit_bias must be None or a one-element tensor (added to every logit)")
     _, fn = backend.resolve("infonce_loss", image_emb.device)
     return fn(image_emb, text_emb, logit_scale, logit_bias=logit_bias, normalize=normalize,
               gather=gather, local_loss=local_loss)
@@ -106,3 +108,9 @@ def mba_infonce(img_tokens, img_mask, txt_tokens, txt_mask, img_head, txt_head, 
 
 backend.register("mba_pool", "reference", reference.mba_pool)
 backend.register("infonce_loss", "reference", reference.infonce_loss)
+
+if backend._has_triton():
+    from mcr_kernels.triton import mba as _triton_mba
+
+    backend.register("mba_pool", "triton", _triton_mba.mba_pool, backend.triton_available)
+    backend.register("infonce_loss", "triton", _triton_mba.infonce_loss, backend.triton_available)
