@@ -103,4 +103,6 @@ class TrainConfig:
     precision: str = "auto"           # auto (bf16 on CUDA) | bf16 | fp32
     num_workers: int = 0
     tensorboard: bool = False
+    compile: bool = False             # torch.compile each transformer block (fullgraph)
+    compile_backend: str = "inductor" # torch.compile backend (aot_eager: trace only, for tests)
     model: ModelConfig = field(default_factory=ModelConfig)

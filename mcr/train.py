@@ -4,6 +4,13 @@ corpus (2 CPU cores, a few minutes) and reports retrieval on 1,000 held-out pair
 Every TrainConfig field is a flag (--batch-size 64); ModelConfig fields too (--image-size,
 --vit-depth ...), overriding the preset. Outputs under --out-dir: metrics.jsonl,
 tokenizer/, checkpoints/ (see mcr.checkpoint), final.json.
+
+Several processes: `torchrun --nproc_per_node=N -m mcr.train ...` (multi-node with torchrun's
+rendezvous flags). DDP, gloo on CPU and NCCL on GPU; --batch-size is the global batch, split
+evenly over the ranks; masks are drawn per global batch and the InfoNCE takes its negatives
+from every rank, so N processes train the same model as one process would (up to float
+summation order), and a run resumes on another world size. Rank 0 alone logs, evaluates
+and writes checkpoints.
 """
 import argparse
 import dataclasses
@@ -14,6 +21,8 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mcr import checkpoint
@@ -76,19 +85,31 @@ def build_dataset(cfg, split, size):
     return SyntheticCXR(size, split=split, image_size=cfg.model.image_size, seed=cfg.seed)
 
 
-def build_tokenizer(cfg, train_set):
+def build_tokenizer(cfg, train_set, rank=0):
+    """The run's tokenizer, saved under out_dir/tokenizer (rank 0 builds, the others load)."""
     from mcr.data.tokenizer import load_tokenizer, train_wordpiece
 
     saved = os.path.join(cfg.out_dir, "tokenizer")
-    if cfg.resume and os.path.isdir(saved):
+    if rank > 0:
+        dist.barrier()
         return load_tokenizer(saved)
+    if cfg.resume and os.path.isdir(saved):
+        tok = load_tokenizer(saved)
+        _release_waiting_ranks()
+        return tok
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
     else:
         texts = (train_set[i].report for i in range(min(len(train_set), 4000)))
         tok = train_wordpiece(texts, cfg.model.vocab_size)
     tok.save_pretrained(saved)
+    _release_waiting_ranks()
     return tok
+
+
+def _release_waiting_ranks():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def batches_for_epoch(num_samples, batch_size, seed, epoch):
@@ -108,10 +129,40 @@ def build_eval(cfg, tokenizer, split="val", size=None):
 
 # --- model and optimisation ------------------------------------------------------------
 
-def pick_device(name):
+def pick_device(name, local_rank=0):
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_distributed(device_name):
+    """(rank, world size, device): joins torchrun's process group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name, local_rank)
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def step_generator(cfg, step, device):
+    """The generator of one step's masks: a function of (seed, step) alone, so that ranks,
+    world sizes and resumed runs all draw the same masks."""
+    return torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+
+
+def compile_blocks(model, backend="inductor"):
+    """torch.compile every transformer block (fullgraph: no graph break on the hot path)."""
+    blocks = [*model.vit.blocks, *model.decoder_blocks, *model.mrm_blocks, *model.bert.encoder.layer]
+    for block in blocks:
+        block.compile(fullgraph=True, backend=backend)
 
 
 def autocast_dtype(cfg, device):
@@ -191,20 +242,25 @@ def flatten_eval(results):
 
 
 def train(cfg):
-    """Train with `cfg`; returns the final evaluation results."""
+    """Train with `cfg` (one process, or one rank under torchrun); returns the final
+    evaluation results (rank 0; None on the other ranks)."""
+    rank, world, device = init_distributed(cfg.device)
+    is_main = rank == 0
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
+                         f"number of processes, {world}")
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
     amp_dtype = autocast_dtype(cfg, device)
     os.makedirs(cfg.out_dir, exist_ok=True)
     resume_path = checkpoint.latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    if cfg.resume and resume_path is None:
+    if cfg.resume and resume_path is None and is_main:
         print(f"--resume: no checkpoint under {cfg.out_dir}, starting fresh", file=sys.stderr)
 
     train_set = build_dataset(cfg, "train", cfg.train_size)
-    tokenizer = build_tokenizer(cfg, train_set)
+    tokenizer = build_tokenizer(cfg, train_set, rank)
     cfg.model = dataclasses.replace(cfg.model, vocab_size=len(tokenizer))
     collate = Collate(tokenizer, cfg.model.max_text_len, cfg.model.in_chans)
-    val_loader, val_reports = build_eval(cfg, tokenizer)
+    val_loader, val_reports = build_eval(cfg, tokenizer) if is_main else (None, None)
 
     model = MCR(cfg.model, pad_token_id=tokenizer.pad_token_id, mask_token_id=tokenizer.mask_token_id).to(device)
     optimizer = build_optimizer(model, cfg)
@@ -218,13 +274,24 @@ def train(cfg):
         checkpoint.check_same_config(saved["config"]["model"], model_config_dict(cfg))
         checkpoint.load_checkpoint(resume_path, model, optimizer, restore_rng=True)
         start_step = saved["step"]
-        print(f"resumed from {resume_path} at step {start_step}")
+        saved_world = saved.get("world_size", 1)
+        if is_main:
+            print(f"resumed from {resume_path} at step {start_step}"
+                  + (f" (saved with {saved_world} processes, now {world}: same global batch and "
+                     f"masks, so training continues the same run)" if saved_world != world else ""))
+    if cfg.compile:
+        compile_blocks(model, cfg.compile_backend)
+    runner = model
+    if world > 1:
+        runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    log = MetricsLog(cfg.out_dir, cfg.tensorboard)
-    print(f"MCR variant={cfg.variant} preset={cfg.preset} device={device} "
-          f"params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M steps={total_steps} "
-          f"batch={cfg.batch_size} train={len(train_set)} val={len(val_reports)}")
+    log = MetricsLog(cfg.out_dir, cfg.tensorboard) if is_main else None
+    if is_main:
+        print(f"MCR variant={cfg.variant} preset={cfg.preset} device={device} processes={world} "
+              f"params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M steps={total_steps} "
+              f"batch={cfg.batch_size} train={len(train_set)} val={len(val_reports)}")
     weights = {"contrastive": cfg.loss_contrastive, "mim": cfg.loss_mim, "mrm": cfg.loss_mrm}
+    per_rank = cfg.batch_size // world
 
     def evaluate(step):
         results = evaluate_retrieval(model, val_loader, val_reports, device, amp_dtype)
@@ -233,25 +300,38 @@ def train(cfg):
         return results
 
     def save(step):
-        state = {"config": dataclasses.asdict(cfg), "variant": cfg.variant}
-        checkpoint.save_checkpoint(cfg.out_dir, step, model, optimizer, state, keep=cfg.keep_checkpoints)
+        if is_main:
+            state = {"config": dataclasses.asdict(cfg), "variant": cfg.variant, "world_size": world}
+            checkpoint.save_checkpoint(cfg.out_dir, step, model, optimizer, state, keep=cfg.keep_checkpoints)
+
+    def all_ranks_agree(flag):
+        """rank 0's decision, shared (time limits must stop every rank at the same step)."""
+        if world == 1:
+            return flag
+        decision = torch.tensor([float(flag)], device=device)
+        dist.broadcast(decision, 0)
+        return bool(decision.item())
 
     model.train()
     step, started = start_step, time.time()
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=2)
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=2,
+               disable=not is_main)
     window_time, window_samples = time.time(), 0
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
+        batches = batches_for_epoch(len(train_set), cfg.batch_size, cfg.seed, epoch)[offset:]
         loader = torch.utils.data.DataLoader(
-            train_set, batch_sampler=batches_for_epoch(len(train_set), cfg.batch_size, cfg.seed, epoch)[offset:],
+            train_set, batch_sampler=[b[rank * per_rank:(rank + 1) * per_rank] for b in batches],
             collate_fn=collate, num_workers=cfg.num_workers,
             generator=torch.Generator().manual_seed(cfg.seed + epoch))  # leaves the global RNG alone
         for batch in loader:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg, total_steps)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            masks = model.draw_masks(cfg.batch_size, device=device, generator=step_generator(cfg, step, device))
+            masks = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in masks.items()}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                losses = model(batch)
+                losses = runner(batch, masks=masks)
             total = sum(weights[k] * v for k, v in losses.items())
             optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -260,7 +340,7 @@ def train(cfg):
             step += 1
             window_samples += cfg.batch_size
             bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
+            if is_main and (step % cfg.log_every == 0 or step == total_steps):
                 rate = window_samples / (time.time() - window_time)
                 values = {k: v.item() for k, v in losses.items()}
                 values.update(loss=total.item(), lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(),
@@ -269,9 +349,9 @@ def train(cfg):
                 bar.set_postfix(loss=f"{values['loss']:.3f}", con=f"{values['contrastive']:.2f}",
                                 mim=f"{values['mim']:.3f}", mrm=f"{values['mrm']:.2f}", sps=f"{rate:.0f}")
                 window_time, window_samples = time.time(), 0
-            out_of_time = cfg.max_minutes > 0 and time.time() - started > 60 * cfg.max_minutes
+            out_of_time = cfg.max_minutes > 0 and all_ranks_agree(time.time() - started > 60 * cfg.max_minutes)
             if step < total_steps and not out_of_time:
-                if cfg.eval_every and step % cfg.eval_every == 0:
+                if is_main and cfg.eval_every and step % cfg.eval_every == 0:
                     r = evaluate(step)["i2t"]
                     tqdm.write(f"step {step}: val i2t R@1 {r['R@1']:.2f}% R@5 {r['R@5']:.2f}% P@5 {r['P@5']:.2f}%")
                 if cfg.save_every and step % cfg.save_every == 0:
@@ -281,12 +361,17 @@ def train(cfg):
                 break
     bar.close()
     save(step)
-    results = evaluate(step)
-    print(f"final validation after {step} steps ({(time.time() - started) / 60:.1f} min), "
-          f"{len(val_reports)} pairs:")
-    print(format_table(results))
-    with open(os.path.join(cfg.out_dir, "final.json"), "w") as f:
-        json.dump({"step": step, "minutes": (time.time() - started) / 60, **results}, f, indent=1)
+    results = None
+    if is_main:
+        results = evaluate(step)
+        print(f"final validation after {step} steps ({(time.time() - started) / 60:.1f} min), "
+              f"{len(val_reports)} pairs:")
+        print(format_table(results))
+        with open(os.path.join(cfg.out_dir, "final.json"), "w") as f:
+            json.dump({"step": step, "minutes": (time.time() - started) / 60, **results}, f, indent=1)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return results
 
 

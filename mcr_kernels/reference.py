@@ -37,10 +37,10 @@ def restore_tokens(x_kept, ids_restore, mask_token):
 # --- attention ------------------------------------------------------------------------
 
 def is_right_padding(key_padding_mask):
-    """True where every row of the bool mask [B, L] is a prefix of Trues."""
+    """0-dim bool tensor: every row of the bool mask [B, L] is a prefix of Trues (no host sync)."""
     lengths = key_padding_mask.sum(dim=1, keepdim=True)
     positions = torch.arange(key_padding_mask.shape[1], device=key_padding_mask.device)
-    return bool(((positions < lengths) == key_padding_mask).all())
+    return ((positions < lengths) == key_padding_mask).all()
 
 
 def flash_attention(q, k, v, *, key_padding_mask=None, softmax_scale=None, causal=False,
@@ -65,9 +65,10 @@ def flash_attention(q, k, v, *, key_padding_mask=None, softmax_scale=None, causa
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
     out = torch.matmul(probs, v.float())
-    if key_padding_mask is not None and Lq == Lk and is_right_padding(key_padding_mask):
-        out = out * key_padding_mask[:, None, :, None]
-        lse = lse.masked_fill(~key_padding_mask[:, None, :], float("-inf"))
+    if key_padding_mask is not None and Lq == Lk:  # padded query rows, if the mask is right-padding
+        padded_rows = ~key_padding_mask[:, None, :] & is_right_padding(key_padding_mask)
+        out = out.masked_fill(padded_rows.unsqueeze(-1), 0.0)
+        lse = lse.masked_fill(padded_rows, float("-inf"))
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 

@@ -11,6 +11,7 @@ Variants: "dual-stream" (unmasked second pass for the contrastive loss, the base
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
@@ -58,16 +59,21 @@ def mask_report_tokens(input_ids, attention_mask, special_mask, ratio, mask_id, 
     return masked, labels
 
 
-def global_mean(total, count):
-    """total / count summed over the ranks of torch.distributed (scaled so that DDP's
-    gradient averaging gives the global mean); plain total / count otherwise."""
-    import torch.distributed as dist
+def distributed_world():
+    """World size of an initialized torch.distributed group, else 1."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
+
+def global_mean(total, count):
+    """total / count with count summed over the ranks of torch.distributed and divided by
+    the world size, so that DDP's gradient averaging yields the global mean; plain
+    total / count in one process."""
     count = count.detach().float()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    world = distributed_world()
+    if world > 1:
         count = count.clone()
         dist.all_reduce(count)
-        count = count / dist.get_world_size()
+        count = count / world
     return total / count.clamp(min=1)
 
 
@@ -104,6 +110,8 @@ class MCR(nn.Module):
             Block(cfg.text_width, cfg.text_heads, qkv_bias=True) for _ in range(cfg.mrm_decoder_depth))
         use_flash_attention(self.mrm_blocks)
         self.mlm_head = BertOnlyMLMHead(self.bert_config)
+        # HF ties this output bias inside BertForMaskedLM; standalone, tie it here (one parameter)
+        self.mlm_head.predictions.bias = self.mlm_head.predictions.decoder.bias
         # MbA heads and temperature
         self.image_head = ProjectionHead(cfg.vit_width, cfg.embed_dim, cfg.head_hidden or cfg.vit_width,
                                          cfg.head_activation)
@@ -171,14 +179,16 @@ class MCR(nn.Module):
     # --- alignment -----------------------------------------------------------------------
 
     def contrastive_loss(self, img_tokens, txt_tokens, txt_mask):
-        """MbA (map every token, then pool) or AbM; image tokens exclude CLS."""
+        """MbA (map every token, then pool) or AbM; image tokens exclude CLS. Under
+        torch.distributed the negatives come from every rank (gradients flow back)."""
         scale = self.logit_scale.exp().clamp(max=100)
+        gather = distributed_world() > 1
         if self.cfg.variant == "abm":
             image_emb = self.image_head(img_tokens.mean(1))
             text_emb = self.text_head(mcr_kernels.reference.masked_mean(txt_tokens, txt_mask))
-            return mcr_kernels.infonce_loss(image_emb, text_emb, scale)
+            return mcr_kernels.infonce_loss(image_emb, text_emb, scale, gather=gather)
         loss, _, _ = mcr_kernels.mba_infonce(img_tokens, None, txt_tokens, txt_mask, self.image_head,
-                                             self.text_head, scale)
+                                             self.text_head, scale, gather=gather)
         return loss
 
     @torch.no_grad()

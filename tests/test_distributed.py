@@ -1,0 +1,76 @@
+"""torchrun: 2 CPU processes (gloo) train the same model as 1 process on the same global
+batch; only rank 0 writes; a 2-process run resumes from a killed run's checkpoint; --compile."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mcr import checkpoint
+from mcr.train import main
+from test_train import run_args
+
+STEPS = ["--max-steps", "3", "--eval-every", "0", "--lr", "3e-3"]
+
+
+def torchrun(nproc, args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "mcr.train", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def final_weights(out_dir):
+    return load_file(os.path.join(checkpoint.latest_checkpoint(out_dir), "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, f"largest parameter difference {worst:.2e} > {atol:.0e}"
+
+
+def test_two_processes_train_the_one_process_model(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    main(run_args(one, *STEPS, "--save-every", "1", "--keep-checkpoints", "5"))
+    out = torchrun(2, run_args(two, *STEPS, "--save-every", "1", "--keep-checkpoints", "5",
+                               "--tokenizer", str(one / "tokenizer")))
+    assert "processes=2" in out and out.count("final validation") == 1  # rank 0 alone reports
+    # same global batch, masks and negatives: equal up to float summation order ...
+    a, b = final_weights(one), final_weights(two)
+    assert_same_weights(a, b, atol=1e-4)
+    # ... while two steps of training moved the parameters far more than that
+    step1 = load_file(one / "checkpoints" / "step_00000001" / "model.safetensors")
+    assert max((a[k] - step1[k]).abs().max().item() for k in a) > 1e-3
+    assert sorted(os.listdir(two / "checkpoints")) == ["latest", "step_00000001", "step_00000002",
+                                                      "step_00000003"]
+
+
+def test_two_processes_resume_a_killed_one_process_run(tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    main(run_args(full, "--max-steps", "4", "--save-every", "2", "--eval-every", "0", "--keep-checkpoints", "3"))
+    os.makedirs(resumed / "checkpoints")
+    shutil.copytree(full / "tokenizer", resumed / "tokenizer")
+    shutil.copytree(full / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
+    (resumed / "checkpoints" / "latest").write_text("step_00000002\n")
+    out = torchrun(2, run_args(resumed, "--max-steps", "4", "--save-every", "2", "--eval-every", "0", "--resume"))
+    assert "saved with 1 processes, now 2" in out
+    assert_same_weights(final_weights(full), final_weights(resumed), atol=1e-4)
+
+
+def test_batch_not_divisible_by_processes_is_refused(tmp_path):
+    cmd_args = run_args(tmp_path, "--max-steps", "1", "--batch-size", "7")
+    with pytest.raises(AssertionError, match="divisible"):
+        torchrun(2, cmd_args)
+
+
+def test_compile_runs_the_model_with_our_ops(tmp_path):
+    torch._dynamo.reset()
+    results = main(run_args(tmp_path, "--max-steps", "2", "--eval-every", "0", "--compile",
+                            "--compile-backend", "aot_eager"))
+    assert {"i2t", "t2i"} == set(results)
