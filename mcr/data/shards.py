@@ -153,7 +153,7 @@ def write_split(dataset, out_dir, split, *, source, chunk=512, workers=None, pro
     return {"count": n, "valid": n - len(state["failed"]), "summary": summary, "files": files}
 
 
-def prepare(open_split, out_dir, splits, *, source, label_names, image_size, overwrite=False, **kwargs):
+def prepare(open_split, out_dir, splits, *, source, image_size, overwrite=False, **kwargs):
     """Write the shards of every split (open_split(split) -> dataset), resuming unfinished
     ones and skipping finished ones; returns the manifest."""
     os.makedirs(out_dir, exist_ok=True)
@@ -166,13 +166,16 @@ def prepare(open_split, out_dir, splits, *, source, label_names, image_size, ove
         raise ValueError(f"{out_dir} holds shards of {manifest['source']} at {manifest['image_size']} px; "
                          f"use --overwrite or another --out")
     manifest = manifest or {"format": FORMAT, "version": VERSION, "source": source, "image_size": image_size,
-                            "label_names": list(label_names), "splits": {}}
+                            "label_names": None, "splits": {}}
     for split in splits:
         if split in manifest["splits"]:
             print(f"{split}: already prepared ({manifest['splits'][split]['valid']} samples), skipping")
             continue
         dataset = open_split(split)
         print(dataset.summary)
+        if dataset.image_size != image_size:
+            raise ValueError(f"{split}: the dataset yields {dataset.image_size} px images, expected {image_size}")
+        manifest["label_names"] = list(dataset.label_names)
         manifest["splits"][split] = write_split(dataset, out_dir, split, source=source, **kwargs)
         _write_json(os.path.join(out_dir, MANIFEST), manifest)
     return manifest
