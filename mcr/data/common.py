@@ -106,6 +106,9 @@ class ImageReportDataset:
         return load_image(self.paths[i], self.image_size)
 
     def __getitem__(self, i):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"{self.name}: index {i} out of range for {len(self)} pairs")
+        i %= len(self)
         for j in (k % len(self) for k in range(i, i + len(self))):
             if j in self._bad:
                 continue

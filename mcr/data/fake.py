@@ -11,7 +11,6 @@ import io
 import os
 import zipfile
 
-import numpy as np
 from PIL import Image
 
 from mcr.data.common import CHEXPERT_LABELS

@@ -123,7 +123,7 @@ def load_image_weights(model, path):
         encoder["patch_embed.proj.weight"] = adapt_patch_embed(w, cfg.in_chans, cfg.patch_size)
         adapted.append("patch_embed.proj.weight")
     _check_shapes(encoder, target, f"image weights {path}",
-                  f" (match the ViT shape with --vit-width / --vit-depth / --vit-heads)")
+                  " (match the ViT shape with --vit-width / --vit-depth / --vit-heads)")
     model.vit.load_state_dict(encoder, strict=True)
 
     skipped = []
