@@ -2,6 +2,7 @@
 weights), resume after an interruption, checksums catch corruption, bad inputs are clear."""
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -52,6 +53,8 @@ def test_manifest_records_counts_summaries_and_checksums(prepared):
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_shards_give_the_same_batches_as_the_raw_reader(tree, prepared, split):
     raw, shard = MimicCXR(tree, split, 32), ShardDataset(prepared, split, 32)
+    shard = pickle.loads(pickle.dumps(shard))  # as a spawned DataLoader worker gets it: no array copied
+    assert shard._images is None
     assert len(raw) == len(shard) and raw.reports == shard.reports
     tokenizer = train_wordpiece(raw.reports, 120)
     collate = Collate(tokenizer, 48)

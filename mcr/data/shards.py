@@ -223,7 +223,7 @@ class ShardDataset:
         entry = manifest["splits"][split]
         self.name, self.image_size = f"shards {split}", manifest["image_size"]
         self.label_names = tuple(manifest["label_names"])
-        self.images = np.load(part_path(out_dir, split, "images"), mmap_mode="r")
+        self.images_path, self._images = part_path(out_dir, split, "images"), None
         self.rows = np.flatnonzero(np.load(part_path(out_dir, split, "valid")))
         self.offsets = np.load(part_path(out_dir, split, "text_offsets"))
         self.labels_all = np.load(part_path(out_dir, split, "labels"))
@@ -233,6 +233,16 @@ class ShardDataset:
         self.summary.kept = len(self.rows)
         for reason, n in entry["summary"]["skipped"].items():
             self.summary.skipped[reason] = n
+
+    @property
+    def images(self):
+        """uint8 [N, S, S], memory-mapped on first use (in each DataLoader worker)."""
+        if self._images is None:
+            self._images = np.load(self.images_path, mmap_mode="r")
+        return self._images
+
+    def __getstate__(self):  # workers started with spawn re-map the file instead of copying it
+        return {**self.__dict__, "_images": None}
 
     def __len__(self):
         return len(self.rows)
