@@ -88,3 +88,15 @@ def test_train_cli_on_openi(tree, tmp_path, capsys):
     assert "openi train:" in out and "skipped: empty report" in out
     assert 0 <= results["i2t"]["R@1"] <= 100
     assert json.load(open(tmp_path / "final.json"))["step"] == 2
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    from mcr.data.common import load_image
+
+    ramp = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 64) * 64  # 12-bit values 0..4032
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    image = load_image(str(tmp_path / "deep.png"), 64)
+    assert image.dtype == np.uint8 and image.max() == 255 and image.min() == 0
+    assert np.unique(image).size > 32  # a ramp, not a white square

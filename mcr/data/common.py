@@ -38,11 +38,15 @@ def check_image(path):
 
 
 def load_image(path, size):
-    """Decode to grayscale, resize the shorter side to `size` (bilinear, antialiased) and
-    centre-crop: uint8 [size, size]. Raises UnreadableImage on a corrupt file."""
+    """Decode to 8-bit grayscale (16-bit images scaled by their maximum), resize the shorter
+    side to `size` (bilinear, antialiased) and centre-crop: uint8 [size, size]. Raises
+    UnreadableImage on a corrupt file."""
     try:
         with Image.open(path) as im:
             im.draft("L", (size, size))  # JPEG: decode at a reduced scale when much larger
+            if im.mode.startswith("I"):  # 16-bit PNG: scale by the image's maximum, not clip at 255
+                pixels = np.asarray(im, dtype=np.float32)
+                im = Image.fromarray((pixels * (255.0 / max(float(pixels.max()), 1.0)) + 0.5).astype(np.uint8))
             im = im.convert("L")
             w, h = im.size
             scale = size / min(w, h)
