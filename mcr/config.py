@@ -76,6 +76,7 @@ class TrainConfig:
     variant: str = "mcr"
     data: str = "synthetic"
     data_root: str = ""
+    data_options: str = ""           # reader options, e.g. "views=PA,AP;images=all" (mcr.data.registry)
     train_size: int = 20000           # synthetic corpus sizes
     val_size: int = 1000
     out_dir: str = "runs/default"

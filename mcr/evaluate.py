@@ -1,6 +1,7 @@
 """Cross-modal retrieval evaluation: Recall@K, mean/median rank, label-aware Precision@K.
 
     python -m mcr.evaluate --checkpoint runs/default/checkpoints/step_00001200
+    python -m mcr.evaluate --checkpoint runs/mimic --split test --protocol 5x200   (mcr.protocols)
 
 Ties of identical report texts: a report whose text equals the query's true report is
 counted as a hit (image->report), and so is every image whose report text equals the query
@@ -79,22 +80,37 @@ def format_table(results):
 
 
 def main(argv=None):
-    from mcr.train import build_eval, load_trained
+    from mcr import protocols
+    from mcr.data.batching import Collate
+    from mcr.train import build_dataset, load_trained
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest)")
     parser.add_argument("--split", default="val", help="held-out split to evaluate (val or test)")
     parser.add_argument("--size", type=int, default=0, help="number of pairs (synthetic data; 0 = config's)")
+    parser.add_argument("--protocol", choices=("full", "5x200"), default="full",
+                        help="full: R@K over the whole split; 5x200: P@K by class (mcr.protocols)")
+    parser.add_argument("--per-class", type=int, default=200, help="5x200: studies per class")
+    parser.add_argument("--seed", type=int, default=0, help="5x200: selection seed")
+    parser.add_argument("--data", default="", help="evaluate on another dataset than the training one")
+    parser.add_argument("--data-root", default="", help="its root (with --data)")
+    parser.add_argument("--data-options", default=None, help="its reader options (with --data)")
     parser.add_argument("--output", default="", help="JSON file to write (default: beside the checkpoint)")
     args = parser.parse_args(argv)
     model, cfg, tokenizer, device, path = load_trained(args.checkpoint)
-    loader, reports = build_eval(cfg, tokenizer, split=args.split, size=args.size or cfg.val_size)
-    results = evaluate_retrieval(model, loader, reports, device)
-    print(f"checkpoint {path}, split {args.split}, {len(reports)} pairs")
-    print(format_table(results))
-    output = args.output or os.path.join(path, f"eval_{args.split}.json")
+    if args.data:
+        cfg.data, cfg.data_root = args.data, args.data_root
+        cfg.data_options = args.data_options or ""
+    dataset = build_dataset(cfg, args.split, args.size or cfg.val_size)
+    collate = Collate(tokenizer, cfg.model.max_text_len, cfg.model.in_chans)
+    results = protocols.run(model, dataset, collate, device, args.protocol, args.per_class, args.seed)
+    print(f"checkpoint {path}, {cfg.data} split {args.split}, protocol {args.protocol}, {len(dataset)} pairs")
+    print(protocols.format_5x200(results) if args.protocol == "5x200" else format_table(results))
+    suffix = "" if args.protocol == "full" else f"_{args.protocol}"
+    output = args.output or os.path.join(path, f"eval_{args.split}{suffix}.json")
     with open(output, "w") as f:
-        json.dump({"checkpoint": path, "split": args.split, "pairs": len(reports), **results}, f, indent=1)
+        json.dump({"checkpoint": path, "data": cfg.data, "split": args.split, "protocol": args.protocol,
+                   "pairs": len(dataset), **results}, f, indent=1)
     print(f"wrote {output}")
     return results
 

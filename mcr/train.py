@@ -28,10 +28,10 @@ from tqdm import tqdm
 from mcr import checkpoint
 from mcr.config import VARIANTS, ModelConfig, TrainConfig, preset
 from mcr.data.batching import Collate
+from mcr.data.registry import open_dataset
 from mcr.evaluate import evaluate_retrieval, format_table
 from mcr.models.mcr import MCR
-
-DATASETS = ("synthetic",)
+from mcr.models.weights import load_pretrained
 
 
 # --- configuration --------------------------------------------------------------------
@@ -77,12 +77,8 @@ def parse_args(argv=None):
 # --- data -----------------------------------------------------------------------------
 
 def build_dataset(cfg, split, size):
-    """The records of one split for cfg.data."""
-    if cfg.data not in DATASETS:
-        raise ValueError(f"unknown --data {cfg.data!r}; datasets are {DATASETS}")
-    from mcr.data.synthetic import SyntheticCXR
-
-    return SyntheticCXR(size, split=split, image_size=cfg.model.image_size, seed=cfg.seed)
+    """The records of one split for cfg.data (size: synthetic only; see mcr.data.registry)."""
+    return open_dataset(cfg.data, cfg.data_root, split, cfg.model.image_size, cfg.data_options, size, cfg.seed)
 
 
 def build_tokenizer(cfg, train_set, rank=0):
@@ -100,7 +96,7 @@ def build_tokenizer(cfg, train_set, rank=0):
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
     else:
-        texts = (train_set[i].report for i in range(min(len(train_set), 4000)))
+        texts = getattr(train_set, "reports", None) or (train_set[i].report for i in range(min(len(train_set), 4000)))
         tok = train_wordpiece(texts, cfg.model.vocab_size)
     tok.save_pretrained(saved)
     _release_waiting_ranks()
@@ -124,7 +120,7 @@ def build_eval(cfg, tokenizer, split="val", size=None):
     dataset = build_dataset(cfg, split, size or cfg.val_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, collate_fn=Collate(
         tokenizer, cfg.model.max_text_len, cfg.model.in_chans), num_workers=cfg.num_workers)
-    return loader, [dataset[i].report for i in range(len(dataset))]
+    return loader, getattr(dataset, "reports", None) or [dataset[i].report for i in range(len(dataset))]
 
 
 # --- model and optimisation ------------------------------------------------------------
@@ -262,7 +258,9 @@ def train(cfg):
     collate = Collate(tokenizer, cfg.model.max_text_len, cfg.model.in_chans)
     val_loader, val_reports = build_eval(cfg, tokenizer) if is_main else (None, None)
 
-    model = MCR(cfg.model, pad_token_id=tokenizer.pad_token_id, mask_token_id=tokenizer.mask_token_id).to(device)
+    model = MCR(cfg.model, pad_token_id=tokenizer.pad_token_id, mask_token_id=tokenizer.mask_token_id)
+    load_pretrained(model, cfg.image_weights, cfg.text_weights)
+    model = model.to(device)
     optimizer = build_optimizer(model, cfg)
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:

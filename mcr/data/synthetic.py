@@ -152,6 +152,8 @@ def make_study(index: int, *, seed: int = 0, image_size: int = 224) -> Study:
 class SyntheticCXR:
     """Fixed-length sequence of synthetic studies for one split (no torch needed)."""
 
+    label_names = FINDINGS
+
     def __init__(self, num_studies: int, *, split: str = "train", image_size: int = 224, seed: int = 0):
         if num_studies < 1:
             raise ValueError(f"num_studies must be >= 1, got {num_studies}")
