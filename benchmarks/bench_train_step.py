@@ -28,7 +28,7 @@ import mcr_kernels  # noqa: E402
 from _common import environment, is_oom, matmul_tflops, print_table, write_results  # noqa: E402
 from mcr.config import preset  # noqa: E402
 from mcr.models.mcr import MCR  # noqa: E402
-from mcr.profiling import step_flops  # noqa: E402
+from mcr.profiling import MASK, PAD, random_batch, step_flops  # noqa: E402
 from mcr.train import compile_blocks  # noqa: E402
 
 CONFIGS = {  # name: (variant, backend forced for every op or None = default, compile)
@@ -38,26 +38,6 @@ CONFIGS = {  # name: (variant, backend forced for every op or None = default, co
     "mcr/kernels+compile": ("mcr", None, True),
 }
 WEIGHTS = {"contrastive": 0.1, "mim": 1.0, "mrm": 1.0}
-PAD, CLS, SEP, MASK = 0, 2, 3, 4
-
-
-def make_batch(cfg, batch_size, device, seed=0):
-    """Random images and reports whose lengths follow a report-like distribution
-    (median ~60% of the maximum length), right-padded to the longest."""
-    g = torch.Generator().manual_seed(seed)
-    L = cfg.max_text_len
-    lengths = (torch.randn(batch_size, generator=g) * 0.15 * L + 0.6 * L).round().clamp(8, L).long()
-    L_batch = int(lengths.max())
-    positions = torch.arange(L_batch)
-    attention = (positions < lengths[:, None]).long()
-    ids = torch.randint(5, cfg.vocab_size, (batch_size, L_batch), generator=g)
-    ids[:, 0] = CLS
-    ids[torch.arange(batch_size), lengths - 1] = SEP
-    ids = ids.masked_fill(attention == 0, PAD)
-    special = ((ids == CLS) | (ids == SEP) | (ids == PAD)).long()
-    image = torch.randn(batch_size, cfg.in_chans, cfg.image_size, cfg.image_size, generator=g)
-    batch = {"image": image, "input_ids": ids, "attention_mask": attention, "special_tokens_mask": special}
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def build(preset_name, variant, compiled, device):
@@ -87,7 +67,7 @@ def measure(preset_name, config, batch_size, steps, warmup, device, amp_dtype):
     model = optimizer = None
     try:
         cfg, model, optimizer = build(preset_name, variant, compiled, device)
-        batch = make_batch(cfg, batch_size, device)
+        batch = random_batch(cfg, batch_size, device)
         with mcr_kernels.use_backend(forced) if forced else _nothing():
             for _ in range(warmup):
                 train_step(model, optimizer, batch, amp_dtype, device)
@@ -131,7 +111,7 @@ def _sync(device):
 def flops_per_sample(preset_name, variant, device, amp_dtype, batch_size=4):
     """Model FLOPs of one step per sample (reference ops, counted by FlopCounterMode)."""
     cfg, model, _ = build(preset_name, variant, False, device)
-    batch = make_batch(cfg, batch_size, device)
+    batch = random_batch(cfg, batch_size, device)
     with mcr_kernels.use_backend("reference"), torch.autocast(
             device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         flops = step_flops(model, batch, WEIGHTS)
