@@ -11,16 +11,16 @@ class ModelConfig:
     image_size: int = 96
     patch_size: int = 16
     in_chans: int = 1                 # 1: grayscale patch embedding; 3: replicated (timm weights)
-    vit_width: int = 192
+    vit_width: int = 128
     vit_depth: int = 4
-    vit_heads: int = 3
-    decoder_width: int = 128
-    decoder_depth: int = 2
+    vit_heads: int = 4
+    decoder_width: int = 96
+    decoder_depth: int = 1
     decoder_heads: int = 4
-    text_width: int = 192
-    text_depth: int = 4
-    text_heads: int = 3
-    text_intermediate: int = 768
+    text_width: int = 128
+    text_depth: int = 2
+    text_heads: int = 4
+    text_intermediate: int = 512
     max_text_len: int = 128
     vocab_size: int = 2048            # of the tokenizer trained on the corpus; a loaded one sets it
     embed_dim: int = 128              # joint space E
@@ -83,19 +83,19 @@ class TrainConfig:
     tokenizer: str = ""               # local HF tokenizer dir; empty = train WordPiece on the corpus
     image_weights: str = ""
     text_weights: str = ""
-    batch_size: int = 64
+    batch_size: int = 32              # the global batch (split over torchrun's processes)
     epochs: float = 0.0               # if > 0, overrides max_steps
-    max_steps: int = 1200
-    max_minutes: float = 0.0          # stop training after this wall time (0 = no limit)
-    lr: float = 1e-3
+    max_steps: int = 1500
+    max_minutes: float = 8.5          # stop training after this wall time (0 = no limit)
+    lr: float = 5e-4
     weight_decay: float = 0.05
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     grad_clip: float = 1.0
-    loss_contrastive: float = 0.1     # lambda_vrc : lambda_mim : lambda_mrm = 0.1 : 1 : 1 (paper)
+    loss_contrastive: float = 1.0     # the paper's 0.1 : 1 : 1 is the paper preset's (TRAINING_PRESETS)
     loss_mim: float = 1.0
     loss_mrm: float = 1.0
-    eval_every: int = 400
-    save_every: int = 400
+    eval_every: int = 500
+    save_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 20
     resume: bool = False
@@ -107,3 +107,17 @@ class TrainConfig:
     compile: bool = False             # torch.compile each transformer block (fullgraph)
     compile_backend: str = "inductor" # torch.compile backend (aot_eager: trace only, for tests)
     model: ModelConfig = field(default_factory=ModelConfig)
+
+
+# The training recipe of each preset: TrainConfig's defaults (the 2-CPU-core recipe of the
+# small preset) replaced by these; any flag given on the command line wins.
+#   paper: the paper's loss ratio lambda_vrc : lambda_mim : lambda_mrm = 0.1 : 1 : 1, GPU-sized
+#     batch and schedule, no wall-time limit.
+#   small: contrastive weight 1 (not 0.1): at 0.1 the alignment leaves the ln(B) plateau too
+#     late for a 10-minute CPU run (measured: contrastive loss 3.98 vs 3.75 after ~400 steps,
+#     val R@1 0.3% vs 0.5% at step 250, same seed and data); everything else as the paper.
+TRAINING_PRESETS = {
+    "small": {},
+    "paper": dict(batch_size=256, epochs=50, lr=1.5e-4, warmup_steps=2000, max_minutes=0.0,
+                  loss_contrastive=0.1, eval_every=2000, save_every=2000, val_size=5000),
+}

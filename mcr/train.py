@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mcr import checkpoint
-from mcr.config import VARIANTS, ModelConfig, TrainConfig, preset
+from mcr.config import TRAINING_PRESETS, VARIANTS, ModelConfig, TrainConfig, preset
 from mcr.data.batching import Collate
 from mcr.data.registry import open_dataset
 from mcr.evaluate import evaluate_retrieval, format_table
@@ -57,14 +57,17 @@ def parse_args(argv=None):
     """argv -> TrainConfig (model fields start from the preset, flags override)."""
     parser = argparse.ArgumentParser(prog="python -m mcr.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_fields(parser, TrainConfig)
+    _add_fields(parser, TrainConfig, group_defaults_none=True)
     model_flags = parser.add_argument_group("model (override the preset)")
     _add_fields(model_flags, ModelConfig, group_defaults_none=True, skip=("variant",))
     args = vars(parser.parse_args(argv))
     model_names = {f.name for f in dataclasses.fields(ModelConfig)} - {"variant"}
     overrides = {k: v for k, v in args.items() if k in model_names and v is not None}
-    train_args = {k: v for k, v in args.items() if k not in model_names}
-    cfg = TrainConfig(**{k: v for k, v in train_args.items() if k != "variant"}, variant=args["variant"])
+    preset_name = args["preset"] or TrainConfig.preset
+    if preset_name not in TRAINING_PRESETS:
+        parser.error(f"unknown --preset {preset_name!r}; presets are {', '.join(sorted(TRAINING_PRESETS))}")
+    given = {k: v for k, v in args.items() if k not in model_names and v is not None}
+    cfg = TrainConfig(**{**TRAINING_PRESETS[preset_name], **given})
     if cfg.variant not in VARIANTS:
         parser.error(f"unknown --variant {cfg.variant!r}; variants are {', '.join(VARIANTS)}")
     try:

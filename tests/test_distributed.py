@@ -74,3 +74,25 @@ def test_compile_runs_the_model_with_our_ops(tmp_path):
     results = main(run_args(tmp_path, "--max-steps", "2", "--eval-every", "0", "--compile",
                             "--compile-backend", "aot_eager"))
     assert {"i2t", "t2i"} == set(results)
+
+
+def test_resume_after_a_kill_continues(tmp_path):
+    """SIGKILL a run after its first checkpoints; --resume picks the newest complete one."""
+    import signal
+    import time
+
+    args = run_args(tmp_path, "--max-steps", "400", "--save-every", "2", "--eval-every", "0",
+                    "--keep-checkpoints", "2")
+    proc = subprocess.Popen([sys.executable, "-m", "mcr.train", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while checkpoint.latest_checkpoint(tmp_path) in (None, str(tmp_path / "checkpoints" / "step_00000002")):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = checkpoint.read_state(checkpoint.latest_checkpoint(tmp_path))["step"]
+    assert 4 <= killed_at < 400
+    main(run_args(tmp_path, "--max-steps", str(killed_at + 2), "--save-every", "2", "--eval-every", "0",
+                  "--resume"))
+    assert checkpoint.read_state(checkpoint.latest_checkpoint(tmp_path))["step"] == killed_at + 2

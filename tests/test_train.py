@@ -78,7 +78,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--preset", "huge"], "unknown preset"),
+    (["--preset", "huge"], "unknown --preset"),
     (["--variant", "triple"], "unknown --variant"),
     (["--image-size", "40"], "multiple of patch_size"),
 ])
