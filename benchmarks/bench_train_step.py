@@ -15,7 +15,6 @@ with torch.utils.flop_counter on the reference ops (the same math as the kernels
     python benchmarks/bench_train_step.py --presets small --batches 8 --steps 2 --quick   # CPU
 """
 import argparse
-import dataclasses
 import pathlib
 import statistics
 import sys

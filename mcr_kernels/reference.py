@@ -2,9 +2,8 @@
 
 They define the semantics and are the test oracle of the fused kernels: keep them
 simple and obviously right, never fast. Input validation lives in the public ops
-(mcr_kernels.ops); these functions assume valid inputs.
+(the public ops of mcr_kernels); these functions assume valid inputs.
 """
-import math
 
 import torch
 import torch.nn.functional as F

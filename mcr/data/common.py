@@ -37,6 +37,27 @@ def check_image(path):
         raise UnreadableImage(f"{path}: {err}") from err
 
 
+def add_study_images(entries, summary, candidates, text, labels, images_per_study):
+    """Append (path, text, labels) to entries for the study's readable images, in order;
+    candidates yields (path or None if the file is missing, name for the summary). Stops
+    after the first when images_per_study == "one". Returns how many were added."""
+    kept = 0
+    for path, name in candidates:
+        if path is None:
+            summary.skip("missing image file", name)
+            continue
+        try:
+            check_image(path)
+        except UnreadableImage:
+            summary.skip("unreadable image", path)
+            continue
+        entries.append((path, text, labels))
+        kept += 1
+        if images_per_study == "one":
+            break
+    return kept
+
+
 def load_image(path, size):
     """Decode to 8-bit grayscale (16-bit images scaled by their maximum), resize the shorter
     side to `size` (bilinear, antialiased) and centre-crop: uint8 [size, size]. Raises

@@ -24,7 +24,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from mcr.data.common import CHEXPERT_LABELS, ImageReportDataset, Summary, UnreadableImage, check_image
+from mcr.data.common import CHEXPERT_LABELS, ImageReportDataset, Summary, add_study_images
 from mcr.data.reports import report_from_text
 
 PREFIX = "mimic-cxr-2.0.0-"
@@ -144,21 +144,9 @@ class MimicCXR(ImageReportDataset):
             if study not in labels:
                 summary.note("studies without CheXpert labels (all-zero labels)")
             y = labels.get(study, np.zeros(len(CHEXPERT_LABELS), dtype=np.float32))
-            kept = 0
-            for dicom in dicoms:
-                path = os.path.join(root, folder, f"s{study}", f"{dicom}.jpg")
-                if not os.path.isfile(path):
-                    summary.skip("missing image file", path)
-                    continue
-                try:
-                    check_image(path)
-                except UnreadableImage:
-                    summary.skip("unreadable image", path)
-                    continue
-                entries.append((path, text, y))
-                kept += 1
-                if images_per_study == "one":
-                    break
+            paths = (os.path.join(root, folder, f"s{study}", f"{dicom}.jpg") for dicom in dicoms)
+            candidates = ((path if os.path.isfile(path) else None, path) for path in paths)
+            kept = add_study_images(entries, summary, candidates, text, y, images_per_study)
             if not kept:
                 summary.skip("study without a usable image", f"s{study}")
         summary.kept = len(entries)

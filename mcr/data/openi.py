@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from mcr.data.common import CHEXPERT_LABELS, ImageReportDataset, Summary, UnreadableImage, check_image
+from mcr.data.common import CHEXPERT_LABELS, ImageReportDataset, Summary, add_study_images
 from mcr.data.reports import clean_text, compose_report
 
 SPLIT_FRACTIONS = {"train": (0.0, 0.8), "val": (0.8, 0.9), "test": (0.9, 1.0)}
@@ -129,21 +129,8 @@ class OpenI(ImageReportDataset):
                 summary.skip("report without an image of the wanted views", uid)
                 continue
             y = mesh_labels(terms)
-            kept = 0
-            for image_id in images:
-                path = pngs.get(image_key(image_id))
-                if path is None:
-                    summary.skip("missing image file", f"{image_id}.png")
-                    continue
-                try:
-                    check_image(path)
-                except UnreadableImage:
-                    summary.skip("unreadable image", path)
-                    continue
-                entries.append((path, text, y))
-                kept += 1
-                if images_per_study == "one":
-                    break
+            candidates = ((pngs.get(image_key(i)), f"{i}.png") for i in images)
+            kept = add_study_images(entries, summary, candidates, text, y, images_per_study)
             if not kept:
                 summary.skip("report without a usable image", uid)
         summary.kept = len(entries)
