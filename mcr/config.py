@@ -106,6 +106,7 @@ class TrainConfig:
     tensorboard: bool = False
     compile: bool = False             # torch.compile each transformer block (fullgraph)
     compile_backend: str = "inductor" # torch.compile backend (aot_eager: trace only, for tests)
+    fsdp: bool = False                # under torchrun: shard parameters, gradients, AdamW state
     model: ModelConfig = field(default_factory=ModelConfig)
 
 

@@ -10,7 +10,9 @@ rendezvous flags). DDP, gloo on CPU and NCCL on GPU; --batch-size is the global 
 evenly over the ranks; masks are drawn per global batch and the InfoNCE takes its negatives
 from every rank, so N processes train the same model as one process would (up to float
 summation order), and a run resumes on another world size. Rank 0 alone logs, evaluates
-and writes checkpoints.
+and writes checkpoints. --fsdp shards parameters, gradients and optimizer state over the
+ranks instead of replicating them (FSDP2, one unit per transformer block), for the paper
+preset and larger; its checkpoints hold full tensors, so either mode resumes the other.
 """
 import argparse
 import dataclasses
@@ -22,6 +24,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -157,11 +160,32 @@ def step_generator(cfg, step, device):
     return torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
 
 
+def transformer_blocks(model):
+    return [*model.vit.blocks, *model.decoder_blocks, *model.mrm_blocks, *model.bert.encoder.layer]
+
+
 def compile_blocks(model, backend="inductor"):
     """torch.compile every transformer block (fullgraph: no graph break on the hot path)."""
-    blocks = [*model.vit.blocks, *model.decoder_blocks, *model.mrm_blocks, *model.bert.encoder.layer]
-    for block in blocks:
+    for block in transformer_blocks(model):
         block.compile(fullgraph=True, backend=backend)
+
+
+def shard_model(model, device):
+    """FSDP (fully_shard): each transformer block is a unit whose parameters, gradients and
+    AdamW state are split over the ranks and gathered around its forward and backward; the
+    root unit holds the rest (embeddings, heads, temperature)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def full_value(tensor):
+    """A plain tensor from a (possibly FSDP-sharded) one; a collective under FSDP."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def autocast_dtype(cfg, device):
@@ -259,11 +283,19 @@ def train(cfg):
     tokenizer = build_tokenizer(cfg, train_set, rank)
     cfg.model = dataclasses.replace(cfg.model, vocab_size=len(tokenizer))
     collate = Collate(tokenizer, cfg.model.max_text_len, cfg.model.in_chans)
-    val_loader, val_reports = build_eval(cfg, tokenizer) if is_main else (None, None)
+    sharded = cfg.fsdp and world > 1
+    if cfg.fsdp and world == 1 and is_main:
+        print("--fsdp: one process, nothing to shard; training unsharded", file=sys.stderr)
+    # under FSDP every rank takes part in each forward, evaluation included
+    val_loader, val_reports = build_eval(cfg, tokenizer) if is_main or sharded else (None, None)
 
     model = MCR(cfg.model, pad_token_id=tokenizer.pad_token_id, mask_token_id=tokenizer.mask_token_id)
     load_pretrained(model, cfg.image_weights, cfg.text_weights)
     model = model.to(device)
+    if cfg.compile:
+        compile_blocks(model, cfg.compile_backend)
+    if sharded:
+        shard_model(model, device)
     optimizer = build_optimizer(model, cfg)
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -280,30 +312,39 @@ def train(cfg):
             print(f"resumed from {resume_path} at step {start_step}"
                   + (f" (saved with {saved_world} processes, now {world}: same global batch and "
                      f"masks, so training continues the same run)" if saved_world != world else ""))
-    if cfg.compile:
-        compile_blocks(model, cfg.compile_backend)
     runner = model
-    if world > 1:
+    if world > 1 and not sharded:
         runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     log = MetricsLog(cfg.out_dir, cfg.tensorboard) if is_main else None
     if is_main:
         print(f"MCR variant={cfg.variant} preset={cfg.preset} device={device} processes={world} "
+              f"{'FSDP ' if sharded else ''}"
               f"params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M steps={total_steps} "
               f"batch={cfg.batch_size} train={len(train_set)} val={len(val_reports)}")
     weights = {"contrastive": cfg.loss_contrastive, "mim": cfg.loss_mim, "mrm": cfg.loss_mrm}
     per_rank = cfg.batch_size // world
 
     def evaluate(step):
+        """Rank 0 evaluates (under FSDP every rank runs the same evaluation, rank 0 logs)."""
+        if sharded:
+            model.unshard()  # the root unit's weights; the blocks gather their own
         results = evaluate_retrieval(model, val_loader, val_reports, device, amp_dtype)
-        log.write(step, "val", flatten_eval(results))
+        if sharded:
+            model.reshard()
+        if is_main:
+            log.write(step, "val", flatten_eval(results))
         model.train()
         return results
 
     def save(step):
+        """Full tensors gathered from every rank; rank 0 writes."""
+        model_state, optimizer_state = checkpoint.full_state_dicts(model, optimizer)
         if is_main:
-            state = {"config": dataclasses.asdict(cfg), "variant": cfg.variant, "world_size": world}
-            checkpoint.save_checkpoint(cfg.out_dir, step, model, optimizer, state, keep=cfg.keep_checkpoints)
+            state = {"config": dataclasses.asdict(cfg), "variant": cfg.variant, "world_size": world,
+                     "fsdp": sharded}
+            checkpoint.save_checkpoint(cfg.out_dir, step, model, model_state, optimizer_state, state,
+                                       keep=cfg.keep_checkpoints)
 
     def all_ranks_agree(flag):
         """rank 0's decision, shared (time limits must stop every rank at the same step)."""
@@ -341,20 +382,29 @@ def train(cfg):
             step += 1
             window_samples += cfg.batch_size
             bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:  # collectives: every rank
+                grad_norm, logit_scale = full_value(grad_norm), full_value(model.logit_scale.detach())
+                names = [*losses, "loss"]
+                logged = torch.stack([*losses.values(), total]).detach().float()
+                if world > 1:  # each rank holds its share of the global means: average them
+                    dist.all_reduce(logged)
+                    logged /= world
             if is_main and (step % cfg.log_every == 0 or step == total_steps):
                 rate = window_samples / (time.time() - window_time)
-                values = {k: v.item() for k, v in losses.items()}
-                values.update(loss=total.item(), lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(),
-                              temperature=1 / model.logit_scale.exp().item(), samples_per_s=rate)
+                values = dict(zip(names, logged.tolist()))
+                values.update(lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(),
+                              temperature=1 / logit_scale.exp().item(), samples_per_s=rate)
                 log.write(step, "train", values)
                 bar.set_postfix(loss=f"{values['loss']:.3f}", con=f"{values['contrastive']:.2f}",
                                 mim=f"{values['mim']:.3f}", mrm=f"{values['mrm']:.2f}", sps=f"{rate:.0f}")
                 window_time, window_samples = time.time(), 0
             out_of_time = cfg.max_minutes > 0 and all_ranks_agree(time.time() - started > 60 * cfg.max_minutes)
             if step < total_steps and not out_of_time:
-                if is_main and cfg.eval_every and step % cfg.eval_every == 0:
+                if (is_main or sharded) and cfg.eval_every and step % cfg.eval_every == 0:
                     r = evaluate(step)["i2t"]
-                    tqdm.write(f"step {step}: val i2t R@1 {r['R@1']:.2f}% R@5 {r['R@5']:.2f}% P@5 {r['P@5']:.2f}%")
+                    if is_main:
+                        tqdm.write(f"step {step}: val i2t R@1 {r['R@1']:.2f}% R@5 {r['R@5']:.2f}% "
+                                   f"P@5 {r['P@5']:.2f}%")
                 if cfg.save_every and step % cfg.save_every == 0:
                     save(step)
             if step >= total_steps or out_of_time:
@@ -362,9 +412,8 @@ def train(cfg):
                 break
     bar.close()
     save(step)
-    results = None
+    results = evaluate(step) if is_main or sharded else None
     if is_main:
-        results = evaluate(step)
         print(f"final validation after {step} steps ({(time.time() - started) / 60:.1f} min), "
               f"{len(val_reports)} pairs:")
         print(format_table(results))
@@ -373,7 +422,7 @@ def train(cfg):
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return results
+    return results if is_main else None
 
 
 def main(argv=None):

@@ -1,5 +1,7 @@
 """torchrun: 2 CPU processes (gloo) train the same model as 1 process on the same global
-batch; only rank 0 writes; a 2-process run resumes from a killed run's checkpoint; --compile."""
+batch, replicated (DDP) or sharded (--fsdp); only rank 0 writes; a 2-process run resumes
+from a killed run's checkpoint; --compile."""
+import json
 import os
 import shutil
 import subprocess
@@ -10,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from mcr import checkpoint
-from mcr.train import main
+from mcr.train import load_trained, main
 from test_train import run_args
 
 STEPS = ["--max-steps", "3", "--eval-every", "0", "--lr", "3e-3"]
@@ -61,6 +63,36 @@ def test_two_processes_resume_a_killed_one_process_run(tmp_path):
     out = torchrun(2, run_args(resumed, "--max-steps", "4", "--save-every", "2", "--eval-every", "0", "--resume"))
     assert "saved with 1 processes, now 2" in out
     assert_same_weights(final_weights(full), final_weights(resumed), atol=1e-4)
+
+
+def train_log(out_dir):
+    return [json.loads(line) for line in open(out_dir / "metrics.jsonl") if '"train"' in line]
+
+
+def test_fsdp_continues_a_one_process_run_exactly(tmp_path):
+    """Sharded training resumes a 1-process checkpoint, trains what 1 process trains (loss and
+    parameters), logs the global loss, and writes full weights that load unsharded."""
+    full, sharded = tmp_path / "full", tmp_path / "sharded"
+    args = ["--max-steps", "4", "--save-every", "2", "--eval-every", "0", "--lr", "3e-3", "--keep-checkpoints", "3"]
+    main(run_args(full, *args))
+    os.makedirs(sharded / "checkpoints")
+    shutil.copytree(full / "tokenizer", sharded / "tokenizer")
+    shutil.copytree(full / "checkpoints" / "step_00000002", sharded / "checkpoints" / "step_00000002")
+    (sharded / "checkpoints" / "latest").write_text("step_00000002\n")
+    out = torchrun(2, run_args(sharded, *args, "--resume", "--fsdp"))
+    assert "processes=2 FSDP" in out and "saved with 1 processes, now 2" in out
+    a, b = final_weights(full), final_weights(sharded)
+    assert_same_weights(a, b, atol=1e-4)
+    step2 = load_file(full / "checkpoints" / "step_00000002" / "model.safetensors")
+    assert max((a[k] - step2[k]).abs().max().item() for k in a) > 1e-3
+    want, got = train_log(full)[-1], train_log(sharded)[-1]
+    assert got["step"] == want["step"] == 4
+    for key in ("loss", "contrastive", "mim", "mrm", "grad_norm", "temperature"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4), key
+    state = checkpoint.read_state(checkpoint.latest_checkpoint(sharded))
+    assert state["fsdp"] and state["world_size"] == 2
+    model, *_ = load_trained(str(sharded))
+    assert model.logit_scale.shape == (1,)
 
 
 def test_batch_not_divisible_by_processes_is_refused(tmp_path):

@@ -117,7 +117,8 @@ class MCR(nn.Module):
                                          cfg.head_activation)
         self.text_head = ProjectionHead(cfg.text_width, cfg.embed_dim, cfg.head_hidden or cfg.text_width,
                                         cfg.head_activation)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        # one element, not 0-dim: FSDP shards parameters along dim 0
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / cfg.init_temperature)))
         nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
 
