@@ -382,14 +382,15 @@ def train(cfg):
             step += 1
             window_samples += cfg.batch_size
             bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:  # collectives: every rank
+            log_now = step % cfg.log_every == 0 or step == total_steps
+            if log_now:  # collectives: every rank takes part
                 grad_norm, logit_scale = full_value(grad_norm), full_value(model.logit_scale.detach())
                 names = [*losses, "loss"]
                 logged = torch.stack([*losses.values(), total]).detach().float()
                 if world > 1:  # each rank holds its share of the global means: average them
                     dist.all_reduce(logged)
                     logged /= world
-            if is_main and (step % cfg.log_every == 0 or step == total_steps):
+            if is_main and log_now:
                 rate = window_samples / (time.time() - window_time)
                 values = dict(zip(names, logged.tolist()))
                 values.update(lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(),
