@@ -13,6 +13,7 @@ import json
 import os
 
 import torch
+import torch.distributed as dist
 
 KS = (1, 5, 10)
 
@@ -48,8 +49,11 @@ def identical_texts(reports):
 
 
 @torch.no_grad()
-def embed_dataset(model, loader, device, autocast_dtype=None):
-    """Unmasked embeddings of every pair: (image [N, E], text [N, E], labels [N, C])."""
+def embed_dataset(model, loader, device, autocast_dtype=None, gather=False):
+    """Unmasked embeddings of every pair: (image [N, E], text [N, E] float32, labels [N, C]).
+
+    gather: under torch.distributed, `loader` holds this rank's slice (rank_slice) and every
+    rank receives the whole split's embeddings in rank order (a collective)."""
     model.eval()
     images, texts, labels = [], [], []
     for batch in loader:
@@ -59,12 +63,25 @@ def embed_dataset(model, loader, device, autocast_dtype=None):
         images.append(img.float().cpu())
         texts.append(txt.float().cpu())
         labels.append(batch["labels"])
-    return torch.cat(images), torch.cat(texts), torch.cat(labels)
+    local = torch.cat(images), torch.cat(texts), torch.cat(labels)
+    if not gather:
+        return local
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return tuple(torch.cat(column) for column in zip(*parts))
 
 
-def evaluate_retrieval(model, loader, reports, device, autocast_dtype=None):
-    """Both directions on one split: {"i2t": {...}, "t2i": {...}}."""
-    img, txt, labels = embed_dataset(model, loader, device, autocast_dtype)
+def rank_slice(num_items, rank, world):
+    """The contiguous indices of one rank's share of an evaluation split."""
+    if num_items < world:
+        raise ValueError(f"an evaluation split of {num_items} pairs cannot be shared by {world} processes")
+    return range(rank * num_items // world, (rank + 1) * num_items // world)
+
+
+def evaluate_retrieval(model, loader, reports, device, autocast_dtype=None, gather=False):
+    """Both directions on one split: {"i2t": {...}, "t2i": {...}}. reports: the whole
+    split's texts; gather: as in embed_dataset (every rank gets the results)."""
+    img, txt, labels = embed_dataset(model, loader, device, autocast_dtype, gather)
     hits = identical_texts(reports)
     sim = img @ txt.T
     return {"i2t": retrieval_metrics(sim, hits, labels), "t2i": retrieval_metrics(sim.T, hits.T, labels)}

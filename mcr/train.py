@@ -9,8 +9,8 @@ Several processes: `torchrun --nproc_per_node=N -m mcr.train ...` (multi-node wi
 rendezvous flags). DDP, gloo on CPU and NCCL on GPU; --batch-size is the global batch, split
 evenly over the ranks; masks are drawn per global batch and the InfoNCE takes its negatives
 from every rank, so N processes train the same model as one process would (up to float
-summation order), and a run resumes on another world size. Rank 0 alone logs, evaluates
-and writes checkpoints. --fsdp shards parameters, gradients and optimizer state over the
+summation order), and a run resumes on another world size. Each rank evaluates its slice of
+the validation split; rank 0 alone logs and writes checkpoints. --fsdp shards parameters, gradients and optimizer state over the
 ranks instead of replicating them (FSDP2, one unit per transformer block), for the paper
 preset and larger; its checkpoints hold full tensors, so either mode resumes the other.
 """
@@ -32,7 +32,7 @@ from mcr import checkpoint
 from mcr.config import TRAINING_PRESETS, VARIANTS, ModelConfig, TrainConfig, preset
 from mcr.data.batching import Collate
 from mcr.data.registry import open_dataset
-from mcr.evaluate import evaluate_retrieval, format_table
+from mcr.evaluate import evaluate_retrieval, format_table, rank_slice
 from mcr.models.mcr import MCR
 from mcr.models.weights import load_pretrained
 
@@ -121,12 +121,15 @@ def batches_for_epoch(num_samples, batch_size, seed, epoch):
     return [order[i:i + batch_size] for i in range(0, num_samples - batch_size + 1, batch_size)]
 
 
-def build_eval(cfg, tokenizer, split="val", size=None):
-    """(loader, report texts) of a held-out split, in order."""
+def build_eval(cfg, tokenizer, split="val", size=None, rank=0, world=1):
+    """(loader over this rank's slice, the whole split's report texts), in order."""
     dataset = build_dataset(cfg, split, size or cfg.val_size)
+    reports = getattr(dataset, "reports", None) or [dataset[i].report for i in range(len(dataset))]
+    if world > 1:
+        dataset = torch.utils.data.Subset(dataset, rank_slice(len(dataset), rank, world))
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, collate_fn=Collate(
         tokenizer, cfg.model.max_text_len, cfg.model.in_chans), num_workers=cfg.num_workers)
-    return loader, getattr(dataset, "reports", None) or [dataset[i].report for i in range(len(dataset))]
+    return loader, reports
 
 
 # --- model and optimisation ------------------------------------------------------------
@@ -286,8 +289,7 @@ def train(cfg):
     sharded = cfg.fsdp and world > 1
     if cfg.fsdp and world == 1 and is_main:
         print("--fsdp: one process, nothing to shard; training unsharded", file=sys.stderr)
-    # under FSDP every rank takes part in each forward, evaluation included
-    val_loader, val_reports = build_eval(cfg, tokenizer) if is_main or sharded else (None, None)
+    val_loader, val_reports = build_eval(cfg, tokenizer, rank=rank, world=world)
 
     model = MCR(cfg.model, pad_token_id=tokenizer.pad_token_id, mask_token_id=tokenizer.mask_token_id)
     load_pretrained(model, cfg.image_weights, cfg.text_weights)
@@ -326,10 +328,10 @@ def train(cfg):
     per_rank = cfg.batch_size // world
 
     def evaluate(step):
-        """Rank 0 evaluates (under FSDP every rank runs the same evaluation, rank 0 logs)."""
+        """Every rank embeds its slice of the split; rank 0 logs."""
         if sharded:
             model.unshard()  # the root unit's weights; the blocks gather their own
-        results = evaluate_retrieval(model, val_loader, val_reports, device, amp_dtype)
+        results = evaluate_retrieval(model, val_loader, val_reports, device, amp_dtype, gather=world > 1)
         if sharded:
             model.reshard()
         if is_main:
@@ -401,7 +403,7 @@ def train(cfg):
                 window_time, window_samples = time.time(), 0
             out_of_time = cfg.max_minutes > 0 and all_ranks_agree(time.time() - started > 60 * cfg.max_minutes)
             if step < total_steps and not out_of_time:
-                if (is_main or sharded) and cfg.eval_every and step % cfg.eval_every == 0:
+                if cfg.eval_every and step % cfg.eval_every == 0:
                     r = evaluate(step)["i2t"]
                     if is_main:
                         tqdm.write(f"step {step}: val i2t R@1 {r['R@1']:.2f}% R@5 {r['R@5']:.2f}% "
@@ -413,7 +415,7 @@ def train(cfg):
                 break
     bar.close()
     save(step)
-    results = evaluate(step) if is_main or sharded else None
+    results = evaluate(step)
     if is_main:
         print(f"final validation after {step} steps ({(time.time() - started) / 60:.1f} min), "
               f"{len(val_reports)} pairs:")

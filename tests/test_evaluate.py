@@ -1,7 +1,10 @@
-"""Retrieval metrics against hand-computed cases."""
+"""Retrieval metrics against hand-computed cases; evaluation shared by several processes."""
+import os
+
 import pytest
 import torch
 
+from mcr import evaluate
 from mcr.evaluate import identical_texts, retrieval_metrics
 
 
@@ -47,3 +50,72 @@ def test_label_precision_by_hand():
 def test_query_without_hit_is_an_error():
     with pytest.raises(ValueError, match="at least one correct"):
         retrieval_metrics(torch.rand(2, 2), torch.tensor([[True, False], [False, False]]))
+
+
+class _PairEmbedder(torch.nn.Module):
+    """A stand-in for MCR.embed: unit vectors from the image and the token ids."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image = torch.nn.Linear(12, 5)
+        self.text = torch.nn.Linear(4, 5)
+
+    def embed(self, image, input_ids, attention_mask):
+        txt = self.text((input_ids * attention_mask).float())
+        return torch.nn.functional.normalize(self.image(image.flatten(1)), dim=-1), \
+            torch.nn.functional.normalize(txt, dim=-1)
+
+
+def _pairs(n):
+    g = torch.Generator().manual_seed(1)
+    return [{"image": torch.randn(3, 4, generator=g), "input_ids": torch.randint(1, 50, (4,), generator=g),
+             "attention_mask": torch.ones(4, dtype=torch.long), "labels": torch.randint(0, 2, (3,), generator=g)}
+            for _ in range(n)]
+
+
+def _loader(pairs):
+    return torch.utils.data.DataLoader(pairs, batch_size=2)
+
+
+def _eval_worker(rank, world, port, out_dir, pairs, reports):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        mine = [pairs[i] for i in evaluate.rank_slice(len(pairs), rank, world)]
+        embedded = evaluate.embed_dataset(_PairEmbedder(), _loader(mine), torch.device("cpu"), gather=True)
+        results = evaluate.evaluate_retrieval(_PairEmbedder(), _loader(mine), reports, torch.device("cpu"),
+                                              gather=True)
+        torch.save((embedded, results), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_embed_their_slices_and_all_get_the_whole_split(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    n, world = 7, 3  # slices of 2, 2 and 3 pairs, batches of 2: a ragged last batch
+    pairs, reports = _pairs(n), [f"report {i % 5}" for i in range(n)]
+    want_embedded = evaluate.embed_dataset(_PairEmbedder(), _loader(pairs), torch.device("cpu"))
+    want = evaluate.evaluate_retrieval(_PairEmbedder(), _loader(pairs), reports, torch.device("cpu"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_eval_worker, args=(world, port, str(tmp_path), pairs, reports), nprocs=world, join=True)
+    for rank in range(world):
+        embedded, results = torch.load(tmp_path / f"rank{rank}.pt")
+        for got, expected in zip(embedded, want_embedded):
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        for direction in ("i2t", "t2i"):
+            assert results[direction] == pytest.approx(want[direction])
+
+
+def test_rank_slices_cover_the_split_once():
+    for n, world in [(1, 1), (7, 3), (10, 4), (1000, 8)]:
+        covered = [i for rank in range(world) for i in evaluate.rank_slice(n, rank, world)]
+        assert covered == list(range(n))
+    with pytest.raises(ValueError, match="3 pairs cannot be shared by 4 processes"):
+        evaluate.rank_slice(3, 0, 4)
