@@ -13,6 +13,8 @@ import torch
 
 from mcr_kernels import backend, reference
 from mcr_kernels._native import _C, native_available
+from mcr_kernels._patch_drop_grads import (fake_restore_backward, register_gather_autograd,
+                                          register_restore_autograd)
 from mcr_kernels._validate import FLOAT_DTYPES, check_index_range, check_size, check_tensor
 
 
@@ -118,18 +120,7 @@ def _(grad, ids_keep, num_tokens):
     return grad.new_empty(grad.shape[0], num_tokens, grad.shape[2])
 
 
-def _gather_setup_context(ctx, inputs, output):
-    x, ids_keep = inputs
-    ctx.save_for_backward(ids_keep)
-    ctx.num_tokens = x.shape[1]
-
-
-def _gather_backward(ctx, grad):
-    (ids_keep,) = ctx.saved_tensors
-    return _scatter_tokens_native(grad.contiguous(), ids_keep, ctx.num_tokens), None
-
-
-_gather_tokens_native.register_autograd(_gather_backward, setup_context=_gather_setup_context)
+register_gather_autograd(_gather_tokens_native, _scatter_tokens_native)  # the C++ side makes inputs contiguous
 
 
 @torch.library.custom_op("mcr::restore_tokens_native", mutates_args=())
@@ -152,27 +143,10 @@ def _restore_tokens_backward_native(grad: torch.Tensor, ids_restore: torch.Tenso
     return _C.restore_tokens_backward_cpu(grad, ids_restore, num_keep)
 
 
-@_restore_tokens_backward_native.register_fake
-def _(grad, ids_restore, num_keep):
-    acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    return (grad.new_empty(grad.shape[0], num_keep, grad.shape[2]),
-            grad.new_empty(grad.shape[2], dtype=acc_dtype))
+_restore_tokens_backward_native.register_fake(fake_restore_backward)
 
 
-def _restore_setup_context(ctx, inputs, output):
-    x_kept, ids_restore, mask_token = inputs
-    ctx.save_for_backward(ids_restore)
-    ctx.num_keep = x_kept.shape[1]
-    ctx.mask_dtype = mask_token.dtype
-
-
-def _restore_backward(ctx, grad):
-    (ids_restore,) = ctx.saved_tensors
-    grad_x, grad_mask = _restore_tokens_backward_native(grad.contiguous(), ids_restore, ctx.num_keep)
-    return grad_x, None, grad_mask.to(ctx.mask_dtype)
-
-
-_restore_tokens_native.register_autograd(_restore_backward, setup_context=_restore_setup_context)
+register_restore_autograd(_restore_tokens_native, _restore_tokens_backward_native)
 
 
 backend.register("random_keep_indices", "reference", reference.random_keep_indices)

@@ -16,6 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from mcr_kernels._patch_drop_grads import (fake_restore_backward, mask_grad_dtype, register_gather_autograd,
+                                          register_restore_autograd)
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # A copy is memory bound: one 16-byte vector per thread per step; the configs cover one
@@ -117,10 +120,6 @@ def _keep_restore_kernel(shuffle_ptr, keep_ptr, restore_ptr, N, K, BLOCK_N: tl.c
 _MASK_CHUNK = 16  # masked slots summed per program in the restore backward
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _d_grid(rows, D):
     return lambda meta: (rows, triton.cdiv(D, meta["BLOCK_D"]))
 
@@ -185,17 +184,6 @@ def _(grad, ids_keep, num_tokens):
     return grad.new_empty(grad.shape[0], num_tokens, grad.shape[2])
 
 
-def _gather_setup_context(ctx, inputs, output):
-    x, ids_keep = inputs
-    ctx.save_for_backward(ids_keep)
-    ctx.num_tokens = x.shape[1]
-
-
-def _gather_backward(ctx, grad):
-    (ids_keep,) = ctx.saved_tensors
-    return scatter_tokens(grad, ids_keep, ctx.num_tokens), None
-
-
 def _scatter_setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[1])
 
@@ -205,7 +193,7 @@ def _scatter_backward(ctx, grad):  # scatter is linear: its adjoint is the gathe
     return gather_tokens(grad, ids_keep), None, None
 
 
-gather_tokens.register_autograd(_gather_backward, setup_context=_gather_setup_context)
+register_gather_autograd(gather_tokens, scatter_tokens)
 scatter_tokens.register_autograd(_scatter_backward, setup_context=_scatter_setup_context)
 
 
@@ -244,33 +232,17 @@ def restore_tokens_backward(grad: torch.Tensor, ids_restore: torch.Tensor,
     # The masked slots form one long segment per batch row (N - K slots for MAE indices):
     # cut into chunks of _MASK_CHUNK rows summed by separate programs, then added here.
     splits = triton.cdiv(N, _MASK_CHUNK)
-    partial = torch.empty(B * splits, D, dtype=_acc_dtype(grad.dtype), device=grad.device)
+    partial = torch.empty(B * splits, D, dtype=mask_grad_dtype(grad.dtype), device=grad.device)
     order, bounds = _segments(ids_restore.clamp(max=K), K)
     _segment_sum(grad, order, bounds, grad_x, 0, K)
     _segment_sum(grad, order, bounds, partial, K, 1, splits=splits, chunk=_MASK_CHUNK, block_p=_MASK_CHUNK)
     return grad_x, partial.sum(0)
 
 
-@restore_tokens_backward.register_fake
-def _(grad, ids_restore, num_keep):
-    return (grad.new_empty(grad.shape[0], num_keep, grad.shape[2]),
-            grad.new_empty(grad.shape[2], dtype=_acc_dtype(grad.dtype)))
+restore_tokens_backward.register_fake(fake_restore_backward)
 
 
-def _restore_setup_context(ctx, inputs, output):
-    x_kept, ids_restore, mask_token = inputs
-    ctx.save_for_backward(ids_restore)
-    ctx.num_keep = x_kept.shape[1]
-    ctx.mask_dtype = mask_token.dtype
-
-
-def _restore_backward(ctx, grad):
-    (ids_restore,) = ctx.saved_tensors
-    grad_x, grad_mask = restore_tokens_backward(grad, ids_restore, ctx.num_keep)
-    return grad_x, None, grad_mask.to(ctx.mask_dtype)
-
-
-restore_tokens.register_autograd(_restore_backward, setup_context=_restore_setup_context)
+register_restore_autograd(restore_tokens, restore_tokens_backward)
 
 
 @torch.library.custom_op("mcr::keep_restore_from_shuffle_triton", mutates_args=())
