@@ -1,5 +1,6 @@
 """What the real-data readers share: the record type, image decoding, the lazy dataset
 over (image path, report, labels) entries, and the summary of what was skipped and why."""
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -35,6 +36,17 @@ def check_image(path):
             im.size  # noqa: B018  (parsing the header is the check)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise UnreadableImage(f"{path}: {err}") from err
+
+
+def check_reader_args(name, root, split, splits, images_per_study):
+    """The checks every reader makes before reading: the root folder exists, the split and
+    images_per_study ("one" or "all") are known. name: the data set, for the message."""
+    if not root or not os.path.isdir(root):
+        raise FileNotFoundError(f"{name} root directory {root!r} does not exist")
+    if split not in splits:
+        raise ValueError(f"split must be one of {sorted(splits)}, got {split!r}")
+    if images_per_study not in ("one", "all"):
+        raise ValueError(f"images_per_study must be 'one' or 'all', got {images_per_study!r}")
 
 
 def add_study_images(entries, summary, candidates, text, labels, images_per_study):

@@ -24,7 +24,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from mcr.data.common import CHEXPERT_LABELS, ImageReportDataset, Summary, add_study_images
+from mcr.data.common import (CHEXPERT_LABELS, ImageReportDataset, Summary, add_study_images,
+                             check_reader_args)
 from mcr.data.reports import report_from_text
 
 PREFIX = "mimic-cxr-2.0.0-"
@@ -104,12 +105,7 @@ class MimicCXR(ImageReportDataset):
 
     def __init__(self, root, split="train", image_size=224, *, views=FRONTAL, images_per_study="one",
                  sections=("findings", "impression"), fallback="last", reports=None, uncertain=0.0):
-        if not root or not os.path.isdir(root):
-            raise FileNotFoundError(f"MIMIC-CXR root directory {root!r} does not exist")
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-        if images_per_study not in ("one", "all"):
-            raise ValueError(f"images_per_study must be 'one' or 'all', got {images_per_study!r}")
+        check_reader_args("MIMIC-CXR", root, split, SPLITS, images_per_study)
         summary = Summary(f"mimic-cxr {split}")
         rows = [r for r in read_table(find_table(root, "split")) if r["split"] == SPLITS[split]]
         view_of = {}

@@ -15,7 +15,8 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from mcr.data.common import CHEXPERT_LABELS, ImageReportDataset, Summary, add_study_images
+from mcr.data.common import (CHEXPERT_LABELS, ImageReportDataset, Summary, add_study_images,
+                             check_reader_args)
 from mcr.data.reports import clean_text, compose_report
 
 SPLIT_FRACTIONS = {"train": (0.0, 0.8), "val": (0.8, 0.9), "test": (0.9, 1.0)}
@@ -83,12 +84,7 @@ class OpenI(ImageReportDataset):
 
     def __init__(self, root, split="train", image_size=224, *, views=("Frontal",), images_per_study="one",
                  sections=("findings", "impression"), fallback="last", split_seed=0):
-        if not root or not os.path.isdir(root):
-            raise FileNotFoundError(f"OpenI root directory {root!r} does not exist")
-        if split not in SPLIT_FRACTIONS:
-            raise ValueError(f"split must be one of {sorted(SPLIT_FRACTIONS)}, got {split!r}")
-        if images_per_study not in ("one", "all"):
-            raise ValueError(f"images_per_study must be 'one' or 'all', got {images_per_study!r}")
+        check_reader_args("OpenI", root, split, SPLIT_FRACTIONS, images_per_study)
         summary = Summary(f"openi {split}")
         xmls, pngs, projections = [], {}, None
         for folder, _, files in os.walk(root):
