@@ -3,7 +3,6 @@ batch, replicated (DDP) or sharded (--fsdp); only rank 0 writes; a 2-process run
 from a killed run's checkpoint; --compile."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 
 from mcr import checkpoint
 from mcr.train import load_trained, main
-from test_train import run_args
+from test_train import killed_after, run_args
 
 STEPS = ["--max-steps", "3", "--eval-every", "0", "--lr", "3e-3"]
 
@@ -56,10 +55,7 @@ def test_two_processes_train_the_one_process_model(tmp_path):
 def test_two_processes_resume_a_killed_one_process_run(tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     main(run_args(full, "--max-steps", "4", "--save-every", "2", "--eval-every", "0", "--keep-checkpoints", "3"))
-    os.makedirs(resumed / "checkpoints")
-    shutil.copytree(full / "tokenizer", resumed / "tokenizer")
-    shutil.copytree(full / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
-    (resumed / "checkpoints" / "latest").write_text("step_00000002\n")
+    killed_after(full, resumed, 2)
     out = torchrun(2, run_args(resumed, "--max-steps", "4", "--save-every", "2", "--eval-every", "0", "--resume"))
     assert "saved with 1 processes, now 2" in out
     assert_same_weights(final_weights(full), final_weights(resumed), atol=1e-4)
@@ -75,10 +71,7 @@ def test_fsdp_continues_a_one_process_run_exactly(tmp_path):
     full, sharded = tmp_path / "full", tmp_path / "sharded"
     args = ["--max-steps", "4", "--save-every", "2", "--eval-every", "0", "--lr", "3e-3", "--keep-checkpoints", "3"]
     main(run_args(full, *args))
-    os.makedirs(sharded / "checkpoints")
-    shutil.copytree(full / "tokenizer", sharded / "tokenizer")
-    shutil.copytree(full / "checkpoints" / "step_00000002", sharded / "checkpoints" / "step_00000002")
-    (sharded / "checkpoints" / "latest").write_text("step_00000002\n")
+    killed_after(full, sharded, 2)
     out = torchrun(2, run_args(sharded, *args, "--resume", "--fsdp"))
     assert "processes=2 FSDP" in out and "saved with 1 processes, now 2" in out
     a, b = final_weights(full), final_weights(sharded)

@@ -21,6 +21,15 @@ def run_args(out_dir, *extra):
     return TINY_FLAGS + ["--out-dir", str(out_dir), *extra]
 
 
+def killed_after(full, resumed, step):
+    """Fill `resumed` with what a run killed after `full`'s step-`step` checkpoint left."""
+    name = f"step_{step:08d}"
+    os.makedirs(resumed / "checkpoints")
+    shutil.copytree(full / "tokenizer", resumed / "tokenizer")
+    shutil.copytree(full / "checkpoints" / name, resumed / "checkpoints" / name)
+    (resumed / "checkpoints" / "latest").write_text(name + "\n")
+
+
 def test_cli_smoke_writes_metrics_checkpoint_and_results(tmp_path):
     results = main(run_args(tmp_path, "--max-steps", "4", "--eval-every", "2", "--save-every", "2"))
     assert {"i2t", "t2i"} == set(results)
@@ -42,11 +51,7 @@ def test_cli_runs_each_variant(tmp_path, variant):
 def test_resume_continues_exactly(tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     main(run_args(full, "--max-steps", "6", "--save-every", "3", "--eval-every", "0", "--keep-checkpoints", "5"))
-    # a run that was killed after its step-3 checkpoint
-    os.makedirs(resumed / "checkpoints")
-    shutil.copytree(full / "tokenizer", resumed / "tokenizer")
-    shutil.copytree(full / "checkpoints" / "step_00000003", resumed / "checkpoints" / "step_00000003")
-    (resumed / "checkpoints" / "latest").write_text("step_00000003\n")
+    killed_after(full, resumed, 3)
     main(run_args(resumed, "--max-steps", "6", "--save-every", "3", "--eval-every", "0", "--resume"))
     a = load_file(full / "checkpoints" / "step_00000006" / "model.safetensors")
     b = load_file(resumed / "checkpoints" / "step_00000006" / "model.safetensors")
