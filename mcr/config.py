@@ -34,6 +34,9 @@ class ModelConfig:
     mrm_decoder_depth: int = 1
     variant: str = "mcr"              # mcr | dual-stream | abm
     init_temperature: float = 0.07
+    pool_text_masked: bool = True     # MbA pools the report's [MASK] positions too (False: unmasked tokens only)
+    pool_image_cls: bool = False      # MbA pools the CLS token with the kept patches
+    embed_masks: int = 0              # retrieval embeddings: 0 = unmasked inputs; n = mean over n masks at the training ratios
 
 
 PRESETS = {
@@ -94,6 +97,8 @@ class TrainConfig:
     loss_contrastive: float = 1.0     # the paper's 0.1 : 1 : 1 is the paper preset's (TRAINING_PRESETS)
     loss_mim: float = 1.0
     loss_mrm: float = 1.0
+    unmasked_tuning: float = 0.0      # share of the last steps trained on unmasked inputs, contrastive loss only (FLIP)
+    unmasked_every: int = 0           # also every k-th step unmasked, contrastive loss only (0 = never)
     eval_every: int = 500
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -122,3 +127,17 @@ TRAINING_PRESETS = {
     "paper": dict(batch_size=256, epochs=50, lr=1.5e-4, warmup_steps=2000, max_minutes=0.0,
                   loss_contrastive=0.1, eval_every=2000, save_every=2000, val_size=5000),
 }
+
+
+def is_unmasked_step(cfg, step, total_steps):
+    """Whether training step `step` (0-based) of `total_steps` is an unmasked, contrastive-only
+    step: the last `unmasked_tuning` share of the steps, and every `unmasked_every`-th step."""
+    if step >= total_steps - round(cfg.unmasked_tuning * total_steps):
+        return True
+    return cfg.unmasked_every > 0 and step % cfg.unmasked_every == cfg.unmasked_every - 1
+
+
+def unmasked_share(cfg):
+    """The share of training steps that are unmasked (is_unmasked_step), for cost accounting."""
+    every = 1 / cfg.unmasked_every if cfg.unmasked_every > 0 else 0.0
+    return cfg.unmasked_tuning + (1 - cfg.unmasked_tuning) * every
