@@ -3,6 +3,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 VARIANTS = ("mcr", "dual-stream", "abm")
+MASK_SAMPLINGS = ("random", "balanced")
 
 
 @dataclass
@@ -34,6 +35,7 @@ class ModelConfig:
     mrm_decoder_depth: int = 1
     variant: str = "mcr"              # mcr | dual-stream | abm
     init_temperature: float = 0.07
+    mask_sampling: str = "random"     # random: MAE's uniform choice; balanced: as many kept in each 2x2 block of patches
     pool_text_masked: bool = True     # MbA pools the report's [MASK] positions too (False: unmasked tokens only)
     pool_image_cls: bool = False      # MbA pools the CLS token with the kept patches
     embed_masks: int = 0              # retrieval embeddings: 0 = unmasked inputs; n = mean over n masks at the training ratios
@@ -68,6 +70,15 @@ def validate(cfg):
         raise ValueError(f"image_size {cfg.image_size} must be a multiple of patch_size {cfg.patch_size}")
     if not 0.0 < cfg.image_mask_ratio < 1.0:
         raise ValueError(f"image_mask_ratio must be in (0, 1), got {cfg.image_mask_ratio}")
+    if cfg.mask_sampling not in MASK_SAMPLINGS:
+        raise ValueError(f"mask_sampling must be one of {MASK_SAMPLINGS}, got {cfg.mask_sampling!r}")
+    if cfg.mask_sampling == "balanced":
+        grid = cfg.image_size // cfg.patch_size
+        blocks = (grid // 2) ** 2
+        keep = int(grid * grid * (1 - cfg.image_mask_ratio))
+        if grid % 2 or keep % blocks:
+            raise ValueError(f"mask_sampling 'balanced' needs an even patch grid ({grid}x{grid} here) and a kept "
+                             f"count ({keep}) divisible by its {blocks} 2x2 blocks")
     if not 0.0 < cfg.text_mask_ratio < 1.0:
         raise ValueError(f"text_mask_ratio must be in (0, 1), got {cfg.text_mask_ratio}")
 

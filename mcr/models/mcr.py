@@ -59,6 +59,22 @@ def mask_report_tokens(input_ids, attention_mask, special_mask, ratio, mask_id, 
     return masked, labels
 
 
+def balanced_keep_indices(batch_size, grid, num_keep, *, device=None, generator=None):
+    """MAE-convention masks (ids_keep int64 [B, K], ids_restore int64 [B, N]) that keep the
+    same number of patches, chosen at random, in every 2x2 block of a grid x grid patch grid,
+    so that every region of the image stays represented (grid even, K divisible by the
+    number of blocks)."""
+    half = grid // 2
+    by, bx = torch.meshgrid(torch.arange(half, device=device), torch.arange(half, device=device), indexing="ij")
+    dy, dx = torch.tensor([0, 0, 1, 1], device=device), torch.tensor([0, 1, 0, 1], device=device)
+    block_patches = ((2 * by.reshape(-1, 1) + dy) * grid + 2 * bx.reshape(-1, 1) + dx)  # [blocks, 4]
+    per_block = num_keep // block_patches.shape[0]
+    order = torch.rand(batch_size, *block_patches.shape, device=device, generator=generator).argsort(-1)
+    ranked = block_patches.expand(batch_size, -1, -1).gather(-1, order)
+    ids_shuffle = torch.cat([ranked[..., :per_block].flatten(1), ranked[..., per_block:].flatten(1)], dim=1)
+    return ids_shuffle[:, :num_keep].contiguous(), ids_shuffle.argsort(dim=1)
+
+
 def distributed_world():
     """World size of an initialized torch.distributed group, else 1."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -249,8 +265,12 @@ class MCR(nn.Module):
         cfg = self.cfg
         num_patches = self.vit.patch_embed.num_patches
         num_keep = int(num_patches * (1 - cfg.image_mask_ratio))
-        ids_keep, ids_restore = mcr_kernels.random_keep_indices(
-            batch_size, num_patches, num_keep, device=device, generator=generator)
+        if cfg.mask_sampling == "balanced":
+            ids_keep, ids_restore = balanced_keep_indices(
+                batch_size, cfg.image_size // cfg.patch_size, num_keep, device=device, generator=generator)
+        else:
+            ids_keep, ids_restore = mcr_kernels.random_keep_indices(
+                batch_size, num_patches, num_keep, device=device, generator=generator)
         text_noise = torch.rand(batch_size, cfg.max_text_len, 2, device=device, generator=generator)
         return {"ids_keep": ids_keep, "ids_restore": ids_restore, "text_noise": text_noise}
 
