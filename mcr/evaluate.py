@@ -60,9 +60,10 @@ def embed_dataset(model, loader, device, autocast_dtype=None, gather=False):
     images, texts, labels = [], [], []
     for batch in loader:
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            special = {"special_tokens_mask": batch["special_tokens_mask"].to(device)} \
+                if "special_tokens_mask" in batch else {}  # needed to embed masked views
             img, txt = model.embed(batch["image"].to(device), batch["input_ids"].to(device),
-                                   batch["attention_mask"].to(device),
-                                   batch["special_tokens_mask"].to(device))
+                                   batch["attention_mask"].to(device), **special)
         images.append(img.float().cpu())
         texts.append(txt.float().cpu())
         labels.append(batch["labels"])

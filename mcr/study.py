@@ -67,10 +67,11 @@ def row_model(cfg, vocab_size):
 
 
 def step_costs(rows, common, vocab_size, batch_size, repeats=12):
-    """{name: {"step_s", "activation_bytes_per_sample"}}: the median seconds of one training
-    step (forward, backward, AdamW) of each row's model on a random batch, rows interleaved
-    so that a busy machine slows all alike; masked and unmasked steps weighted by the row's
-    unmasked-tuning share. Activation bytes: autograd's saved tensors of a masked step."""
+    """{name: {"step_s", "activation_bytes_per_sample"}}: the seconds of one training step
+    (forward, backward, AdamW) of each row's model on a random batch, rows interleaved so
+    that a busy machine slows all alike; masked and unmasked steps weighted by the row's
+    unmasked share (config.unmasked_share). Activation bytes: autograd's saved tensors of a
+    masked step."""
     from mcr.config import unmasked_share
     from mcr.profiling import random_batch, saved_activation_bytes
 
@@ -97,14 +98,20 @@ def step_costs(rows, common, vocab_size, batch_size, repeats=12):
                 seconds = one_step(model, batch, optimizer, unmasked)
                 if repeat >= 2:
                     times[name][unmasked].append(seconds)
+    # each round's steps run back to back under the same load: a row's time is the median of
+    # its per-round ratio to the first row, times the first row's median time
+    def mean_step(name, r):
+        share = unmasked_share(models[name][0])
+        return (1 - share) * times[name][False][r] + (share * times[name][True][r] if share > 0 else 0.0)
+
+    first = next(iter(models))
+    base = statistics.median(mean_step(first, r) for r in range(repeats))
     out = {}
     for name, (cfg, model, batch, _) in models.items():
-        share = unmasked_share(cfg)
-        masked = statistics.median(times[name][False])
-        unmasked = statistics.median(times[name][True]) if share > 0 else 0.0
+        ratio = statistics.median(mean_step(name, r) / mean_step(first, r) for r in range(repeats))
         torch.manual_seed(0)
         act = saved_activation_bytes(model, batch) / batch_size
-        out[name] = {"step_s": (1 - share) * masked + share * unmasked, "activation_bytes_per_sample": act}
+        out[name] = {"step_s": base * ratio, "activation_bytes_per_sample": act}
     return out
 
 
@@ -183,10 +190,8 @@ class Study:
                 costs = json.load(f)
         else:
             costs = {}
-        missing = {n: f for n, f in self.rows.items() if n not in costs}
-        if missing:
-            vocab = vocab_size(self.common)
-            costs.update(step_costs(missing, self.common, vocab, args.cost_batch))
+        if any(name not in costs for name in self.rows):  # all rows in one interleaved measurement
+            costs = step_costs(self.rows, self.common, vocab_size(self.common), args.cost_batch)
             write_json(costs_path, costs)
         jobs = [(name, seed, self.steps_of(name, costs)) for seed in args.seeds for name in self.rows]
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
