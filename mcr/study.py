@@ -193,7 +193,9 @@ class Study:
         if any(name not in costs for name in self.rows):  # all rows in one interleaved measurement
             costs = step_costs(self.rows, self.common, vocab_size(self.common), args.cost_batch)
             write_json(costs_path, costs)
-        jobs = [(name, seed, self.steps_of(name, costs)) for seed in args.seeds for name in self.rows]
+        pairs = ([(name, seed) for name in self.rows for seed in args.seeds] if args.order == "rows"
+                 else [(name, seed) for seed in args.seeds for name in self.rows])
+        jobs = [(name, seed, self.steps_of(name, costs)) for name, seed in pairs]
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         if not args.report_only:
             with ThreadPoolExecutor(args.jobs) as pool:
@@ -294,6 +296,8 @@ def main(argv=None):
     parser.add_argument("--time-reference", default="", help="the row whose time @time rows match (default: first)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once; each gets cpu_count/jobs threads (default 1)")
+    parser.add_argument("--order", choices=("seeds", "rows"), default="seeds",
+                        help="training order: seeds = every row's seed 0 first; rows = all seeds of a row first")
     parser.add_argument("--cost-batch", type=int, default=32, help="batch of the step-time measurement (default 32)")
     parser.add_argument("--finegrained-studies", type=int, default=300,
                         help="queries of the fine-grained protocol (default 300)")
