@@ -190,7 +190,7 @@ class Study:
                 costs = json.load(f)
         else:
             costs = {}
-        if any(name not in costs for name in self.rows):  # all rows in one interleaved measurement
+        if not args.report_only and any(name not in costs for name in self.rows):  # one interleaved measurement
             costs = step_costs(self.rows, self.common, vocab_size(self.common), args.cost_batch)
             write_json(costs_path, costs)
         pairs = ([(name, seed) for name in self.rows for seed in args.seeds] if args.order == "rows"
@@ -301,7 +301,8 @@ def main(argv=None):
     parser.add_argument("--cost-batch", type=int, default=32, help="batch of the step-time measurement (default 32)")
     parser.add_argument("--finegrained-studies", type=int, default=300,
                         help="queries of the fine-grained protocol (default 300)")
-    parser.add_argument("--report-only", action="store_true", help="tabulate finished runs, train nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="tabulate finished runs; train and time nothing (no cost columns unless measured before)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
