@@ -196,7 +196,7 @@ class Study:
         pairs = ([(name, seed) for name in self.rows for seed in args.seeds] if args.order == "rows"
                  else [(name, seed) for seed in args.seeds for name in self.rows])
         jobs = [(name, seed, self.steps_of(name, costs)) for name, seed in pairs]
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
         if not args.report_only:
             with ThreadPoolExecutor(args.jobs) as pool:
                 for future in [pool.submit(self.train_one, n, s, k, threads) for n, s, k in jobs]:
@@ -296,6 +296,8 @@ def main(argv=None):
     parser.add_argument("--time-reference", default="", help="the row whose time @time rows match (default: first)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once; each gets cpu_count/jobs threads (default 1)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads of each run (default: cpu_count / jobs)")
     parser.add_argument("--order", choices=("seeds", "rows"), default="seeds",
                         help="training order: seeds = every row's seed 0 first; rows = all seeds of a row first")
     parser.add_argument("--cost-batch", type=int, default=32, help="batch of the step-time measurement (default 32)")
