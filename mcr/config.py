@@ -16,7 +16,7 @@ from mcr.data.registry import DATASETS
 
 VARIANTS = ("mcr", "dual-stream", "abm")
 PRECISIONS = ("auto", "bf16", "fp32")
-DEVICE_KINDS = ("auto", "cpu", "cuda")
+DEVICE_KINDS = ("auto", "cpu", "cuda", "cuda:N")  # checked by mcr.distributed.pick_device
 HEAD_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "none")  # mcr_kernels.ProjectionHead's
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
@@ -110,7 +110,7 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "newest checkpoints kept", minimum=1)
     log_every: int = option(20, "log the training losses every N steps", minimum=1)
     seed: int = option(0, "seed of the initialisation, data order and masks")
-    device: str = option("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    device: str = option("auto", f"one of {', '.join(DEVICE_KINDS)}; auto: cuda when available")
     precision: str = option("auto", "autocast: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32", PRECISIONS)
     num_workers: int = option(0, "DataLoader worker processes", minimum=0)
     tensorboard: bool = option(False, "also log to out_dir/tensorboard")
@@ -198,9 +198,6 @@ def resolve_config(cfg):
     else:
         validate(cfg.model)
     check_fields(cfg)
-    kind = cfg.device.split(":")[0]
-    if kind not in DEVICE_KINDS or (":" in cfg.device and not cfg.device.split(":", 1)[1].isdigit()):
-        raise ValueError(f"--device {cfg.device!r} is not one of: auto, cpu, cuda, cuda:N")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite exclude each other: continue the run, or start it over")
     if cfg.data != "synthetic" and not cfg.data_root:

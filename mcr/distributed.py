@@ -26,7 +26,12 @@ def pick_device(name, local_rank=0):
     """torch.device of `name` (auto, cpu, cuda, cuda:N); ValueError when it is not there."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r} is not one of: auto, cpu, cuda, cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name}: no CUDA device is available (use --device cpu or auto)")

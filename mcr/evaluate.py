@@ -41,7 +41,7 @@ def build_parser():
     p.add_argument("--data", choices=DATASETS, default=None, help="evaluate on another dataset than the run's")
     p.add_argument("--data-root", default="", help="its root folder (with --data)")
     p.add_argument("--data-options", default="", help="its reader options (with --data)")
-    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_KINDS)} or cuda:N")
+    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_KINDS)}")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--output", default="", help="JSON file to write (default: eval_<split>[_5x200].json "
                                                  "in the checkpoint folder)")

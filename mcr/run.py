@@ -214,8 +214,8 @@ def train(cfg):
 
 def load_trained(path, device=None):
     """(model, TrainConfig, tokenizer, device, checkpoint path) from a checkpoint folder or a
-    run folder (its newest intact checkpoint). The tokenizer is the run folder's own: the
-    one two levels above the checkpoint."""
+    run folder (its newest intact checkpoint), on `device` (default: auto). The tokenizer is
+    the run folder's own: the one two levels above the checkpoint."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     if not os.path.isfile(os.path.join(path, "state.json")):
@@ -226,7 +226,7 @@ def load_trained(path, device=None):
     checkpoint.check_intact(path)
     cfg = config_from_dict(checkpoint.read_state(path)["config"])
     tokenizer = load_tokenizer(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "tokenizer"))
-    device = distributed.pick_device(device or cfg.device)
+    device = distributed.pick_device(device or "auto")
     model = build_model(cfg.model, tokenizer).to(device)
     checkpoint.load_checkpoint(path, model)
     return model, cfg, tokenizer, device, path
