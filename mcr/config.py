@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from mcr.data.registry import DATASETS
 
 VARIANTS = ("mcr", "dual-stream", "abm")
+MASK_SAMPLINGS = ("random", "balanced")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICE_KINDS = ("auto", "cpu", "cuda", "cuda:N")  # checked by mcr.distributed.pick_device
 HEAD_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "none")  # mcr_kernels.ProjectionHead's
@@ -64,6 +65,12 @@ class ModelConfig:
     image_conditioned_mrm: bool = option(True, "add the mean image latent to the MRM decoder's input")
     mrm_decoder_depth: int = option(1, "MRM decoder blocks", minimum=0)
     init_temperature: float = option(0.07, "initial InfoNCE temperature", minimum=1e-4)
+    mask_sampling: str = option("random", "image masks: random (MAE's uniform choice) or balanced (as many kept "
+                                "patches in each 2x2 block)", MASK_SAMPLINGS)
+    pool_text_masked: bool = option(True, "MbA pools the report's [MASK] positions too (no: unmasked tokens only)")
+    pool_image_cls: bool = option(False, "MbA pools the CLS token with the kept patches")
+    embed_masks: int = option(0, "retrieval embeddings: 0 = of the unmasked inputs; n = mean over n masks at the "
+                              "training ratios", minimum=0)
 
 
 PRESETS = {
@@ -105,6 +112,9 @@ class TrainConfig:
     loss_contrastive: float = from_preset("weight of the InfoNCE loss", minimum=0)
     loss_mim: float = option(1.0, "weight of masked image modelling", minimum=0)
     loss_mrm: float = option(1.0, "weight of masked report modelling", minimum=0)
+    unmasked_tuning: float = option(0.0, "share of the last steps trained on unmasked inputs, contrastive loss "
+                                    "only (FLIP)", minimum=0, maximum=1)
+    unmasked_every: int = option(0, "also every k-th step unmasked, contrastive loss only; 0 = never", minimum=0)
     eval_every: int = from_preset("validate every N steps; 0 = only at the end", minimum=0)
     save_every: int = from_preset("checkpoint every N steps; 0 = only at the end", minimum=0)
     keep_checkpoints: int = option(2, "newest checkpoints kept", minimum=1)
@@ -165,6 +175,13 @@ def validate(cfg):
     for name in ("image_mask_ratio", "text_mask_ratio"):
         if not 0.0 < getattr(cfg, name) < 1.0:
             raise ValueError(f"{flag(name)} must be in (0, 1), got {getattr(cfg, name)}")
+    if cfg.mask_sampling == "balanced":
+        grid = cfg.image_size // cfg.patch_size
+        blocks = (grid // 2) ** 2
+        keep = int(grid * grid * (1 - cfg.image_mask_ratio))
+        if grid % 2 or keep % blocks:
+            raise ValueError(f"--mask-sampling balanced needs an even patch grid ({grid}x{grid} here) and a kept "
+                             f"count ({keep}) divisible by its {blocks} 2x2 blocks")
     for width, heads in (("vit_width", "vit_heads"), ("decoder_width", "decoder_heads"),
                          ("text_width", "text_heads")):
         if getattr(cfg, width) % getattr(cfg, heads):
@@ -226,3 +243,17 @@ def config_from_dict(values):
     if unknown:
         raise ValueError(f"unknown config fields {unknown}")
     return TrainConfig(**values, model=model)
+
+
+def is_unmasked_step(cfg, step, total_steps):
+    """Whether training step `step` (0-based) of `total_steps` is an unmasked, contrastive-only
+    step: the last `unmasked_tuning` share of the steps, and every `unmasked_every`-th step."""
+    if step >= total_steps - round(cfg.unmasked_tuning * total_steps):
+        return True
+    return cfg.unmasked_every > 0 and step % cfg.unmasked_every == cfg.unmasked_every - 1
+
+
+def unmasked_share(cfg):
+    """The share of training steps that are unmasked (is_unmasked_step), for cost accounting."""
+    every = 1 / cfg.unmasked_every if cfg.unmasked_every > 0 else 0.0
+    return cfg.unmasked_tuning + (1 - cfg.unmasked_tuning) * every

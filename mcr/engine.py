@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from mcr import checkpoint, protocols
-from mcr.config import config_to_dict
+from mcr.config import config_to_dict, is_unmasked_step
 from mcr.distributed import (full_value, gather_in_rank_order, mean_over_ranks, rank0_decides, rank_slice,
                              transformer_blocks)
 
@@ -79,9 +79,11 @@ def embed(model, dataset, collate, device, amp_dtype=None, batch_size=256, num_w
     model.eval()
     images, texts, labels = [], [], []
     for batch in loader:
+        special = {"special_tokens_mask": batch["special_tokens_mask"].to(device)} \
+            if "special_tokens_mask" in batch else {}  # needed to embed masked views (embed_masks)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             img, txt = model.embed(batch["image"].to(device), batch["input_ids"].to(device),
-                                   batch["attention_mask"].to(device))
+                                   batch["attention_mask"].to(device), **special)
         images.append(img.float().cpu())
         texts.append(txt.float().cpu())
         labels.append(batch["labels"])
@@ -150,16 +152,16 @@ class MetricsLog:
                     self.writer.add_scalar(f"{kind}/{key}", value, step)
 
 
-def train_step(runner, model, optimizer, batch, cfg, step, ctx):
+def train_step(runner, model, optimizer, batch, cfg, step, total_steps, ctx):
     """One optimizer step on this rank's rows of the global batch; returns (losses, total,
-    grad_norm). runner: the model, or its DDP wrapper."""
+    grad_norm). runner: the model, or its DDP wrapper. Unmasked steps: is_unmasked_step."""
     per_rank = cfg.batch_size // ctx.world
     rows = slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
     masks = model.draw_masks(cfg.batch_size, device=ctx.device, generator=step_generator(cfg.seed, step, ctx.device))
     masks = {k: v[rows] for k, v in masks.items()}
     amp_dtype = autocast_dtype(cfg.precision, ctx.device)
     with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        losses = runner(batch, masks=masks)
+        losses = runner(batch, masks=masks, unmasked=is_unmasked_step(cfg, step, total_steps))
     weights = {"contrastive": cfg.loss_contrastive, "mim": cfg.loss_mim, "mrm": cfg.loss_mrm}
     total = sum(weights[k] * v for k, v in losses.items())
     optimizer.zero_grad(set_to_none=True)
@@ -218,7 +220,7 @@ def fit(cfg, model, runner, optimizer, train_set, val_set, collate, ctx, start_s
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg, total_steps)
             batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
-            losses, total, grad_norm = train_step(runner, model, optimizer, batch, cfg, step, ctx)
+            losses, total, grad_norm = train_step(runner, model, optimizer, batch, cfg, step, total_steps, ctx)
             step += 1
             window_samples += cfg.batch_size
             bar.update(1)

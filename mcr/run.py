@@ -203,7 +203,9 @@ def train(cfg):
                      f"masks, so training continues the same run)" if saved_world != ctx.world else ""))
     runner = model
     if ctx.world > 1 and not ctx.sharded:
-        runner = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        # unmasked tuning steps leave the reconstruction heads without gradients
+        runner = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                         find_unused_parameters=cfg.unmasked_tuning > 0 or cfg.unmasked_every > 0)
     results = engine.fit(cfg, model, runner, optimizer, train_set, val_set, collate_for(cfg, tokenizer), ctx,
                          start_step)
     distributed.finish(ctx)
