@@ -14,12 +14,14 @@ from every rank, so N processes train the same model as one process would (up to
 summation order), and a run resumes on another world size. --fsdp shards parameters,
 gradients and optimizer state over the ranks instead of replicating them (FSDP2).
 """
-from mcr import cli, run
+from mcr import cli
 
 
 def main(argv=None):
     """Console entry point (mcr-train): parse, check every input, train; final results."""
     cfg = cli.parse_train_args(argv, description=__doc__)
+    from mcr import run  # torch and the model after parsing: --help and bad flags answer at once
+
     try:
         return run.train(cfg)
     except run.InputError as err:

@@ -96,7 +96,7 @@ def test_bad_values_from_the_shell_exit_2_before_any_work(tmp_path):
     """The console entry itself: nothing is written, the message names the flag."""
     out = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "mcr.train", "--variant", "nope", "--out-dir", str(out)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 2 and "'mcr', 'dual-stream', 'abm'" in done.stderr
     assert not out.exists()
 
