@@ -70,6 +70,22 @@ def _load(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS
 
 
 @triton.jit
+def _seq_bounds(CU, b):
+    """(start, length) of packed sequence b; start is int64 because (start + row) * row stride
+    passes 2**31 once total_tokens * H * Dh does (about 2.8 M tokens at H * Dh = 768)."""
+    start = tl.load(CU + b)
+    return start.to(tl.int64), tl.load(CU + b + 1) - start
+
+
+@triton.jit
+def _block_and_batch(ROWS, BLOCK: tl.constexpr):
+    """(row block, batch index) of a program: grid axis 0 is row blocks x batch, because
+    axes 1 and 2 stop at 65,535 (B sequences may exceed that; heads sit on axis 1)."""
+    n_blocks = tl.cdiv(ROWS, BLOCK)
+    return tl.program_id(0) % n_blocks, tl.program_id(0) // n_blocks
+
+
+@triton.jit
 def _seq_info(b, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K, MAX_LQ, MAX_LK,
               HAS_MASK: tl.constexpr, VARLEN: tl.constexpr):
     """(q_start, q_len, q_rows, k_start, kv_len, kv_full, causal_off) of sequence b.
@@ -79,10 +95,8 @@ def _seq_info(b, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K, MAX_LQ, MAX_LK,
     causal_off: key index aligned with query 0 (bottom-right causal alignment).
     """
     if VARLEN:
-        q_start = tl.load(CU_Q + b)
-        q_len = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        kv_len = tl.load(CU_K + b + 1) - k_start
+        q_start, q_len = _seq_bounds(CU_Q, b)
+        k_start, kv_len = _seq_bounds(CU_K, b)
         q_rows = q_len
         kv_full = kv_len
         causal_off = kv_len - q_len
@@ -163,9 +177,8 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K,
               DH: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_MASK: tl.constexpr,
               CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m, b = _block_and_batch(MAX_LQ, BLOCK_M)
     h = tl.program_id(1)
-    b = tl.program_id(2)
     q_start, q_len, q_rows, k_start, kv_len, kv_full, causal_off = _seq_info(
         b, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K, MAX_LQ, MAX_LK, HAS_MASK, VARLEN)
     start_m = pid_m * BLOCK_M
@@ -213,12 +226,10 @@ def _bwd_preprocess(O, DO, DELTA, CU_Q, stride_ob, stride_oh, stride_om,
                     DH: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
                     BLOCK_M: tl.constexpr):
     """delta[row] = sum_d dO[row, d] * O[row, d] in float32, laid out like the LSE."""
-    pid_m = tl.program_id(0)
+    pid_m, b = _block_and_batch(MAX_LQ, BLOCK_M)
     h = tl.program_id(1)
-    b = tl.program_id(2)
     if VARLEN:
-        q_start = tl.load(CU_Q + b)
-        q_rows = tl.load(CU_Q + b + 1) - q_start
+        q_start, q_rows = _seq_bounds(CU_Q, b)
     else:
         q_start = 0
         q_rows = MAX_LQ
@@ -255,9 +266,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, Q_LEN, KV_LEN, KV_FULL
                    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key block (dK/dV share strides), looping over the query blocks."""
-    pid_n = tl.program_id(0)
+    pid_n, b = _block_and_batch(MAX_LK, BLOCK_N)
     h = tl.program_id(1)
-    b = tl.program_id(2)
     q_start, q_len, q_rows, k_start, kv_len, kv_full, causal_off = _seq_info(
         b, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K, MAX_LQ, MAX_LK, HAS_MASK, VARLEN)
     if VARLEN:
@@ -340,9 +350,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, Q_LEN, KV_LEN, KV_FULL, CU_Q
                  CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block, looping over the key blocks like the forward."""
-    pid_m = tl.program_id(0)
+    pid_m, b = _block_and_batch(MAX_LQ, BLOCK_M)
     h = tl.program_id(1)
-    b = tl.program_id(2)
     q_start, q_len, q_rows, k_start, kv_len, kv_full, causal_off = _seq_info(
         b, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K, MAX_LQ, MAX_LK, HAS_MASK, VARLEN)
     start_m = pid_m * BLOCK_M
@@ -433,12 +442,9 @@ def _mask_info(mask, Lq):
     return mask_u8, info[0], info[1], info[2]
 
 
-def _grid(rows, pb):  # (row blocks, heads, batch): no 65535 limit on B * H
-    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), pb.H, pb.B)
-
-
-def _grid_n(rows, pb):
-    return lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]), pb.H, pb.B)
+def _grid(rows, pb, block="BLOCK_M"):
+    """(row blocks x batch, heads): see _block_and_batch."""
+    return lambda meta: (triton.cdiv(rows, meta[block]) * pb.B, pb.H)
 
 
 def _rows(t, varlen):
@@ -512,11 +518,11 @@ def _backward(do, q, k, v, out, lse, mask, scale, causal, cu_q=None, cu_k=None, 
     lse_strides = (0, lse.stride(0)) if pb.varlen else (lse.stride(0), lse.stride(1))
     delta = torch.empty_like(lse)
     const = pb.constexprs(q.dtype)
-    _bwd_preprocess[(triton.cdiv(pb.max_lq, 64), pb.H, pb.B)](
+    _bwd_preprocess[(triton.cdiv(pb.max_lq, 64) * pb.B, pb.H)](
         out, do, delta, pb.cu[0], *_rows(out, pb.varlen), *_rows(do, pb.varlen), *lse_strides,
         pb.max_lq, DH=pb.Dh, BLOCK_D=const["BLOCK_D"], VARLEN=pb.varlen, BLOCK_M=64)
     strides = (*_rows(q, pb.varlen), *_rows(k, pb.varlen), *_rows(v, pb.varlen), *_rows(do, pb.varlen))
-    _attn_bwd_dkdv[_grid_n(pb.max_lk, pb)](
+    _attn_bwd_dkdv[_grid(pb.max_lk, pb, "BLOCK_N")](
         q, k, v, do, lse, delta, dk, dv, *pb.pointers(), *strides, *_rows(dk, pb.varlen), *lse_strides,
         *pb.sizes(), scale, scale * LOG2E, **const)
     _attn_bwd_dq[_grid(pb.max_lq, pb)](
