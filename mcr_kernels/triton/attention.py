@@ -48,6 +48,28 @@ def _prune(configs, named_args, **kwargs):
             for m, n, w, s in ((32, 32, 4, 1), (64, 32, 4, 2), (64, 64, 8, 1))]
 
 
+def _backward_prune(streamed):
+    """early_config_prune of a backward kernel whose loop streams BLOCK_<streamed> rows of two
+    tensors (dK/dV: q and dO; dQ: k and v). Its shared memory is num_stages x 2 x rows x BLOCK_D
+    x element size + 2 KiB, plus on sm_90 the two resident tiles that wgmma reads from shared
+    memory (exact for the compile check's sm_80 and sm_90 figures); tiles over sm_80's 163 KiB or
+    sm_90's 227 KiB per block could never launch (e.g. 128 x 128 at Dh = 128 in bf16, or at
+    Dh = 64 in fp32), so they are dropped here rather than failing at run time."""
+    resident = "BLOCK_N" if streamed == "BLOCK_M" else "BLOCK_M"
+
+    def prune(configs, named_args, **kwargs):
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        size = named_args["Q"].element_size()
+        kept = []
+        for config in _prune(configs, named_args, **kwargs):
+            stream = config.num_stages * 2 * config.kwargs[streamed] * block_d * size + 2048
+            tiles = 2 * config.kwargs[resident] * block_d * size
+            if stream <= 163 * 1024 and stream + tiles <= 227 * 1024:
+                kept.append(config)
+        return kept
+    return prune
+
+
 # tuned per power-of-two length bucket: padded report batches have many distinct Lmax
 _TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "DH", "HAS_MASK", "CAUSAL", "VARLEN"]
 # one binary per (dtype, head dim, mask, causal, varlen, tile), whatever the sizes
@@ -255,7 +277,7 @@ def _load_row_stats(LSE, DELTA, lse_off, offs_m, q_len):
     return lse, delta
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _backward_prune("BLOCK_M")})
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
@@ -339,7 +361,7 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, lo, hi, offs_m, offs_d, kv_
     return dq
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _backward_prune("BLOCK_N")})
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
@@ -651,3 +673,38 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 backend.register("flash_attention", "triton", flash_attention, backend.triton_available)
 backend.register("flash_attention_varlen", "triton", flash_attention_varlen, backend.triton_available)
+
+
+# --- compile check ------------------------------------------------------------------------
+# What the launchers above pass, for python -m mcr_kernels.compile_check (every autotune config
+# that _prune keeps is compiled for sm_80 and sm_90). Head dims: MCR's 32 and 64, an uneven
+# 96 (BLOCK_D 128 with column masks), 128 and the largest allowed, 256. Masks: the dense path
+# with a key padding mask and causal (every masking branch), and varlen causal.
+_HEAD_DIMS = (128, 64, 32, 96, 256)  # 128 first: the subset compiles the first variant only
+_TILE_STRIDES = tuple(f"stride_{t}{a}" for t in ("q", "k", "v", "o", "do", "dk", "dq") for a in ("b", "h", "m", "n"))
+
+
+def _attention_variants(dtype, with_mask=True):
+    """Dense (with a mask, if the kernel takes one) then varlen, causal, every head dim; for fp32
+    exact products (torch's default) before tf32."""
+    precisions = ("ieee", "tf32") if dtype == "fp32" else ("tf32",)
+    return [dict(DH=dh, BLOCK_D=max(16, triton.next_power_of_2(dh)), EVEN_D=dh == max(16, triton.next_power_of_2(dh)),
+                 HAS_MASK=with_mask and not varlen, CAUSAL=True, VARLEN=varlen, DOT_PRECISION=precision)
+            for precision in precisions for varlen in (False, True) for dh in _HEAD_DIMS]
+
+
+_ATTENTION_POINTERS = dict(Q="*{dtype}", K="*{dtype}", V="*{dtype}", O="*{dtype}", DO="*{dtype}", DQ="*{dtype}",
+                           DK="*{dtype}", DV="*{dtype}", LSE="*fp32", DELTA="*fp32", MASK="*u8", Q_LEN="*i32",
+                           KV_LEN="*i32", KV_FULL="*i32", CU_Q="*i32", CU_K="*i32", qk_scale="fp32",
+                           sm_scale="fp32")
+COMPILE_SPECS = [
+    *(dict(kernel=kernel, dtypes=("fp16", "bf16", "fp32"), signature=_ATTENTION_POINTERS,
+           divisible=_TILE_STRIDES, variants=_attention_variants)
+      for kernel in (_attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq)),
+    dict(kernel=_bwd_preprocess, dtypes=("fp16", "bf16", "fp32"), signature=_ATTENTION_POINTERS,
+         divisible=_TILE_STRIDES,
+         variants=lambda dtype: [dict(DH=v["DH"], BLOCK_D=v["BLOCK_D"], VARLEN=v["VARLEN"], BLOCK_M=64)
+                                 for v in _attention_variants("bf16", with_mask=False)]),
+    dict(kernel=_mask_info_kernel, dtypes=("u8",), signature=_ATTENTION_POINTERS,
+         variants=[dict(SAME_LEN=same, BLOCK_B=32, BLOCK_L=128, num_warps=4) for same in (True, False)]),
+]
