@@ -50,11 +50,11 @@ def _prune(configs, named_args, **kwargs):
 
 def _backward_prune(streamed):
     """early_config_prune of a backward kernel whose loop streams BLOCK_<streamed> rows of two
-    tensors (dK/dV: q and dO; dQ: k and v). Its shared memory is num_stages x 2 x rows x BLOCK_D
-    x element size + 2 KiB, plus on sm_90 the two resident tiles that wgmma reads from shared
-    memory (exact for the compile check's sm_80 and sm_90 figures); tiles over sm_80's 163 KiB or
-    sm_90's 227 KiB per block could never launch (e.g. 128 x 128 at Dh = 128 in bf16, or at
-    Dh = 64 in fp32), so they are dropped here rather than failing at run time."""
+    tensors (dK/dV: q and dO; dQ: k and v). Its shared memory is about num_stages x 2 x rows x
+    BLOCK_D x element size + 2 KiB, plus on sm_90 the two resident tiles that wgmma reads from
+    shared memory (within 8 KiB of the compile check's figures, no config near a limit); tiles
+    over sm_80's 163 KiB or sm_90's 227 KiB per block could never launch (e.g. 128 x 128 at
+    Dh = 128 in bf16, or at Dh = 64 in fp32), so they are dropped here, not left to fail at run time."""
     resident = "BLOCK_N" if streamed == "BLOCK_M" else "BLOCK_M"
 
     def prune(configs, named_args, **kwargs):
