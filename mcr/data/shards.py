@@ -301,7 +301,8 @@ class ShardDataset:
 
         self.name, self.image_size = f"shards {split}", manifest["image_size"]
         self.label_names = tuple(manifest["label_names"])
-        self.images_path, self._images, self._file = part_path(out_dir, split, "images"), None, None
+        self.images_path = part_path(out_dir, split, "images")
+        self._images = self._file = self._checked = None  # mapped on first use, in each process
         self.rows = np.flatnonzero(np.load(io.BytesIO(read("valid"))))
         self.offsets = np.load(io.BytesIO(read("text_offsets")))
         self.labels_all = np.load(io.BytesIO(read("labels")))
@@ -338,14 +339,16 @@ class ShardDataset:
         self.checked[b] = True
 
     def _check_row(self, r):
+        if self._checked is None:  # a numpy view of the shared map: cheaper to index than the tensor
+            self._checked = self.checked.numpy()
         row_bytes = self.image_size * self.image_size
         first = self.images.offset + int(r) * row_bytes
         for b in range(first // self.crc["block_bytes"], (first + row_bytes - 1) // self.crc["block_bytes"] + 1):
-            if not self.checked[b]:
+            if not self._checked[b]:
                 self._check_block(b)
 
-    def __getstate__(self):  # workers started with spawn re-map the file instead of copying it
-        return {**self.__dict__, "_images": None, "_file": None}
+    def __getstate__(self):  # workers started with spawn re-map the files instead of copying them
+        return {**self.__dict__, "_images": None, "_file": None, "_checked": None}
 
     def __len__(self):
         return len(self.rows)
