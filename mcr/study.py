@@ -218,12 +218,11 @@ class Study:
 
 def vocab_size(common):
     """The vocabulary size the runs will have (the tokenizer they load or train)."""
-    cfg = train_config(common)
-    if cfg.tokenizer:
-        from mcr.data.tokenizer import load_tokenizer
+    from mcr.run import configured_tokenizer
 
-        return len(load_tokenizer(cfg.tokenizer))
-    return cfg.model.vocab_size
+    cfg = train_config(common)
+    tokenizer = configured_tokenizer(cfg)
+    return len(tokenizer) if tokenizer is not None else cfg.model.vocab_size
 
 
 def summarize(runs, costs, rows):
