@@ -322,11 +322,11 @@ def test_open_clip_vit_b_32_matches_with_our_loss_and_patch_dropout(attention_ca
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = open_clip.create_model("ViT-B-32", pretrained=None, force_image_size=64,
-                                     force_patch_dropout=0.5).eval()
+                                     force_context_length=16, force_patch_dropout=0.5).eval()
     ours = copy.deepcopy(ref)
     assert apply_to_open_clip(ours) == {"MultiheadAttention": 24, "PatchDropout": 1}
     assert apply_to_open_clip(ours) == {}
-    images, texts = torch.randn(2, 3, 64, 64), torch.randint(1, 49000, (2, 77))
+    images, texts = torch.randn(2, 3, 64, 64), torch.randint(1, 49000, (2, 16))
     results = []
     for model, loss_fn in ((ours, ClipLoss()), (ref, OpenClipLoss())):
         image_features, text_features, logit_scale = model(images, texts)
@@ -418,3 +418,16 @@ def test_mcr_kernels_imports_without_the_model_libraries():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"
     assert integrations.ClipLoss is mcr_kernels.ClipLoss and integrations.PatchDropout is mcr_kernels.PatchDropout
+
+
+def test_patched_model_survives_deepcopy_and_pickling(tmp_path):
+    from timm.layers import Attention
+
+    model = torch.nn.Sequential(Attention(32, num_heads=4), PatchDropout(0.5)).eval()
+    apply_to_timm(model)
+    torch.save(model, tmp_path / "model.pt")
+    for copied in (copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)):
+        assert copied[0].forward.args[0] is copied[0]  # bound to the copy, not the original
+        x = torch.randn(2, 5, 32)
+        close(copied(x), model(x), atol=0, rtol=0)
+        assert revert(copied) == {"Attention": 1}

@@ -1,7 +1,7 @@
 """Shared machinery of the apply_* functions: bind a forward on a module instance (and
 undo it), warn once per model when attention dropout sends a call to torch's SDPA, and
 recognise a causal mask by its values."""
-import types
+import functools
 import warnings
 import weakref
 
@@ -17,7 +17,8 @@ def patched_forward(fn):
 
 
 def is_patched(module):
-    return getattr(module.__dict__.get("forward"), "__func__", None) in PATCHED_FORWARDS
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, functools.partial) and forward.func in PATCHED_FORWARDS
 
 
 class ModelToken:
@@ -25,11 +26,12 @@ class ModelToken:
 
 
 def patch_forward(module, fn, token):
-    """Bind fn as module.forward (instance attribute; the class is untouched). False when
-    already patched, or when something else (e.g. an accelerate hook) replaced forward."""
+    """Bind fn as module.forward (an instance attribute, a partial so that the model still
+    pickles and deep-copies; the class is untouched). False when already patched, or when
+    something else (e.g. an accelerate hook) replaced forward."""
     if "forward" in module.__dict__:
         return False
-    module.forward = types.MethodType(fn, module)
+    module.forward = functools.partial(fn, module)
     module._mcr_kernels_token = token
     return True
 
