@@ -39,7 +39,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import mcr_kernels  # noqa: E402
 from _common import CPU_MALLOC_ENV, cpu_peak_bytes, environment, print_table, write_results  # noqa: E402
 from mcr.config import preset  # noqa: E402
-from mcr.models.mcr import MCR, global_mean, mask_report_tokens  # noqa: E402
+from mcr.models.mcr import MCR, global_mean  # noqa: E402
 from mcr.profiling import MASK, PAD, random_batch  # noqa: E402
 
 CONFIGS = ("mcr", "peer", "dual-stream", "mcr-reference")
@@ -48,7 +48,7 @@ WEIGHTS = {"contrastive": 0.1, "mim": 1.0, "mrm": 1.0}
 
 def peer_losses(model, batch, masks, clip_loss):
     """The MCR losses as plain PyTorch + timm + HF + open_clip compute them (model in peer mode)."""
-    cfg, vit = model.cfg, model.vit
+    vit = model.vit
     imgs, ids, attn = batch["image"], batch["input_ids"], batch["attention_mask"]
     ids_keep, ids_restore = masks["ids_keep"], masks["ids_restore"]
     x = vit.patch_embed(imgs) + vit.pos_embed[:, 1:]
@@ -65,9 +65,7 @@ def peer_losses(model, batch, masks, clip_loss):
     for blk in model.decoder_blocks:
         d = blk(d)
     pred = model.decoder_pred(model.decoder_norm(d))[:, 1:]
-    masked_ids, labels = mask_report_tokens(ids, attn, batch["special_tokens_mask"], cfg.text_mask_ratio,
-                                            model.mask_token_id, cfg.vocab_size, cfg.text_mask_replace,
-                                            noise=masks["text_noise"])
+    masked_ids, labels = model.mask_text(ids, attn, batch["special_tokens_mask"], masks)
     txt = model.bert(input_ids=masked_ids, attention_mask=attn).last_hidden_state
     h = txt
     if model.image_to_text is not None:
@@ -76,9 +74,9 @@ def peer_losses(model, batch, masks, clip_loss):
         h = blk(h, attn_mask=attn.bool()[:, None, None, :])
     logits = model.mlm_head(h)  # [B, L, V], every position
     mrm_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-    real = attn.unsqueeze(-1).to(txt.dtype)
-    image_emb = model.image_head(latent[:, 1:]).mean(1)
-    text_emb = (model.text_head(txt) * real).sum(1) / real.sum(1)
+    pooled = model.text_pool_mask(attn, labels).unsqueeze(-1).to(txt.dtype)
+    image_emb = model.image_head(model.image_tokens(latent)).mean(1)
+    text_emb = (model.text_head(txt) * pooled).sum(1) / pooled.sum(1).clamp(min=1)
     scale = model.logit_scale.exp().clamp(max=100)
     contrastive = clip_loss(F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1), scale)
     return {"mim": model.mim_loss(imgs, pred, mask), "mrm": global_mean(mrm_sum, (labels != -100).sum()),
@@ -131,7 +129,7 @@ class Bench:
         self.optimizer.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return {k: float(v) for k, v in losses.items()}
+        return {k: float(v.detach()) for k, v in losses.items()}
 
 
 def time_configs(preset_name, batch_size, configs, repeats, warmup, device, amp_dtype):
