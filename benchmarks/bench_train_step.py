@@ -177,7 +177,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="small:32,paper:4",
                         help="comma-separated preset:batch pairs to measure")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
+    parser.add_argument("--configs", default="mcr,peer,dual-stream", help=f"comma-separated subset of {CONFIGS}")
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per configuration (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory runs")
