@@ -35,7 +35,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's packages, whatever is installed
 import mcr_kernels  # noqa: E402
 from _common import CPU_MALLOC_ENV, cpu_peak_bytes, environment, print_table, write_results  # noqa: E402
 from mcr.config import preset  # noqa: E402
