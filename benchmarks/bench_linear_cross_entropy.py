@@ -32,8 +32,9 @@ import torch.nn.functional as F
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's packages, whatever is installed
-import mcr_kernels  # noqa: E402
 from _common import CPU_MALLOC_ENV, cpu_peak_bytes, environment, print_table, write_results  # noqa: E402
+
+import mcr_kernels  # noqa: E402
 
 WIDTH_VOCAB = {"paper": (768, 30522), "small": (128, 2048)}
 LENGTH, MASK_RATIO = 128, 0.25

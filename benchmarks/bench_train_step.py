@@ -37,8 +37,9 @@ import torch.nn.functional as F
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's packages, whatever is installed
-import mcr_kernels  # noqa: E402
 from _common import CPU_MALLOC_ENV, cpu_peak_bytes, environment, print_table, write_results  # noqa: E402
+
+import mcr_kernels  # noqa: E402
 from mcr.config import preset  # noqa: E402
 from mcr.models.mcr import MCR, global_mean  # noqa: E402
 from mcr.profiling import MASK, PAD, random_batch  # noqa: E402

@@ -19,9 +19,10 @@ def linear_cross_entropy(hidden, weight, bias, labels, *, ignore_index=-100, red
     """Cross-entropy of the logits hidden Wᵀ + b against labels; a float32 scalar.
 
     hidden [N, D] and weight [V, D] of one float dtype, bias [V] or None, labels int64 [N]
-    (values in [0, V) or ignore_index); under autocast the three are cast to its dtype. reduction "mean" divides by the number of
-    non-ignored rows (a loss of 0, with zero gradients, when every row is ignored; F.cross_entropy
-    gives NaN there), "sum" adds the rows' losses. Logits and softmax are float32.
+    (values in [0, V) or ignore_index); under autocast the three are cast to its dtype.
+    reduction "mean" divides by the number of non-ignored rows (a loss of 0, with zero
+    gradients, when every row is ignored; F.cross_entropy gives NaN there), "sum" adds the
+    rows' losses. Logits and softmax are float32.
     """
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
     if torch.is_autocast_enabled(hidden.device.type):  # the projection follows autocast, as F.linear

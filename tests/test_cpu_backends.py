@@ -88,7 +88,7 @@ def test_model_step_on_default_cpu_backends_matches_reference(tiny_config, cpu_c
     assert all(cpu_calls[op] > 0 for op in CPU_OPS), cpu_calls
     for name in ref_losses:
         assert_close(losses[name], ref_losses[name], torch.float32, name)
-    for p, g, r in zip(params, got, ref_grads):
+    for g, r in zip(got, ref_grads, strict=True):
         if r is not None:
             torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-3)
 
@@ -133,7 +133,8 @@ def test_flash_attention_matches_float64_reference(B, H, Lq, Lk, Dh, kind, causa
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "lse: -inf rows differ"
     finite = torch.isfinite(ref_lse)
     assert_close(lse[finite], ref_lse[finite], torch.float32, "lse")
-    for name, got, want in zip(("dq", "dk", "dv"), torch.autograd.grad(out, low, grad_out.to(dtype)), expected):
+    grads = torch.autograd.grad(out, low, grad_out.to(dtype))
+    for name, got, want in zip(("dq", "dk", "dv"), grads, expected, strict=True):
         assert_close(got, want, dtype, name)
 
 
@@ -165,7 +166,7 @@ def test_flash_attention_compiles_fullgraph():
         grads = torch.autograd.grad(compiled.sum(), (q, k, v))
         expected = torch.autograd.grad(eager.sum(), (q, k, v))
     assert_close(compiled, eager, torch.float32, "out")
-    for got, want in zip(grads, expected):
+    for got, want in zip(grads, expected, strict=True):
         assert_close(got, want, torch.float32, "grad")
 
 
@@ -191,7 +192,7 @@ def test_infonce_matches_float64_reference_over_several_blocks(B, E, scale, norm
         loss = mcr_kernels.infonce_loss(*low, normalize=normalize)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert_close(loss, ref, torch.float32, "loss")
-    for name, got, want in zip(("image", "text", "scale"), torch.autograd.grad(loss, low), expected):
+    for name, got, want in zip(("image", "text", "scale"), torch.autograd.grad(loss, low), expected, strict=True):
         assert_close(got, want, torch.float32, f"d {name}")
 
 
@@ -319,7 +320,7 @@ def test_mba_pool_matches_float64_reference_over_several_blocks(activation, two_
     kw = dict(activation=activation, pool=pool, normalize_tokens=normalize_tokens)
 
     def run(dtype):
-        params = leaves(*(t for t, p in zip(tensors, present) if p), dtype=dtype)
+        params = leaves(*(t for t, p in zip(tensors, present, strict=True) if p), dtype=dtype)
         it = iter(params)
         args = [next(it) if p else None for p in present]
         return params, args
@@ -333,7 +334,7 @@ def test_mba_pool_matches_float64_reference_over_several_blocks(activation, two_
         out = mcr_kernels.mba_pool(args[0], mask, *args[1:], **kw)
     assert out.dtype == torch.float32 and out.shape == (B, E)
     assert_close(out, ref, torch.float32, "pooled")
-    for got, want in zip(torch.autograd.grad(out, params, grad_out.float()), expected):
+    for got, want in zip(torch.autograd.grad(out, params, grad_out.float()), expected, strict=True):
         assert_close(got, want, torch.float32, "grad")
 
 
@@ -362,6 +363,6 @@ def test_mba_pool_and_infonce_compile_fullgraph(small_blocks):
     with mcr_kernels.use_backend("cpu"):
         eager = step(*params)
         compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*params)
-        for got, want in zip(torch.autograd.grad(compiled, params), torch.autograd.grad(eager, params)):
+        for got, want in zip(torch.autograd.grad(compiled, params), torch.autograd.grad(eager, params), strict=True):
             assert_close(got, want, torch.float32, "compiled grad")
     assert_close(compiled, eager, torch.float32, "compiled loss")

@@ -9,11 +9,11 @@ oracle sees the same rounded inputs; logits GEMM in bfloat16 as F.linear would).
 import pytest
 import torch
 import torch.nn.functional as F
+from test_cpu_backends import LargestTensor
 
 import mcr_kernels
 from mcr_kernels import backend, reference
 from mcr_kernels.cpu import linear_cross_entropy as chunked
-from test_cpu_backends import LargestTensor
 
 pytest.importorskip("triton")
 BACKENDS = ("cpu", "triton")
@@ -51,7 +51,7 @@ def check(name, N, D, V, *, bias=True, dtype=torch.float32, reduction="mean", ig
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert_close(loss, ref, dtype, "loss")
     got = torch.autograd.grad(grad_scale * loss, [t for t in low if t is not None])
-    for what, a, b in zip(("hidden", "weight", "bias"), got, expected):
+    for what, a, b in zip(("hidden", "weight", "bias"), got, expected, strict=False):  # no bias: 2
         assert a.dtype == dtype
         assert_close(a, b, dtype, f"d {what}")
     return loss, got
@@ -150,7 +150,7 @@ def test_torch_compile_fullgraph(name):
         compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(hidden, weight, bias)
         got = torch.autograd.grad(compiled, (hidden, weight, bias))
     assert_close(compiled, eager, torch.float32, "loss")
-    for a, b in zip(got, torch.autograd.grad(eager, (hidden, weight, bias))):
+    for a, b in zip(got, torch.autograd.grad(eager, (hidden, weight, bias)), strict=True):
         assert_close(a, b, torch.float32, "grad")
 
 
@@ -183,7 +183,7 @@ def test_autocast_casts_the_projection_like_f_linear():
         loss = mcr_kernels.linear_cross_entropy(hidden, weight, bias, labels)
     assert_close(loss, expected, torch.bfloat16, "loss")
     for a, b in zip(torch.autograd.grad(loss, (hidden, weight, bias)),
-                    torch.autograd.grad(expected, (hidden, weight, bias))):
+                    torch.autograd.grad(expected, (hidden, weight, bias)), strict=True):
         assert a.dtype == torch.float32
         assert_close(a, b, torch.bfloat16, "grad")
 
@@ -204,5 +204,5 @@ def test_model_mrm_loss_equals_full_vocabulary_logits(tiny_config, forced):
     with mcr_kernels.use_backend(forced):
         loss = model.mrm_loss(hidden, labels)
     assert_close(loss, expected, torch.float32, "loss")
-    for a, b in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected, params)):
+    for a, b in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected, params), strict=True):
         assert_close(a, b, torch.float32, "grad")

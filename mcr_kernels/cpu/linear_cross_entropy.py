@@ -11,7 +11,6 @@ The backward pass only scales the stored gradients by the incoming gradient. Wit
 mode (evaluation) the gradients are skipped. d W and d b accumulate in float32.
 """
 import math
-from typing import Optional
 
 import torch
 
@@ -95,7 +94,7 @@ def register_autograd(op):
 
 
 @torch.library.custom_op("mcr_kernels::linear_cross_entropy_chunked", mutates_args=())
-def linear_cross_entropy_chunked(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def linear_cross_entropy_chunked(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                  labels: torch.Tensor, ignore_index: int, mean: bool,
                                  compute_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                torch.Tensor]:

@@ -5,7 +5,6 @@ computes each row's loss and overwrites the row's logits with their gradient in 
 online max / sum of exponentials -> log-sum-exp, then (softmax - onehot) * scale.
 """
 import os
-from typing import Optional
 
 import torch
 import triton
@@ -54,7 +53,7 @@ def ce_rows_triton(logits, labels, ignore_index, scale, compute_grads):
 
 
 @torch.library.custom_op("mcr_kernels::linear_cross_entropy_triton", mutates_args=())
-def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                 labels: torch.Tensor, ignore_index: int, mean: bool,
                                 compute_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                               torch.Tensor]:
