@@ -171,7 +171,8 @@ def peak_memory(preset_name, batch_size, config, warmup, device, amp_dtype):
 def peak_memory_in_fresh_process(preset_name, batch_size, config, warmup):
     env = {**os.environ, **CPU_MALLOC_ENV}
     out = subprocess.run([sys.executable, __file__, "--child-memory", f"{preset_name}:{batch_size}:{config}",
-                          "--warmup", str(warmup)], env=env, capture_output=True, text=True, check=True)
+                          "--warmup", str(warmup), "--threads", str(torch.get_num_threads())],
+                         env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -183,9 +184,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per configuration (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory runs")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads in every process (0 = torch's default)")
     parser.add_argument("--no-write", action="store_true", help="print only; write no results file")
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -218,12 +223,13 @@ def main():
                 if "step_peak_mib" in r:
                     r["step_peak_vs_peer"] = r["step_peak_mib"] / peer["step_peak_mib"]
                     r["process_peak_vs_peer"] = r["process_peak_mib"] / peer["process_peak_mib"]
+        if not args.no_write:  # after every shape: a run cut short keeps what it measured
+            paths = write_results("train_step", rows, {"repeats": args.repeats, "warmup": args.warmup,
+                                                       "threads": env["threads"]})
     print("\nall rows (ratios against the peer, same preset and batch):")
     print_table(rows, ["preset", "batch", "config", "step_ms", "step_ms_min", "step_ms_max", "time_vs_peer",
                        "step_peak_mib", "step_peak_vs_peer", "process_peak_mib", "process_peak_vs_peer"])
     if not args.no_write:
-        paths = write_results("train_step", rows, {"repeats": args.repeats, "warmup": args.warmup,
-                                                   "threads": env["threads"]})
         print("wrote", *paths)
 
 
