@@ -64,7 +64,7 @@ def loss_and_backward(config, hidden, weight, bias, labels):
     loss.backward()
     if hidden.is_cuda:
         torch.cuda.synchronize()
-    return float(loss)
+    return float(loss.detach())
 
 
 def peak_mib(shape, batch, config, device):

@@ -10,8 +10,8 @@ this package, side by side in one run, on the same device, data, masks and prese
                    contrastive loss), with mcr_kernels' default backends
     mcr-reference  MCR with every op forced to the `reference` backend (the unfused ops)
 
-Step time: one model and one optimizer serve every configuration (the peer swaps the
-attention modules to timm's and BERT to "sdpa" around its step), and the configurations take
+Step time: one model and one optimizer serve every configuration (the peer reverts
+mcr_kernels.integrations around its step: timm's own attention, BERT on "sdpa"), and the configurations take
 turns step by step, in a rotating order, for --repeats rounds; the median per configuration
 is reported, and each one's ratio to the peer.
 Peak memory: each configuration in a fresh process (started with glibc returning freed blocks
@@ -43,6 +43,7 @@ import mcr_kernels  # noqa: E402
 from mcr.config import preset  # noqa: E402
 from mcr.models.mcr import MCR, global_mean  # noqa: E402
 from mcr.profiling import MASK, PAD, random_batch  # noqa: E402
+from mcr_kernels import integrations  # noqa: E402
 
 CONFIGS = ("mcr", "peer", "dual-stream", "mcr-reference")
 WEIGHTS = {"contrastive": 0.1, "mim": 1.0, "mrm": 1.0}
@@ -102,14 +103,18 @@ class Bench:
         self.device, self.amp_dtype = device, amp_dtype
         self.clip_loss = ClipLoss()
         self.timm_attention = TimmAttention
-        self.attention_classes = {m: type(m) for m in self.model.modules() if isinstance(m, TimmAttention)}
-        self.bert_attention = self.model.bert.config._attn_implementation
 
     def peer_mode(self, on):
-        for module, cls in self.attention_classes.items():
-            module.__class__ = self.timm_attention if on else cls
-            module.fused_attn = True
-        self.model.bert.config._attn_implementation = "sdpa" if on else self.bert_attention
+        """Plain timm / transformers attention (SDPA) in the model, or mcr_kernels' again."""
+        if on:
+            integrations.revert(self.model)
+            self.model.bert.set_attn_implementation("sdpa")
+            for module in self.model.modules():
+                if isinstance(module, self.timm_attention):
+                    module.fused_attn = True
+        else:
+            integrations.apply_to_timm(self.model)
+            integrations.apply_to_hf(self.model.bert)
 
     def losses(self, config):
         self.model.cfg = self.cfgs["dual-stream" if config == "dual-stream" else "mcr"]
