@@ -23,8 +23,9 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mcr_kernels  # noqa: E402
 from _common import is_oom, peak_bytes, print_table, time_ms, write_results  # noqa: E402
+
+import mcr_kernels  # noqa: E402
 
 
 def eager_loss(img, txt, txt_mask, img_head, txt_head, scale):

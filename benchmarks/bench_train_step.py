@@ -23,8 +23,9 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import mcr_kernels  # noqa: E402
 from _common import environment, is_oom, matmul_tflops, print_table, write_results  # noqa: E402
+
+import mcr_kernels  # noqa: E402
 from mcr.config import preset  # noqa: E402
 from mcr.models.mcr import MCR  # noqa: E402
 from mcr.profiling import MASK, PAD, random_batch, step_flops  # noqa: E402
@@ -143,7 +144,7 @@ def main():
         for config in configs:
             variant = CONFIGS[config][0]
 
-            def run(batch_size):
+            def run(batch_size, preset_name=preset_name, config=config, variant=variant, flops=flops):
                 row = measure(preset_name, config, batch_size, args.steps, args.warmup, device, amp_dtype)
                 row["gflops_per_sample"] = flops[variant] / 1e9
                 row["mfu_pct"] = 100 * flops[variant] * row["samples_per_s"] / (peak_tflops * 1e12)

@@ -84,11 +84,12 @@ def proxy_table(preset_names=("small", "paper"), variants=("dual-stream", "mcr",
             model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK)
             costs[variant] = step_costs(model, random_batch(cfg, batch_size))
         base = costs["dual-stream"]
+        base_bytes = base["activation_bytes_per_sample"]
         for variant, c in costs.items():
             rows.append({"preset": name, "variant": variant,
                          "activation_MiB_per_sample": c["activation_bytes_per_sample"] / 2**20,
                          "GFLOPs_per_sample": c["flops_per_sample"] / 1e9,
-                         "activation_vs_dual_stream": c["activation_bytes_per_sample"] / base["activation_bytes_per_sample"],
+                         "activation_vs_dual_stream": c["activation_bytes_per_sample"] / base_bytes,
                          "flops_vs_dual_stream": c["flops_per_sample"] / base["flops_per_sample"]})
     return rows
 

@@ -10,9 +10,10 @@ rendezvous flags). DDP, gloo on CPU and NCCL on GPU; --batch-size is the global 
 evenly over the ranks; masks are drawn per global batch and the InfoNCE takes its negatives
 from every rank, so N processes train the same model as one process would (up to float
 summation order), and a run resumes on another world size. Each rank evaluates its slice of
-the validation split; rank 0 alone logs and writes checkpoints. --fsdp shards parameters, gradients and optimizer state over the
-ranks instead of replicating them (FSDP2, one unit per transformer block), for the paper
-preset and larger; its checkpoints hold full tensors, so either mode resumes the other.
+the validation split; rank 0 alone logs and writes checkpoints. --fsdp shards parameters,
+gradients and optimizer state over the ranks instead of replicating them (FSDP2, one unit per
+transformer block), for the paper preset and larger; its checkpoints hold full tensors, so
+either mode resumes the other.
 """
 import argparse
 import dataclasses
@@ -36,7 +37,6 @@ from mcr.evaluate import evaluate_retrieval, format_table, rank_slice
 from mcr.models.mcr import MCR
 from mcr.models.weights import load_pretrained
 
-
 # --- configuration --------------------------------------------------------------------
 
 def _flag(name):
@@ -52,7 +52,8 @@ def _add_fields(parser, cls, group_defaults_none=False, skip=("model",)):
             parser.add_argument(_flag(f.name), type=lambda s: s.lower() in ("1", "true", "yes", "on"),
                                 nargs="?", const=True, default=default, metavar="BOOL")
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            type_name = f.type if isinstance(f.type, str) else f.type.__name__
+            kind = {"int": int, "float": float, "str": str}.get(type_name, str)
             parser.add_argument(_flag(f.name), type=kind, default=default)
 
 

@@ -241,6 +241,7 @@ def kernel_calls(monkeypatch):
 
 def test_vit_attention_matches_timm_eager(kernel_calls):
     from timm.layers import Attention
+
     from mcr.models.attention import use_flash_attention
     eager = Attention(64, num_heads=4, qkv_bias=True).to(DEVICE)
     eager.fused_attn = False
@@ -261,6 +262,7 @@ def test_vit_attention_matches_timm_eager(kernel_calls):
 
 def test_bert_mcr_attention_matches_eager_on_real_tokens(kernel_calls):
     from transformers import BertConfig, BertModel
+
     import mcr.models.attention  # noqa: F401  registers "mcr"
     make_cfg = lambda impl: BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                                        intermediate_size=96, attention_probs_dropout_prob=0.0,

@@ -24,8 +24,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from mcr.data.common import (CHEXPERT_LABELS, ImageReportDataset, Summary, add_study_images,
-                             check_reader_args)
+from mcr.data.common import CHEXPERT_LABELS, ImageReportDataset, Summary, add_study_images, check_reader_args
 from mcr.data.reports import report_from_text
 
 PREFIX = "mimic-cxr-2.0.0-"

@@ -15,8 +15,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from mcr.data.common import (CHEXPERT_LABELS, ImageReportDataset, Summary, add_study_images,
-                             check_reader_args)
+from mcr.data.common import CHEXPERT_LABELS, ImageReportDataset, Summary, add_study_images, check_reader_args
 from mcr.data.reports import clean_text, compose_report
 
 SPLIT_FRACTIONS = {"train": (0.0, 0.8), "val": (0.8, 0.9), "test": (0.9, 1.0)}

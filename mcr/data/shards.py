@@ -190,7 +190,7 @@ def verify(out_dir, splits=None, checksums=True):
     for split, entry in manifest["splits"].items():
         if splits and split not in splits:
             continue
-        for part, info in entry["files"].items():
+        for info in entry["files"].values():
             path = os.path.join(out_dir, info["name"])
             if not os.path.isfile(path):
                 bad.append(f"{info['name']} (missing)")

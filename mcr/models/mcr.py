@@ -186,7 +186,7 @@ class MCR(nn.Module):
         gather = distributed_world() > 1
         if self.cfg.variant == "abm":
             image_emb = self.image_head(img_tokens.mean(1))
-            text_emb = self.text_head(mcr_kernels.reference.masked_mean(txt_tokens, txt_mask))
+            text_emb = self.text_head(mcr_kernels.masked_mean(txt_tokens, txt_mask))
             return mcr_kernels.infonce_loss(image_emb, text_emb, scale, gather=gather)
         loss, _, _ = mcr_kernels.mba_infonce(img_tokens, None, txt_tokens, txt_mask, self.image_head,
                                              self.text_head, scale, gather=gather)
@@ -200,7 +200,7 @@ class MCR(nn.Module):
         mask = attention_mask.bool()
         if self.cfg.variant == "abm":
             image_emb = self.image_head(latent[:, 1:].mean(1))
-            text_emb = self.text_head(mcr_kernels.reference.masked_mean(txt, mask))
+            text_emb = self.text_head(mcr_kernels.masked_mean(txt, mask))
         else:
             image_emb = self.image_head.pool(latent[:, 1:], None)
             text_emb = self.text_head.pool(txt, mask)
