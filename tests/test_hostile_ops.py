@@ -199,3 +199,13 @@ def test_broken_triton_module_raises_instead_of_falling_back(module):
                             timeout=300)
     assert result.returncode != 0, "mcr_kernels imported with a broken Triton module"
     assert f"mcr_kernels.triton.{module}" in result.stderr
+
+
+def test_import_needs_torch_only():
+    """`import mcr_kernels` pulls in neither the model stack nor the mcr package."""
+    code = ("import sys, mcr_kernels\n"
+            "leaked = sorted({m.split('.')[0] for m in sys.modules} & {'mcr', 'transformers', 'timm', 'tokenizers'})\n"
+            "print(','.join(leaked))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"import mcr_kernels imported {result.stdout.strip()}"
