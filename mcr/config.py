@@ -35,10 +35,10 @@ class ModelConfig:
     mrm_decoder_depth: int = 1
     variant: str = "mcr"              # mcr | dual-stream | abm
     init_temperature: float = 0.07
-    mask_sampling: str = "random"     # random: MAE's uniform choice; balanced: as many kept in each 2x2 block of patches
+    mask_sampling: str = "random"     # random: MAE's uniform choice; balanced: as many kept per 2x2 patch block
     pool_text_masked: bool = True     # MbA pools the report's [MASK] positions too (False: unmasked tokens only)
     pool_image_cls: bool = False      # MbA pools the CLS token with the kept patches
-    embed_masks: int = 0              # retrieval embeddings: 0 = unmasked inputs; n = mean over n masks at the training ratios
+    embed_masks: int = 0              # retrieval embeddings: 0 = unmasked inputs; n = mean over n training masks
 
 
 PRESETS = {
