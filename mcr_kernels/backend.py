@@ -139,11 +139,12 @@ def resolve(op, device):
 
 
 def dot_precision(dtype):
-    """Triton tl.dot input_precision under the precision rule above: "tf32" for float32
-    inputs only where torch allows TF32 for float32 matmuls, else "ieee"."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+    """Triton tl.dot input_precision under the precision rule above: "ieee" for float32
+    inputs unless torch allows TF32 for float32 matmuls; 16-bit inputs are exact in either
+    ("tf32", the setting their compiled variants use)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
 
 
 def _load_environment():

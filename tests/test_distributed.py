@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from test_train import killed_after, run_args
 
 from mcr import checkpoint
-from mcr.train import load_trained, main
+from mcr.run import load_trained
+from mcr.train import main
 
 STEPS = ["--max-steps", "3", "--eval-every", "0", "--lr", "3e-3"]
 
