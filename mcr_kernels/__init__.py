@@ -7,6 +7,7 @@ how one is chosen. This package never imports `mcr`; it needs torch (and triton 
 """
 from mcr_kernels.attention import flash_attention, flash_attention_varlen, pad_input, unpad_input
 from mcr_kernels.backend import available_backends, get_backend, registered_backends, set_backend, use_backend
+from mcr_kernels.integrations import ClipLoss, PatchDropout  # noqa: E402  (after the ops they use)
 from mcr_kernels.mba import ProjectionHead, infonce_loss, masked_mean, mba_infonce, mba_pool
 from mcr_kernels.patch_drop import gather_tokens, random_keep_indices, random_masking, restore_tokens
 
@@ -17,4 +18,5 @@ __all__ = [
     "flash_attention", "flash_attention_varlen", "unpad_input", "pad_input",
     "mba_pool", "masked_mean", "infonce_loss", "mba_infonce", "ProjectionHead",
     "set_backend", "get_backend", "use_backend", "available_backends", "registered_backends",
+    "PatchDropout", "ClipLoss",
 ]
