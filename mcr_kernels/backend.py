@@ -1,7 +1,8 @@
-"""Which implementation runs each op: `reference`, `triton` or `native`.
+"""Which implementation runs each op: `reference`, `triton`, `native` or `cpu`.
 
 Default: the fastest one available for the tensors' device — on CUDA `triton`, then
-`native`, then `reference`; on CPU `native`, then `reference` (Triton kernels run on CPU
+`native`, then `cpu`, then `reference`; on CPU `native`, then `cpu` (torch's fused CPU kernels
+in blocks, mcr_kernels/cpu), then `reference` (Triton kernels run on CPU
 tensors only when forced, under TRITON_INTERPRET=1, which is how the tests use them).
 
 Force a backend for all ops or some:
@@ -18,7 +19,8 @@ An op file registers its backends with `register` (the only way), e.g.
     if backend.HAS_TRITON:  # a broken kernel file raises here: never a silent fallback
         from mcr_kernels.triton import my_op as triton_my_op
         backend.register("my_op", "triton", triton_my_op.my_op)
-Where a backend can run follows from its name (`runs_on`), optionally narrowed by `devices`.
+Where a backend can run follows from its name (`runs_on`), optionally narrowed by `devices`
+(the `cpu` backends of attention and MbA register with devices=("cpu",): where they are tested).
 
 Precision, one rule for every op and backend: float32 inputs get float32 products unless
 torch allows TF32 for float32 matmuls (`torch.backends.cuda.matmul.allow_tf32 = True` or
@@ -31,8 +33,8 @@ import os
 
 import torch
 
-BACKENDS = ("reference", "triton", "native")
-_PREFERENCE = {"cuda": ("triton", "native", "reference"), "cpu": ("native", "reference")}
+BACKENDS = ("reference", "triton", "native", "cpu")
+_PREFERENCE = {"cuda": ("triton", "native", "cpu", "reference"), "cpu": ("native", "cpu", "reference")}
 _ALL = "*"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -44,7 +46,7 @@ def runs_on(backend, device):
     """Whether `backend` kernels can run on `device` at all: reference everywhere; triton on
     CUDA (triton installed) and on CPU under TRITON_INTERPRET=1; native where mcr_kernels._C
     was built for the device."""
-    if backend == "reference":
+    if backend in ("reference", "cpu"):  # plain torch code (`cpu`: blocked, mcr_kernels/cpu)
         return True
     if backend == "triton":
         interpret = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
@@ -157,3 +159,4 @@ def _load_environment():
 
 
 _load_environment()
+
