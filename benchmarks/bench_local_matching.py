@@ -11,18 +11,20 @@ Lt = 128 words (report lengths drawn in [32, 128]), E = 128, float32. "eager" wr
 matching batched, holding every [B, B, Lt, Li] and [B, B, Lt, E] tensor (3.3 and 4.3 GB
 each at B = 256).
 
-Peak memory on CPU, both above the inputs, by two methods:
-* counted: the most bytes of tensor storages alive at once, summed over the outputs of
-  every aten op (a TorchDispatchMode; a storage counts until freed) while the step runs on
-  the meta device, where nothing is allocated. It counts the eager computation at the
-  acceptance shape, which this shared 2-core machine (23 GB) cannot hold.
-* RSS: a fresh subprocess per (implementation, B), glibc's mmap threshold fixed at 128 KiB
-  so that freed tensors leave the resident set, resets its peak resident set
-  (/proc/self/clear_refs), runs the step once and reports VmHWM minus VmRSS before the step.
-  For the op at every B, for eager where it fits; at shared B it checks the count.
+Peak memory on CPU, both above the inputs, each in a fresh subprocess, by two methods:
+* counted (tracemalloc-like): the most bytes of tensor storages alive at once, summed over
+  the outputs of every aten op (a TorchDispatchMode; a storage counts until it is freed;
+  the native backend's custom ops run their Python bodies so their blocks count) while the
+  step runs on the meta device, where nothing is allocated. This counts the eager
+  computation at the acceptance shape B = 256, which this shared 2-core, 23 GB machine
+  cannot hold (it needs ~31 GiB).
+* RSS: glibc's mmap threshold fixed at 128 KiB so that freed tensors leave the resident
+  set, the peak resident set reset (/proc/self/clear_refs), one step, then VmHWM minus
+  VmRSS before the step. Run at the `--real-batches` sizes for both; there it checks the
+  count (rss_vs_counted).
 On a GPU: torch.cuda peak allocated above the inputs.
-Time: median wall time of `--repeats` steps (in the same subprocess on CPU; one step at
-B = 256). The machine is shared with other jobs: times are indicative, memory is not.
+Time: median wall time of `--repeats` steps (the RSS-measured step first). The machine is
+shared with other jobs at higher priority: times are indicative, memory is not.
 Results: benchmarks/results/local_matching-<device>-<date>.{json,csv}.
 """
 import argparse
@@ -145,9 +147,12 @@ def _status_kib(field):
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
 
 
-def child(impl, B, repeats):
-    """In a fresh process: RSS peak above the inputs of one step and the median step time
-    (that step and repeats - 1 more). A step at B = 2 first does the lazy initialisations."""
+def child(method, impl, B, repeats):
+    """Run in a fresh process. "counted": the counted peak on meta. "rss": the RSS peak
+    above the inputs of one step and the median time of that step and repeats - 1 more (a
+    step at B = 2 first does the lazy initialisations)."""
+    if method == "counted":
+        return print(json.dumps({"counted_peak": counted_peak(impl, B)}))
     step_fn(IMPLS[impl], make_inputs(2, "cpu"))()
     step = step_fn(IMPLS[impl], make_inputs(B, "cpu"))
     with open("/proc/self/clear_refs", "w") as f:
@@ -164,37 +169,32 @@ def child(impl, B, repeats):
     print(json.dumps({"rss_peak": peak, "ms": statistics.median(times), "loss": loss.item()}))
 
 
-def run_child(impl, B, repeats):
+def run_child(method, impl, B, repeats=1):
     """child() in a fresh interpreter; glibc returns every block of >= 128 KiB to the system
     on free (fixed mmap threshold), so the resident set follows the live tensors."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", impl, str(B), str(repeats)],
-                         capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", method, impl, str(B),
+                          str(repeats)], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def cpu_rows(batches, eager_batches, repeats):
+def cpu_rows(batches, real_batches, repeats):
     rows = []
     for B in batches:
         for impl in IMPLS:
             row = dict(B=B, impl=impl, backend="native" if impl == "local_matching" else "",
-                       counted_peak_mib=counted_peak(impl, B) / 2 ** 20)
-            if impl == "local_matching" or B in eager_batches:
-                res = run_child(impl, B, repeats if B != ACCEPTANCE_B else 1)
-                row.update(rss_peak_mib=res["rss_peak"] / 2 ** 20, ms=res["ms"], loss=res["loss"])
-            else:
-                row.update(rss_peak_mib=None, ms=None, note="not run: counted peak exceeds what this "
-                                                            "shared machine can hold")
+                       counted_peak_mib=run_child("counted", impl, B)["counted_peak"] / 2 ** 20)
+            if B in real_batches:
+                res = run_child("rss", impl, B, repeats)
+                row.update(rss_peak_mib=res["rss_peak"] / 2 ** 20, ms=res["ms"], loss=res["loss"],
+                           rss_vs_counted=res["rss_peak"] / 2 ** 20 / row["counted_peak_mib"])
             rows.append(row)
             print_table([row])
-    for B in batches:
-        eager, fused = [next(r for r in rows if r["B"] == B and r["impl"] == i) for i in IMPLS]
+        eager, fused = rows[-2], rows[-1]
         fused["counted_peak_vs_eager"] = fused["counted_peak_mib"] / eager["counted_peak_mib"]
-        if eager.get("rss_peak_mib"):
+        if B in real_batches:
             fused["rss_peak_vs_eager"] = fused["rss_peak_mib"] / eager["rss_peak_mib"]
             fused["time_vs_eager"] = fused["ms"] / eager["ms"]
-            for r in (eager, fused):
-                r["rss_vs_counted"] = r["rss_peak_mib"] / r["counted_peak_mib"]
     return rows
 
 
@@ -220,23 +220,25 @@ def gpu_rows(batches, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="B = 8 and 16 only, no result files")
-    parser.add_argument("--batches", type=int, nargs="+", default=None, help="B values (default 32 64 256)")
-    parser.add_argument("--eager-batches", type=int, nargs="+", default=[8, 16, 32, 64],
-                        help="B values at which eager is also run for real on CPU (RSS and time)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per step")
-    parser.add_argument("--child", nargs=3, metavar=("IMPL", "B", "REPEATS"), help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="B = 4 and 8 only, no result files")
+    parser.add_argument("--batches", type=int, nargs="+", default=None,
+                        help="B values (default 16 32 64 256)")
+    parser.add_argument("--real-batches", type=int, nargs="+", default=[4, 8, 16, 32, 64],
+                        help="B values at which both are also run for real on CPU (RSS and time)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed steps per B (the measured one first)")
+    parser.add_argument("--child", nargs=4, metavar=("METHOD", "IMPL", "B", "REPEATS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.child[0], int(args.child[1]), int(args.child[2]))
-    batches = args.batches or ([8, 16] if args.quick else [32, 64, ACCEPTANCE_B])
+        return child(args.child[0], args.child[1], int(args.child[2]), int(args.child[3]))
+    batches = args.batches or ([4, 8] if args.quick else [16, 32, 64, ACCEPTANCE_B])
     if torch.cuda.is_available():
         rows = gpu_rows(batches, args.repeats)
         extra = {"peak_method": "torch.cuda.max_memory_allocated above the inputs"}
     else:
-        rows = cpu_rows(batches, set(args.eager_batches), args.repeats)
+        rows = cpu_rows(batches, set(args.real_batches), args.repeats)
         at = [r for r in rows if r["B"] == ACCEPTANCE_B and r["impl"] == "local_matching"]
-        extra = {"peak_method": "counted live storage bytes on meta; RSS high-water mark in a fresh subprocess",
+        extra = {"peak_method": "each in a fresh subprocess: counted live tensor-storage bytes on the meta "
+                                "device (TorchDispatchMode); RSS high-water mark (VmHWM after clear_refs)",
                  "block_elements": front.BLOCK_ELEMENTS, "threads": torch.get_num_threads(),
                  "acceptance (counted peak vs eager at B=256, goal <= 0.1)":
                      at[0]["counted_peak_vs_eager"] if at else None}
