@@ -2,7 +2,7 @@
 import dataclasses
 from dataclasses import dataclass, field
 
-VARIANTS = ("mcr", "dual-stream", "abm")
+VARIANTS = ("mcr", "dual-stream", "abm", "mpma", "reclf")
 MASK_SAMPLINGS = ("random", "balanced")
 
 
@@ -33,12 +33,32 @@ class ModelConfig:
     norm_pix_loss: bool = False
     image_conditioned_mrm: bool = True
     mrm_decoder_depth: int = 1
-    variant: str = "mcr"              # mcr | dual-stream | abm
+    variant: str = "mcr"              # mcr | dual-stream | abm | mpma | reclf
     init_temperature: float = 0.07
     mask_sampling: str = "random"     # random: MAE's uniform choice; balanced: as many kept in each 2x2 block of patches
     pool_text_masked: bool = True     # MbA pools the report's [MASK] positions too (False: unmasked tokens only)
     pool_image_cls: bool = False      # MbA pools the CLS token with the kept patches
     embed_masks: int = 0              # retrieval embeddings: 0 = unmasked inputs; n = mean over n masks at the training ratios
+    # local (word-to-region) alignment of the mpma and reclf variants (docs/method.md)
+    local_attn_scale: float = field(default=4.0, metadata={
+        "help": "mpma/reclf: scale of the word-to-region attention logits (GLoRIA's gamma1)"})
+    local_agg_scale: float = field(default=5.0, metadata={
+        "help": "mpma: scale of the log-sum-exp over words of a pair's matchings (GLoRIA's gamma2)"})
+    local_logit_scale: float = field(default=10.0, metadata={
+        "help": "mpma/reclf: local matching scores times this are the local loss's logits "
+                "(GLoRIA's gamma3); the initial value when learnable"})
+    local_scale_learnable: bool = field(default=False, metadata={
+        "help": "mpma/reclf: learn the local logit scale (log-parametrized, capped at 100)"})
+    memory_slots: int = field(default=16, metadata={
+        "help": "mpma: slots S of the learned cross-modal memory of MA-CMF"})
+    memory_depth: int = field(default=1, metadata={
+        "help": "mpma: cross-attention layers from report tokens to [visible image tokens; memory]"})
+    irm_hidden: int = field(default=64, metadata={
+        "help": "reclf: hidden width of the IRM head giving each word a non-negative importance"})
+    srm_mix: float = field(default=0.5, metadata={
+        "help": "reclf: share of a word's weight that SRM takes from its related words (0 = IRM only)"})
+    srm_temperature: float = field(default=0.1, metadata={
+        "help": "reclf: temperature of SRM's row-softmax over the report's token cosine similarities"})
 
 
 PRESETS = {
@@ -81,6 +101,14 @@ def validate(cfg):
                              f"count ({keep}) divisible by its {blocks} 2x2 blocks")
     if not 0.0 < cfg.text_mask_ratio < 1.0:
         raise ValueError(f"text_mask_ratio must be in (0, 1), got {cfg.text_mask_ratio}")
+    for name in ("local_agg_scale", "local_logit_scale", "srm_temperature"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    for name in ("memory_slots", "memory_depth", "irm_hidden"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.srm_mix <= 1.0:
+        raise ValueError(f"srm_mix must be in [0, 1], got {cfg.srm_mix}")
 
 
 @dataclass
@@ -110,6 +138,8 @@ class TrainConfig:
     loss_mrm: float = 1.0
     unmasked_tuning: float = 0.0      # share of the last steps trained on unmasked inputs, contrastive loss only (FLIP)
     unmasked_every: int = 0           # also every k-th step unmasked, contrastive loss only (0 = never)
+    loss_local: float = field(default=1.0, metadata={
+        "help": "weight of the local (word-to-region) alignment loss of the mpma and reclf variants"})
     eval_every: int = 500
     save_every: int = 500
     keep_checkpoints: int = 2

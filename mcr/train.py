@@ -33,7 +33,7 @@ from mcr.config import TRAINING_PRESETS, VARIANTS, ModelConfig, TrainConfig, is_
 from mcr.data.batching import Collate
 from mcr.data.registry import open_dataset
 from mcr.evaluate import evaluate_retrieval, format_table, rank_slice
-from mcr.models.mcr import MCR
+from mcr.models import build_model
 from mcr.models.weights import load_pretrained
 
 
@@ -236,7 +236,7 @@ def load_trained(path):
                                if os.path.isdir(os.path.join(cfg.out_dir, "tokenizer"))
                                else os.path.join(os.path.dirname(os.path.dirname(path)), "tokenizer"))
     device = pick_device(cfg.device)
-    model = MCR(model_cfg, pad_token_id=tokenizer.pad_token_id, mask_token_id=tokenizer.mask_token_id).to(device)
+    model = build_model(model_cfg, pad_token_id=tokenizer.pad_token_id, mask_token_id=tokenizer.mask_token_id).to(device)
     checkpoint.load_checkpoint(path, model)
     return model, cfg, tokenizer, device, path
 
@@ -291,7 +291,7 @@ def train(cfg):
         print("--fsdp: one process, nothing to shard; training unsharded", file=sys.stderr)
     val_loader, val_reports = build_eval(cfg, tokenizer, rank=rank, world=world)
 
-    model = MCR(cfg.model, pad_token_id=tokenizer.pad_token_id, mask_token_id=tokenizer.mask_token_id)
+    model = build_model(cfg.model, pad_token_id=tokenizer.pad_token_id, mask_token_id=tokenizer.mask_token_id)
     load_pretrained(model, cfg.image_weights, cfg.text_weights)
     model = model.to(device)
     if cfg.compile:
@@ -326,7 +326,8 @@ def train(cfg):
               f"{'FSDP ' if sharded else ''}"
               f"params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M steps={total_steps} "
               f"batch={cfg.batch_size} train={len(train_set)} val={len(val_reports)}")
-    weights = {"contrastive": cfg.loss_contrastive, "mim": cfg.loss_mim, "mrm": cfg.loss_mrm}
+    weights = {"contrastive": cfg.loss_contrastive, "mim": cfg.loss_mim, "mrm": cfg.loss_mrm,
+               "local": cfg.loss_local}
     per_rank = cfg.batch_size // world
 
     def evaluate(step):

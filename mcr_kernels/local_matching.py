@@ -157,7 +157,7 @@ def local_matching_blockwise_backward(
         g = gb[..., None] * g
         c_hat = c / norm[..., None]
         dc = (g / norm)[..., None] * (wb - s[..., None] * c_hat)
-        dS = a * (torch.einsum("ijke,ile->ijkl", dc, vb) - (dc * c).sum(-1, keepdim=True))
+        dS = torch.einsum("ijke,ile->ijkl", dc, vb).sub_((dc * c).sum(-1, keepdim=True)).mul_(a)
         d_v[rows] += torch.einsum("ijkl,ijke->ile", a, dc) + attn_scale * torch.einsum("ijkl,jke->ile", dS, wb)
         d_w[cols] += attn_scale * torch.einsum("ijkl,ile->jke", dS, vb) + torch.einsum("ijk,ijke->jke", g, c_hat)
     return d_v, d_w, d_weights
