@@ -23,8 +23,8 @@ Peak memory on CPU, both above the inputs, each in a fresh subprocess, by two me
   VmRSS before the step. Run at the `--real-batches` sizes for both; there it checks the
   count (rss_vs_counted).
 On a GPU: torch.cuda peak allocated above the inputs.
-Time: median wall time of `--repeats` steps (the RSS-measured step first). The machine is
-shared with other jobs at higher priority: times are indicative, memory is not.
+Time: median wall time of `--repeats` steps (the RSS-measured step first), one thread. The
+machine is shared with other jobs at higher priority: times are indicative, memory is not.
 Results: benchmarks/results/local_matching-<device>-<date>.{json,csv}.
 """
 import argparse
@@ -44,8 +44,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mcr_kernels  # noqa: E402
 from _common import peak_bytes, print_table, time_ms, write_results  # noqa: E402
+
+import mcr_kernels  # noqa: E402
 
 front = importlib.import_module("mcr_kernels.local_matching")
 DIMS = dict(Li=98, Lt=128, E=128)
@@ -170,9 +171,10 @@ def child(method, impl, B, repeats):
 
 
 def run_child(method, impl, B, repeats=1):
-    """child() in a fresh interpreter; glibc returns every block of >= 128 KiB to the system
-    on free (fixed mmap threshold), so the resident set follows the live tensors."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
+    """child() in a fresh interpreter, one thread (on a shared machine two threads wait for
+    each other at every parallel region); glibc returns every block of >= 128 KiB to the
+    system on free (fixed mmap threshold), so the resident set follows the live tensors."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024), OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", method, impl, str(B),
                           str(repeats)], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -214,7 +216,8 @@ def gpu_rows(batches, repeats):
             rows.append(dict(B=B, impl=impl, backend="triton" if impl != "eager" else "", **results[impl]))
         eager, fused = results["eager"], results["local_matching"]
         if "ms" in eager and "ms" in fused:
-            rows[-1].update(peak_vs_eager=fused["peak_mib"] / eager["peak_mib"], time_vs_eager=fused["ms"] / eager["ms"])
+            rows[-1].update(peak_vs_eager=fused["peak_mib"] / eager["peak_mib"],
+                            time_vs_eager=fused["ms"] / eager["ms"])
     return rows
 
 
@@ -239,7 +242,7 @@ def main():
         at = [r for r in rows if r["B"] == ACCEPTANCE_B and r["impl"] == "local_matching"]
         extra = {"peak_method": "each in a fresh subprocess: counted live tensor-storage bytes on the meta "
                                 "device (TorchDispatchMode); RSS high-water mark (VmHWM after clear_refs)",
-                 "block_elements": front.BLOCK_ELEMENTS, "threads": torch.get_num_threads(),
+                 "block_elements": front.BLOCK_ELEMENTS, "threads": 1,
                  "acceptance (counted peak vs eager at B=256, goal <= 0.1)":
                      at[0]["counted_peak_vs_eager"] if at else None}
     print_table(rows)

@@ -39,7 +39,7 @@ class ModelConfig:
     pool_text_masked: bool = True     # MbA pools the report's [MASK] positions too (False: unmasked tokens only)
     pool_image_cls: bool = False      # MbA pools the CLS token with the kept patches
     embed_masks: int = 0              # retrieval embeddings: 0 = unmasked inputs; n = mean over n masks at the training ratios
-    # local (word-to-region) alignment of the mpma and reclf variants (docs/method.md)
+    # local (word-to-region) alignment of the mpma and reclf variants (docs/method_variants.md)
     local_attn_scale: float = field(default=4.0, metadata={
         "help": "mpma/reclf: scale of the word-to-region attention logits (GLoRIA's gamma1)"})
     local_agg_scale: float = field(default=5.0, metadata={

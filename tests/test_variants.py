@@ -1,14 +1,14 @@
 """The mpma and reclf variants: losses, gradients, their modules' behaviour, the CLI."""
 import pytest
 import torch
+from test_model import MASK, PAD, make_batch
+from test_train import run_args
 
 from mcr import checkpoint
 from mcr.models import build_model
 from mcr.models.mpma import MPMA
 from mcr.models.reclf import RECLF
 from mcr.train import main
-from test_model import MASK, PAD, make_batch
-from test_train import run_args
 
 
 def model_of(tiny_config, variant, **kw):
