@@ -39,7 +39,7 @@ from mcr.data.fake import make_mimic_tree  # noqa: E402
 from mcr.data.mimic import MimicCXR  # noqa: E402
 from mcr.data.shards import ShardDataset  # noqa: E402
 from mcr.data.tokenizer import train_wordpiece  # noqa: E402
-from mcr.train import batches_for_epoch  # noqa: E402
+from mcr.engine import batches_for_epoch  # noqa: E402
 
 IMAGE_SIZE, BATCH = 224, 64
 

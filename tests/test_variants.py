@@ -5,14 +5,14 @@ from test_model import MASK, PAD, make_batch
 from test_train import run_args
 
 from mcr import checkpoint
-from mcr.models import build_model
 from mcr.models.mpma import MPMA
 from mcr.models.reclf import RECLF
 from mcr.train import main
 
 
 def model_of(tiny_config, variant, **kw):
-    return build_model(tiny_config(variant=variant, **kw), pad_token_id=PAD, mask_token_id=MASK)
+    model_class = {"mpma": MPMA, "reclf": RECLF}[variant]
+    return model_class(tiny_config(variant=variant, **kw), pad_token_id=PAD, mask_token_id=MASK)
 
 
 @pytest.mark.parametrize("variant,extra", [

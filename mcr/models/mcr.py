@@ -7,7 +7,7 @@ of report tokens replaced by [MASK]. The same masked features feed
   - MbA alignment: every local token mapped into the joint space, then pooled, InfoNCE.
 Variants: "dual-stream" (unmasked second pass for the contrastive loss, the baseline) and
 "abm" (aggregate, then map); "mpma" and "reclf" subclass MCR (mcr.models.mpma, .reclf,
-built by mcr.models.build_model). The hot spots go through mcr_kernels' public ops.
+built by mcr.run.build_model). The hot spots go through mcr_kernels' public ops.
 """
 import math
 
