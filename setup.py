@@ -114,7 +114,7 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout"],
+        "test": ["pytest>=7", "pytest-timeout", "open-clip-torch>=2.24"],
         "flash-attn": ["flash-attn>=2.6"],
         "tensorboard": ["tensorboard"],
     },
