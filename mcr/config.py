@@ -38,7 +38,7 @@ class ModelConfig:
     """Shapes and method choices of the MCR model (defaults: the small preset)."""
     variant: str = option("mcr", "mcr: masked-only MCR; dual-stream: unmasked second pass for the "
                           "contrastive loss (baseline); abm: aggregate, then map (ablation); mpma, reclf: "
-                          "MCR plus a local word-to-region loss (docs/method_variants.md)", VARIANTS)
+                          "MCR plus a local word-to-region loss (docs/method.md)", VARIANTS)
     image_size: int = option(96, "square image side (px), a multiple of --patch-size", minimum=1)
     patch_size: int = option(16, "ViT patch side (px)", minimum=1)
     in_chans: int = option(1, "image channels: 1 grayscale patch embedding, 3 replicated (timm weights)",
@@ -72,7 +72,7 @@ class ModelConfig:
     pool_image_cls: bool = option(False, "MbA pools the CLS token with the kept patches")
     embed_masks: int = option(0, "retrieval embeddings: 0 = of the unmasked inputs; n = mean over n masks at the "
                               "training ratios", minimum=0)
-    # local (word-to-region) alignment of the mpma and reclf variants (docs/method_variants.md)
+    # local (word-to-region) alignment of the mpma and reclf variants (docs/method.md)
     local_attn_scale: float = option(4.0, "mpma/reclf: scale of the word-to-region attention logits (GLoRIA's "
                                      "gamma1)")
     local_agg_scale: float = option(5.0, "mpma: scale of the log-sum-exp over a pair's word matchings (GLoRIA's "

@@ -1,6 +1,6 @@
 """MPMA as a variant of MCR (after "Multi-task Paired Masking with Alignment Modeling for
 Medical Vision-Language Pre-training", arXiv 2305.07920; our form, since only the abstract
-is known: docs/method_variants.md says what is theirs and what is ours).
+is known: docs/method.md says what is theirs and what is ours).
 
 On MCR's masked single pass:
   - GLA: MCR's global InfoNCE on pooled embeddings + a local alignment loss over the

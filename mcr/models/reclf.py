@@ -1,6 +1,6 @@
 """RECLF as a variant of MCR (after "Enhancing medical vision-language contrastive learning via
 inter-matching relation modelling", arXiv 2401.10501; our form, since only the abstract is
-known: docs/method_variants.md says what is theirs and what is ours).
+known: docs/method.md says what is theirs and what is ours).
 
 Global InfoNCE + a local loss whose word-to-region matchings (mcr_kernels.local_matching)
 are aggregated with per-word weights instead of pooled evenly:
