@@ -50,13 +50,12 @@ def test_mpma_reconstruction_reads_the_image_and_the_memory(tiny_config):
     model = model_of(tiny_config, "mpma", memory_slots=3, memory_depth=2).eval()
     assert isinstance(model, MPMA) and len(model.fusion_blocks) == 2
     cfg = model.cfg
-    text, attn = torch.randn(2, 6, cfg.text_width), torch.ones(2, 6, dtype=torch.long)
-    latent = torch.randn(2, 4, cfg.vit_width)
-    base = model.mrm_logits(text, attn, latent)
-    assert not torch.allclose(base, model.mrm_logits(text, attn, latent + 1.0))
+    text, latent = torch.randn(2, 6, cfg.text_width), torch.randn(2, 4, cfg.vit_width)
+    base = model.condition_report(text, latent)
+    assert not torch.allclose(base, model.condition_report(text, latent + 1.0))
     with torch.no_grad():
         model.memory.add_(1.0)
-    assert not torch.allclose(base, model.mrm_logits(text, attn, latent))
+    assert not torch.allclose(base, model.condition_report(text, latent))
 
 
 def test_reclf_word_weights_irm_and_srm(tiny_config):

@@ -187,12 +187,17 @@ class MCR(nn.Module):
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def mrm_logits(self, text_tokens, attention_mask, image_latent):
-        x = text_tokens
-        if self.image_to_text is not None:
-            x = x + self.image_to_text(image_latent[:, 1:].mean(1)).unsqueeze(1)
+        x = self.condition_report(text_tokens, image_latent)
         for blk in self.mrm_blocks:
             x = blk(x, attn_mask=attention_mask.bool()[:, None, None, :])  # SDPA's key padding shape
         return self.mlm_head(x)
+
+    def condition_report(self, text_tokens, image_latent):
+        """The MRM decoder's input: the report tokens plus the projected mean visible image
+        token (image_conditioned_mrm); the mpma variant replaces this with MA-CMF."""
+        if self.image_to_text is None:
+            return text_tokens
+        return text_tokens + self.image_to_text(image_latent[:, 1:].mean(1)).unsqueeze(1)
 
     # --- alignment -----------------------------------------------------------------------
 

@@ -50,18 +50,16 @@ class MPMA(MCR):
         self.fusion_blocks = nn.ModuleList(CrossAttentionBlock(D, cfg.text_heads) for _ in range(cfg.memory_depth))
         self.local_alignment = LocalAlignment(cfg)
 
-    def mrm_logits(self, text_tokens, attention_mask, image_latent):
-        """MA-CMF: the image tokens read the memory; the report tokens attend to
-        [those tokens ; the memory], then MCR's MRM blocks and MLM head."""
+    def condition_report(self, text_tokens, image_latent):
+        """MA-CMF: the visible image tokens read the memory; the report tokens attend to
+        [those tokens ; the memory]. MCR's MRM blocks and MLM head follow."""
         img = self.image_to_text(image_latent[:, 1:])
         memory = self.memory.to(img.dtype).expand(img.shape[0], -1, -1)
         context = torch.cat([self.memory_read(img, memory), memory], dim=1)
         x = text_tokens
         for blk in self.fusion_blocks:
             x = blk(x, context)
-        for blk in self.mrm_blocks:
-            x = blk(x, attn_mask=attention_mask.bool())
-        return self.mlm_head(x)
+        return x
 
     def alignment_losses(self, img_tokens, txt_tokens, txt_mask, word_mask):
         """GLA: MCR's global InfoNCE + the local loss (agg "lse") on MbA-mapped tokens."""
