@@ -132,7 +132,7 @@ class LiveStorageBytes(TorchDispatchMode):
 def counted_peak(impl, B):
     """Counted peak bytes of one step on the meta device (nothing allocated)."""
     inputs = make_inputs_meta(B)
-    with mcr_kernels.use_backend("native", "local_matching"), LiveStorageBytes() as mode:
+    with mcr_kernels.use_backend("cpu", "local_matching"), LiveStorageBytes() as mode:
         step_fn(IMPLS[impl], inputs)()
     return mode.peak
 
@@ -184,7 +184,7 @@ def cpu_rows(batches, real_batches, repeats):
     rows = []
     for B in batches:
         for impl in IMPLS:
-            row = dict(B=B, impl=impl, backend="native" if impl == "local_matching" else "",
+            row = dict(B=B, impl=impl, backend="cpu" if impl == "local_matching" else "",
                        counted_peak_mib=run_child("counted", impl, B)["counted_peak"] / 2 ** 20)
             if B in real_batches:
                 res = run_child("rss", impl, B, repeats)

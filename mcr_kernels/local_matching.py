@@ -7,7 +7,7 @@ a = softmax over regions of attn_scale · w vᵀ; c = a v; s_k = cos(c_k, w_k); 
 aggregates s over the valid words ("lse", "mean" or "weighted" by word_weights).
 Written eagerly this holds [B_i, B_t, Lt, Li] tensors; no backend here does:
 
-* `native`: PyTorch over blocks of (images, reports) of at most BLOCK_ELEMENTS attention
+* `cpu`: PyTorch over blocks of (images, reports) of at most BLOCK_ELEMENTS attention
   entries, each block recomputed in backward with explicit gradient formulas (any device);
 * `triton`: one program per (image, report) pair (mcr_kernels/triton/local_matching.py).
 
@@ -21,7 +21,7 @@ from mcr_kernels._validate import FLOAT_DTYPES, check_size, check_tensor
 
 AGGS = reference.LOCAL_AGGS
 NORM_EPS = 1e-12            # F.normalize's: a row of norm below it is divided by NORM_EPS
-BLOCK_ELEMENTS = 1 << 21    # attention entries [images, reports, Lt, Li] per block of `native`
+BLOCK_ELEMENTS = 1 << 21    # attention entries [images, reports, Lt, Li] per block of `cpu`
 
 
 def local_matching(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", agg_scale=5.0,
@@ -184,16 +184,15 @@ local_matching_blockwise.register_autograd(_blockwise_grads, setup_context=_bloc
 
 def blockwise(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", agg_scale=5.0,
               word_weights=None):
-    """`native` backend of local_matching (same arguments and result)."""
+    """`cpu` backend of local_matching (same arguments and result)."""
     inputs = prepare(img, img_mask, txt, txt_mask, agg, word_weights, compute_dtype(img.dtype))
     return local_matching_blockwise(*inputs, attn_scale, agg_scale, agg == "lse")
 
 
 backend.register("local_matching", "reference", reference.local_matching)
-backend.register("local_matching", "native", blockwise)
+backend.register("local_matching", "cpu", blockwise)
 
-if backend._has_triton():
-    from mcr_kernels.triton import local_matching as _triton_local_matching
+if backend.HAS_TRITON:  # a broken kernel file raises here: never a silent fallback
+    from mcr_kernels.triton import local_matching as triton_local_matching
 
-    backend.register("local_matching", "triton", _triton_local_matching.local_matching,
-                     backend.triton_available)
+    backend.register("local_matching", "triton", triton_local_matching.local_matching)

@@ -21,7 +21,7 @@ from mcr_kernels import reference
 front = importlib.import_module("mcr_kernels.local_matching")  # the package exports the function
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-BACKENDS = ["reference", "native", "triton"]
+BACKENDS = ["reference", "cpu", "triton"]
 
 
 def assert_close(actual, expected, dtype, what):
@@ -94,7 +94,7 @@ def test_matches_float64_reference_without_masks(backend, agg):
     check(backend, 2, 3, 4, 5, 8, agg=agg, masks=False)
 
 
-@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (1, 5, 3, 19, 33), (5, 2, 17, 3, 7)])
 def test_awkward_sizes(backend, shape):
     """One of everything; more words than a Triton word block (16); Li, E off powers of two."""
@@ -102,7 +102,7 @@ def test_awkward_sizes(backend, shape):
     check(backend, *shape, agg="weighted", empty_rows=False)
 
 
-@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_sharp_scales(backend):
     """Large attention and aggregation scales: the softmax and log-sum-exp stay finite."""
     check(backend, 2, 3, 6, 5, 4, agg="lse", attn_scale=60.0, agg_scale=100.0)
@@ -167,7 +167,7 @@ def test_native_never_creates_the_full_attention(small_native_blocks):
     """Forward and backward of the native backend create no tensor of B_i·B_t·Lt·Li entries
     (the eager computation's): the largest is one block's."""
     (img, txt, _), img_mask, txt_mask = make_inputs(6, 8, 5, 7, 4)
-    with LargestTensor() as mode, mcr_kernels.use_backend("native", "local_matching"):
+    with LargestTensor() as mode, mcr_kernels.use_backend("cpu", "local_matching"):
         scores = mcr_kernels.local_matching(img, img_mask, txt, txt_mask)
         torch.autograd.grad(scores.sum(), (img, txt))
     assert mode.largest <= 2 * 7 * 5 * 4 < 6 * 8 * 7 * 5   # one block's [bi, bt, Lt, E]
@@ -194,7 +194,7 @@ def test_opcheck_custom_ops(lse):
     torch.library.opcheck(tlm.local_matching_pairs, (*prepared(lse), 4.0, 5.0, lse, False))
 
 
-@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_torch_compile_fullgraph_matches_eager(backend):
     torch._dynamo.reset()
     (img, txt, u), img_mask, txt_mask = make_inputs(3, 2, 4, 5, 6)
@@ -246,5 +246,5 @@ def test_bad_input_raises_value_error_naming_the_argument(kwargs, match):
 def test_default_backends():
     from mcr_kernels import backend
 
-    assert backend.resolve("local_matching", torch.device("cpu"))[0] == "native"
+    assert backend.resolve("local_matching", torch.device("cpu"))[0] == "cpu"
     assert math.isfinite(call().sum().item())

@@ -7,7 +7,7 @@ s = (c·w) / |c|, folded into the pair's aggregate (an online log-sum-exp per wo
 the weighted sum). Backward recomputes the same blocks in two kernels without atomics:
 grid (B_t, word blocks) loops over every image for d w and d weights; grid (B_i,) loops over
 every (report, word block) for d v. Saved for backward: the inputs and scores [B_i, B_t].
-Li and E must fit one tile (<= MAX_TILE); larger inputs take the `native` blockwise path, as
+Li and E must fit one tile (<= MAX_TILE); larger inputs take the `cpu` blockwise path, as
 do float64 inputs (the kernels compute in float32).
 """
 import os
