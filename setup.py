@@ -113,8 +113,9 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout"],
+        "test": ["pytest>=7", "pytest-timeout", "matplotlib>=3.7"],
         "flash-attn": ["flash-attn>=2.6"],
         "tensorboard": ["tensorboard"],
+        "plot": ["matplotlib>=3.7"],
     },
 )

@@ -103,7 +103,8 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"           # auto (bf16 on CUDA) | bf16 | fp32
     num_workers: int = 0
-    tensorboard: bool = False
+    tensorboard: bool = False         # also log to out_dir/tensorboard (with pictures at each validation)
+    pictures: bool = True             # write curves/reconstructions/retrieval PNGs at the end (mcr.plot)
     compile: bool = False             # torch.compile each transformer block (fullgraph)
     compile_backend: str = "inductor" # torch.compile backend (aot_eager: trace only, for tests)
     fsdp: bool = False                # under torchrun: shard parameters, gradients, AdamW state

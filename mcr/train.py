@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mcr import checkpoint
+from mcr import checkpoint, plot
 from mcr.config import TRAINING_PRESETS, VARIANTS, ModelConfig, TrainConfig, preset
 from mcr.data.batching import Collate
 from mcr.data.registry import open_dataset
@@ -336,6 +336,9 @@ def train(cfg):
             model.reshard()
         if is_main:
             log.write(step, "val", flatten_eval(results))
+            if log.writer is not None and not sharded:  # FSDP: rank 0 alone cannot run the model
+                plot.log_to_tensorboard(log.writer, model, val_loader.dataset, val_loader.collate_fn, device, step,
+                                        amp_dtype)
         model.train()
         return results
 
@@ -422,6 +425,8 @@ def train(cfg):
         print(format_table(results))
         with open(os.path.join(cfg.out_dir, "final.json"), "w") as f:
             json.dump({"step": step, "minutes": (time.time() - started) / 60, **results}, f, indent=1)
+        if cfg.pictures:
+            plot.after_training(cfg.out_dir)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
