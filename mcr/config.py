@@ -3,6 +3,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 VARIANTS = ("mcr", "dual-stream", "abm")
+MASK_SAMPLINGS = ("random", "balanced")
 
 
 @dataclass
@@ -34,6 +35,10 @@ class ModelConfig:
     mrm_decoder_depth: int = 1
     variant: str = "mcr"              # mcr | dual-stream | abm
     init_temperature: float = 0.07
+    mask_sampling: str = "random"     # random: MAE's uniform choice; balanced: as many kept in each 2x2 block of patches
+    pool_text_masked: bool = True     # MbA pools the report's [MASK] positions too (False: unmasked tokens only)
+    pool_image_cls: bool = False      # MbA pools the CLS token with the kept patches
+    embed_masks: int = 0              # retrieval embeddings: 0 = unmasked inputs; n = mean over n masks at the training ratios
 
 
 PRESETS = {
@@ -65,6 +70,15 @@ def validate(cfg):
         raise ValueError(f"image_size {cfg.image_size} must be a multiple of patch_size {cfg.patch_size}")
     if not 0.0 < cfg.image_mask_ratio < 1.0:
         raise ValueError(f"image_mask_ratio must be in (0, 1), got {cfg.image_mask_ratio}")
+    if cfg.mask_sampling not in MASK_SAMPLINGS:
+        raise ValueError(f"mask_sampling must be one of {MASK_SAMPLINGS}, got {cfg.mask_sampling!r}")
+    if cfg.mask_sampling == "balanced":
+        grid = cfg.image_size // cfg.patch_size
+        blocks = (grid // 2) ** 2
+        keep = int(grid * grid * (1 - cfg.image_mask_ratio))
+        if grid % 2 or keep % blocks:
+            raise ValueError(f"mask_sampling 'balanced' needs an even patch grid ({grid}x{grid} here) and a kept "
+                             f"count ({keep}) divisible by its {blocks} 2x2 blocks")
     if not 0.0 < cfg.text_mask_ratio < 1.0:
         raise ValueError(f"text_mask_ratio must be in (0, 1), got {cfg.text_mask_ratio}")
 
@@ -94,6 +108,8 @@ class TrainConfig:
     loss_contrastive: float = 1.0     # the paper's 0.1 : 1 : 1 is the paper preset's (TRAINING_PRESETS)
     loss_mim: float = 1.0
     loss_mrm: float = 1.0
+    unmasked_tuning: float = 0.0      # share of the last steps trained on unmasked inputs, contrastive loss only (FLIP)
+    unmasked_every: int = 0           # also every k-th step unmasked, contrastive loss only (0 = never)
     eval_every: int = 500
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -123,3 +139,17 @@ TRAINING_PRESETS = {
     "paper": dict(batch_size=256, epochs=50, lr=1.5e-4, warmup_steps=2000, max_minutes=0.0,
                   loss_contrastive=0.1, eval_every=2000, save_every=2000, val_size=5000),
 }
+
+
+def is_unmasked_step(cfg, step, total_steps):
+    """Whether training step `step` (0-based) of `total_steps` is an unmasked, contrastive-only
+    step: the last `unmasked_tuning` share of the steps, and every `unmasked_every`-th step."""
+    if step >= total_steps - round(cfg.unmasked_tuning * total_steps):
+        return True
+    return cfg.unmasked_every > 0 and step % cfg.unmasked_every == cfg.unmasked_every - 1
+
+
+def unmasked_share(cfg):
+    """The share of training steps that are unmasked (is_unmasked_step), for cost accounting."""
+    every = 1 / cfg.unmasked_every if cfg.unmasked_every > 0 else 0.0
+    return cfg.unmasked_tuning + (1 - cfg.unmasked_tuning) * every

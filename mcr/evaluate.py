@@ -38,6 +38,8 @@ def retrieval_metrics(sim, hits, labels=None, ks=KS):
         relevant = torch.gather(same_labels, 1, top).float()
         for k in ks:
             out[f"P@{k}"] = 100.0 * relevant[:, :k].mean().item()
+        # same-label-set chance: the share of the gallery with the query's label set
+        out["chance_P@K"] = 100.0 * same_labels.float().mean().item()
     return out
 
 
@@ -58,8 +60,10 @@ def embed_dataset(model, loader, device, autocast_dtype=None, gather=False):
     images, texts, labels = [], [], []
     for batch in loader:
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            special = {"special_tokens_mask": batch["special_tokens_mask"].to(device)} \
+                if "special_tokens_mask" in batch else {}  # needed to embed masked views
             img, txt = model.embed(batch["image"].to(device), batch["input_ids"].to(device),
-                                   batch["attention_mask"].to(device))
+                                   batch["attention_mask"].to(device), **special)
         images.append(img.float().cpu())
         texts.append(txt.float().cpu())
         labels.append(batch["labels"])

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mcr import checkpoint, plot
-from mcr.config import TRAINING_PRESETS, VARIANTS, ModelConfig, TrainConfig, preset
+from mcr.config import TRAINING_PRESETS, VARIANTS, ModelConfig, TrainConfig, is_unmasked_step, preset
 from mcr.data.batching import Collate
 from mcr.data.registry import open_dataset
 from mcr.evaluate import evaluate_retrieval, format_table, rank_slice
@@ -316,7 +316,9 @@ def train(cfg):
                      f"masks, so training continues the same run)" if saved_world != world else ""))
     runner = model
     if world > 1 and not sharded:
-        runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # unmasked tuning steps leave the reconstruction heads without gradients
+        runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                         find_unused_parameters=cfg.unmasked_tuning > 0 or cfg.unmasked_every > 0)
 
     log = MetricsLog(cfg.out_dir, cfg.tensorboard) if is_main else None
     if is_main:
@@ -378,7 +380,7 @@ def train(cfg):
             masks = model.draw_masks(cfg.batch_size, device=device, generator=step_generator(cfg, step, device))
             masks = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in masks.items()}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                losses = runner(batch, masks=masks)
+                losses = runner(batch, masks=masks, unmasked=is_unmasked_step(cfg, step, total_steps))
             total = sum(weights[k] * v for k, v in losses.items())
             optimizer.zero_grad(set_to_none=True)
             total.backward()

@@ -100,3 +100,80 @@ def test_short_training_lowers_the_loss(tiny_config):
         opt.step()
         totals.append(total.item())
     assert sum(totals[-5:]) / 5 < 0.7 * sum(totals[:5]) / 5
+
+
+def test_text_pooling_without_mask_positions(tiny_config):
+    """pool_text_masked=False pools only the report tokens that were not masked."""
+    from mcr_kernels import reference
+
+    cfg = tiny_config(pool_text_masked=False)
+    model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK)
+    batch = make_batch(cfg)
+    masks = model.draw_masks(4, generator=torch.Generator().manual_seed(3))
+    masked_ids, _ = mask_report_tokens(batch["input_ids"], batch["attention_mask"], batch["special_tokens_mask"],
+                                       cfg.text_mask_ratio, MASK, cfg.vocab_size, noise=masks["text_noise"])
+    keep = batch["attention_mask"].bool() & (masked_ids != MASK)
+    latent, _ = model.encode_image(batch["image"], masks["ids_keep"], masks["ids_restore"])
+    txt = model.encode_text(masked_ids, batch["attention_mask"])
+    head = model.text_head
+    text_emb = torch.stack([head(txt[b][keep[b]]).mean(0) for b in range(4)])
+    image_emb = model.image_head(latent[:, 1:]).mean(1)
+    expected = reference.infonce_loss(image_emb, text_emb, model.logit_scale.exp())
+    torch.testing.assert_close(model(batch, masks)["contrastive"], expected, rtol=1e-5, atol=1e-5)
+    cfg_all = tiny_config()
+    model.cfg = cfg_all
+    assert not torch.allclose(model(batch, masks)["contrastive"], expected)
+
+
+def test_image_pooling_with_cls(tiny_config):
+    cfg = tiny_config(pool_image_cls=True)
+    model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK)
+    batch = make_batch(cfg)
+    img, _ = model.embed(batch["image"], batch["input_ids"], batch["attention_mask"])
+    latent, _ = model.encode_image(batch["image"])
+    expected = torch.nn.functional.normalize(model.image_head(latent).mean(1), dim=-1)
+    torch.testing.assert_close(img, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_embed_on_masked_views(tiny_config):
+    cfg = tiny_config()
+    model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK).eval()
+    batch = make_batch(cfg)
+    args = batch["image"], batch["input_ids"], batch["attention_mask"], batch["special_tokens_mask"]
+    plain = model.embed(*args)
+    model.cfg = tiny_config(embed_masks=3)
+    three, again = model.embed(*args), model.embed(*args)
+    torch.testing.assert_close(three, again)  # masks from a fixed generator
+    assert not torch.allclose(three[0], plain[0], atol=1e-3)
+    torch.testing.assert_close(three[0].norm(dim=-1), torch.ones(4))
+    model.cfg = tiny_config(embed_masks=1)
+    assert not torch.allclose(model.embed(*args)[0], three[0], atol=1e-4)
+    with pytest.raises(ValueError, match="special_tokens_mask"):
+        model.embed(*args[:3])
+
+
+def test_unmasked_step_encodes_everything_and_trains_alignment_only(tiny_config):
+    cfg = tiny_config(image_size=64)
+    model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK)
+    seen = []
+    model.vit.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    losses = model(make_batch(cfg), unmasked=True)
+    assert seen == [17] and losses["mim"] == 0 and losses["mrm"] == 0 and losses["contrastive"] > 0
+    sum(losses.values()).backward()
+    params = dict(model.named_parameters())
+    assert params["vit.blocks.0.attn.qkv.weight"].grad.abs().sum() > 0
+    assert params["bert.encoder.layer.0.attention.self.query.weight"].grad.abs().sum() > 0
+    assert params["decoder_blocks.0.attn.qkv.weight"].grad is None
+
+
+def test_unmasked_step_schedule():
+    from mcr.config import TrainConfig, is_unmasked_step, unmasked_share
+
+    cfg = TrainConfig(unmasked_tuning=0.1)
+    assert [s for s in range(100) if is_unmasked_step(cfg, s, 100)] == list(range(90, 100))
+    cfg = TrainConfig(unmasked_every=4)
+    assert [s for s in range(12) if is_unmasked_step(cfg, s, 12)] == [3, 7, 11]
+    cfg = TrainConfig(unmasked_tuning=0.2, unmasked_every=5)
+    counted = sum(is_unmasked_step(cfg, s, 1000) for s in range(1000)) / 1000
+    assert counted == pytest.approx(unmasked_share(cfg), abs=1e-3)
+    assert not any(is_unmasked_step(TrainConfig(), s, 50) for s in range(50))

@@ -149,6 +149,76 @@ def make_study(index: int, *, seed: int = 0, image_size: int = 224) -> Study:
     return Study(image=image, report=report, labels=labels_from_names(spec["findings"]))
 
 
+ATTRIBUTES = ("laterality", "zone", "severity")
+
+
+def _finding_name(group: str, side: str | None, zone: str | None) -> str:
+    return next(n for n, parts in _PARTS.items() if parts == (group, side, zone))
+
+
+def _counterfactual_specs(spec: dict) -> list[tuple[str, dict]]:
+    """(attribute, spec) for every spec that differs from ``spec`` in exactly one attribute
+    of one finding: its side, its lung zone, or its severity. Findings keep their order (so
+    the report's sentences and template choices stay the same); a change that would
+    duplicate a present finding or draw a conflicting pair is left out. Nodule sizes and
+    devices have no severity word, so they only change side."""
+    present = spec["findings"]
+    out = []
+
+    def changed(name: str, new_name: str, severity: int) -> dict:
+        findings = {(new_name if n == name else n): (severity if n == name else s) for n, s in present.items()}
+        new = {**spec, "findings": findings}
+        group, side, _ = _PARTS[name]
+        if group == "nodule" and new_name != name:
+            new_side = _PARTS[new_name][1]
+            new["nodules"] = {new_side if k == side else k: v for k, v in spec["nodules"].items()}
+        return new
+
+    for name, severity in present.items():
+        group, side, zone = _PARTS[name]
+        others = [n for n in present if n != name]
+        if side is not None:
+            flipped = _finding_name(group, "right" if side == "left" else "left", zone)
+            if flipped not in present and not any(frozenset((flipped, o)) in _CONFLICTS for o in others):
+                out.append(("laterality", changed(name, flipped, severity)))
+        if zone is not None:
+            moved = _finding_name(group, side, "lower" if zone == "upper" else "upper")
+            if moved not in present:
+                out.append(("zone", changed(name, moved, severity)))
+        if group not in ("nodule", "devices"):
+            out += [("severity", changed(name, name, s)) for s in range(3) if s != severity]
+    return out
+
+
+def make_counterfactuals(index: int, *, seed: int = 0, image_size: int = 224) -> tuple[Study, list[tuple[str, Study]]]:
+    """Study ``index`` and its counterfactuals: the same study (patient, exposure, noise,
+    report phrasing) with exactly one attribute of one finding changed, as (attribute,
+    Study) pairs, attribute in ATTRIBUTES. A normal study has none.
+
+    The report is rewritten from the random state after the spec was drawn, and the image
+    is redrawn from the state after the original report, so only the changed attribute's
+    words and pixels differ (later image draws may shift when the change moves a finding).
+    A change invisible at this image size (the same pixels) is left out: no model could see
+    it. ``make_counterfactuals(i)[0]`` equals ``make_study(i)``."""
+    rng = np.random.default_rng([seed, index])
+    spec = _sample_spec(rng)
+    after_spec = rng.bit_generator.state
+    report = _write_report(spec, rng)
+    after_report = rng.bit_generator.state
+    study = Study(image=_render(spec, rng, image_size), report=report, labels=labels_from_names(spec["findings"]))
+    counterfactuals = []
+    for attribute, cf_spec in _counterfactual_specs(spec):
+        rng.bit_generator.state = after_spec
+        cf_report = _write_report(cf_spec, rng)
+        rng.bit_generator.state = after_report
+        cf_image = _render(cf_spec, rng, image_size)
+        if np.array_equal(cf_image, study.image):
+            continue
+        counterfactuals.append((attribute, Study(image=cf_image, report=cf_report,
+                                                 labels=labels_from_names(cf_spec["findings"]))))
+    return study, counterfactuals
+
+
 class SyntheticCXR:
     """Fixed-length sequence of synthetic studies for one split (no torch needed)."""
 

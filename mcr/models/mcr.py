@@ -59,6 +59,22 @@ def mask_report_tokens(input_ids, attention_mask, special_mask, ratio, mask_id, 
     return masked, labels
 
 
+def balanced_keep_indices(batch_size, grid, num_keep, *, device=None, generator=None):
+    """MAE-convention masks (ids_keep int64 [B, K], ids_restore int64 [B, N]) that keep the
+    same number of patches, chosen at random, in every 2x2 block of a grid x grid patch grid,
+    so that every region of the image stays represented (grid even, K divisible by the
+    number of blocks)."""
+    half = grid // 2
+    by, bx = torch.meshgrid(torch.arange(half, device=device), torch.arange(half, device=device), indexing="ij")
+    dy, dx = torch.tensor([0, 0, 1, 1], device=device), torch.tensor([0, 1, 0, 1], device=device)
+    block_patches = ((2 * by.reshape(-1, 1) + dy) * grid + 2 * bx.reshape(-1, 1) + dx)  # [blocks, 4]
+    per_block = num_keep // block_patches.shape[0]
+    order = torch.rand(batch_size, *block_patches.shape, device=device, generator=generator).argsort(-1)
+    ranked = block_patches.expand(batch_size, -1, -1).gather(-1, order)
+    ids_shuffle = torch.cat([ranked[..., :per_block].flatten(1), ranked[..., per_block:].flatten(1)], dim=1)
+    return ids_shuffle[:, :num_keep].contiguous(), ids_shuffle.argsort(dim=1)
+
+
 def distributed_world():
     """World size of an initialized torch.distributed group, else 1."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -180,31 +196,67 @@ class MCR(nn.Module):
     # --- alignment -----------------------------------------------------------------------
 
     def contrastive_loss(self, img_tokens, txt_tokens, txt_mask):
-        """MbA (map every token, then pool) or AbM; image tokens exclude CLS. Under
-        torch.distributed the negatives come from every rank (gradients flow back)."""
+        """MbA (map every token, then pool) or AbM; img_tokens [B, K, D] as pooled (see
+        image_tokens). Under torch.distributed the negatives come from every rank (gradients
+        flow back)."""
         scale = self.logit_scale.exp().clamp(max=100)
         gather = distributed_world() > 1
+        image_emb, text_emb = self.pool(img_tokens, txt_tokens, txt_mask)
+        return mcr_kernels.infonce_loss(image_emb, text_emb, scale, gather=gather)
+
+    def pool(self, img_tokens, txt_tokens, txt_mask):
+        """Joint-space embeddings (image [B, E], text [B, E]), unnormalized: MbA maps every
+        token, then pools; AbM pools, then maps."""
         if self.cfg.variant == "abm":
-            image_emb = self.image_head(img_tokens.mean(1))
-            text_emb = self.text_head(mcr_kernels.reference.masked_mean(txt_tokens, txt_mask))
-            return mcr_kernels.infonce_loss(image_emb, text_emb, scale, gather=gather)
-        loss, _, _ = mcr_kernels.mba_infonce(img_tokens, None, txt_tokens, txt_mask, self.image_head,
-                                             self.text_head, scale, gather=gather)
-        return loss
+            return (self.image_head(img_tokens.mean(1)),
+                    self.text_head(mcr_kernels.reference.masked_mean(txt_tokens, txt_mask)))
+        return self.image_head.pool(img_tokens, None), self.text_head.pool(txt_tokens, txt_mask)
+
+    def image_tokens(self, latent):
+        """The encoder tokens the alignment pools: the patches, with CLS if pool_image_cls."""
+        return latent if self.cfg.pool_image_cls else latent[:, 1:]
+
+    def text_pool_mask(self, attention_mask, labels=None):
+        """Report positions the alignment pools: non-padding, minus the masked positions
+        (labels != -100) unless pool_text_masked."""
+        mask = attention_mask.bool()
+        if labels is not None and not self.cfg.pool_text_masked:
+            mask = mask & (labels == -100)
+        return mask
 
     @torch.no_grad()
-    def embed(self, imgs, input_ids, attention_mask):
-        """Unmasked retrieval embeddings, L2-normalized: (image [B, E], text [B, E])."""
-        latent, _ = self.encode_image(imgs)
-        txt = self.encode_text(input_ids, attention_mask)
-        mask = attention_mask.bool()
-        if self.cfg.variant == "abm":
-            image_emb = self.image_head(latent[:, 1:].mean(1))
-            text_emb = self.text_head(mcr_kernels.reference.masked_mean(txt, mask))
-        else:
-            image_emb = self.image_head.pool(latent[:, 1:], None)
-            text_emb = self.text_head.pool(txt, mask)
-        return F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
+    def embed(self, imgs, input_ids, attention_mask, special_tokens_mask=None):
+        """Retrieval embeddings, L2-normalized float32: (image [B, E], text [B, E]).
+
+        Unmasked inputs; with cfg.embed_masks = n > 0 the mean of the normalized embeddings
+        of n masked views at the training ratios (masks from a fixed generator, so the same
+        inputs always embed the same; special_tokens_mask is needed then)."""
+        n = self.cfg.embed_masks
+        if n == 0:
+            latent, _ = self.encode_image(imgs)
+            txt = self.encode_text(input_ids, attention_mask)
+            image_emb, text_emb = self.pool(self.image_tokens(latent), txt, attention_mask.bool())
+            return F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
+        if special_tokens_mask is None:
+            raise ValueError("embed with embed_masks > 0 needs special_tokens_mask")
+        generator = torch.Generator(device=imgs.device).manual_seed(0)
+        image_sum, text_sum = 0, 0
+        for _ in range(n):
+            masks = self.draw_masks(imgs.shape[0], device=imgs.device, generator=generator)
+            latent, _ = self.encode_image(imgs, masks["ids_keep"], masks["ids_restore"])
+            masked_ids, labels = self.mask_text(input_ids, attention_mask, special_tokens_mask, masks)
+            txt = self.encode_text(masked_ids, attention_mask)
+            image_emb, text_emb = self.pool(self.image_tokens(latent), txt, self.text_pool_mask(attention_mask, labels))
+            image_sum = image_sum + F.normalize(image_emb.float(), dim=-1)
+            text_sum = text_sum + F.normalize(text_emb.float(), dim=-1)
+        return F.normalize(image_sum, dim=-1), F.normalize(text_sum, dim=-1)
+
+    def mask_text(self, input_ids, attention_mask, special_tokens_mask, masks):
+        """(masked ids, MRM labels) of a batch with the text noise of `masks`."""
+        cfg = self.cfg
+        return mask_report_tokens(input_ids, attention_mask, special_tokens_mask, cfg.text_mask_ratio,
+                                  self.mask_token_id, cfg.vocab_size, cfg.text_mask_replace,
+                                  noise=masks["text_noise"])
 
     def draw_masks(self, batch_size, *, device=None, generator=None):
         """The random masks of one batch, drawn once for a global batch so that every rank
@@ -213,23 +265,33 @@ class MCR(nn.Module):
         cfg = self.cfg
         num_patches = self.vit.patch_embed.num_patches
         num_keep = int(num_patches * (1 - cfg.image_mask_ratio))
-        ids_keep, ids_restore = mcr_kernels.random_keep_indices(
-            batch_size, num_patches, num_keep, device=device, generator=generator)
+        if cfg.mask_sampling == "balanced":
+            ids_keep, ids_restore = balanced_keep_indices(
+                batch_size, cfg.image_size // cfg.patch_size, num_keep, device=device, generator=generator)
+        else:
+            ids_keep, ids_restore = mcr_kernels.random_keep_indices(
+                batch_size, num_patches, num_keep, device=device, generator=generator)
         text_noise = torch.rand(batch_size, cfg.max_text_len, 2, device=device, generator=generator)
         return {"ids_keep": ids_keep, "ids_restore": ids_restore, "text_noise": text_noise}
 
-    def forward(self, batch, masks=None, generator=None):
+    def forward(self, batch, masks=None, generator=None, unmasked=False):
         """Masked forward; returns a dict of the three losses (float32 scalars).
 
-        masks: from draw_masks (rows of this batch); drawn here with `generator` if None."""
+        masks: from draw_masks (rows of this batch); drawn here with `generator` if None.
+        unmasked=True: one unmasked pass per modality and the contrastive loss alone (the
+        reconstruction losses are zeros), for unmasked tuning at the end of training (FLIP)."""
         cfg = self.cfg
         imgs, ids, attn = batch["image"], batch["input_ids"], batch["attention_mask"]
+        if unmasked:
+            latent, _ = self.encode_image(imgs)
+            txt = self.encode_text(ids, attn)
+            zero = torch.zeros((), device=imgs.device)
+            return {"mim": zero, "mrm": zero,
+                    "contrastive": self.contrastive_loss(self.image_tokens(latent), txt, attn.bool())}
         if masks is None:
             masks = self.draw_masks(imgs.shape[0], device=imgs.device, generator=generator)
         latent, mask = self.encode_image(imgs, masks["ids_keep"], masks["ids_restore"])
-        masked_ids, labels = mask_report_tokens(
-            ids, attn, batch["special_tokens_mask"], cfg.text_mask_ratio, self.mask_token_id,
-            cfg.vocab_size, cfg.text_mask_replace, noise=masks["text_noise"])
+        masked_ids, labels = self.mask_text(ids, attn, batch["special_tokens_mask"], masks)
         txt = self.encode_text(masked_ids, attn)
         pred = self.reconstruct_image(latent, masks["ids_restore"])
         logits = self.mrm_logits(txt, attn, latent)
@@ -239,7 +301,8 @@ class MCR(nn.Module):
         if cfg.variant == "dual-stream":  # second, unmasked pass per modality for alignment
             full_latent, _ = self.encode_image(imgs)
             full_txt = self.encode_text(ids, attn)
-            losses["contrastive"] = self.contrastive_loss(full_latent[:, 1:], full_txt, attn.bool())
+            losses["contrastive"] = self.contrastive_loss(self.image_tokens(full_latent), full_txt, attn.bool())
         else:
-            losses["contrastive"] = self.contrastive_loss(latent[:, 1:], txt, attn.bool())
+            losses["contrastive"] = self.contrastive_loss(self.image_tokens(latent), txt,
+                                                          self.text_pool_mask(attn, labels))
         return losses

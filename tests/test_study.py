@@ -1,0 +1,54 @@
+"""The study runner: rows x seeds, equal-time rows, the table, resuming a killed study."""
+import json
+import os
+import shutil
+
+import pytest
+
+from mcr.study import main, parse_rows
+
+COMMON = ("--image-size 32 --vit-width 32 --vit-depth 1 --vit-heads 2 --decoder-width 32 --decoder-depth 1 "
+          "--decoder-heads 2 --text-width 32 --text-depth 1 --text-heads 2 --text-intermediate 64 "
+          "--embed-dim 16 --vocab-size 200 --train-size 48 --val-size 16 --batch-size 8 --log-every 1 "
+          "--warmup-steps 1 --eval-every 0 --save-every 2")
+
+
+def study(out, *extra):
+    return main(["--out", str(out), "--seeds", "0", "1", "--steps", "3", "--common", COMMON,
+                 "--finegrained-studies", "4", "--cost-batch", "4", "--row", "mcr=",
+                 "--row", "dual-stream@time=--variant dual-stream", *extra])
+
+
+def test_rows_parse_and_reject_bad_names():
+    assert parse_rows(["a=", "b=--variant abm --seed 3"]) == {"a": [], "b": ["--variant", "abm", "--seed", "3"]}
+    for bad in (["noequals"], ["=--x"], ["a/b=--x"], ["a=", "a=--y"]):
+        with pytest.raises(ValueError, match="--row"):
+            parse_rows(bad)
+
+
+def test_study_trains_tabulates_and_resumes(tmp_path):
+    summary = study(tmp_path)
+    assert set(summary) == {"mcr", "dual-stream@time"} and summary["mcr"]["seeds"] == 2
+    costs = json.load(open(tmp_path / "costs.json"))
+    expected_steps = max(1, round(3 * costs["mcr"]["step_s"] / costs["dual-stream@time"]["step_s"]))
+    assert summary["dual-stream@time"]["step"][0] == expected_steps
+    for key in ("i2t_R@1", "t2i_P@5", "fg_i2t_pairwise", "fg_t2i_R@1"):
+        assert 0 <= summary["mcr"][key][0] <= 100
+    table = (tmp_path / "study.md").read_text()
+    assert "| mcr | 2 | 3 |" in table and "chance" in table
+    assert json.load(open(tmp_path / "study.json"))["runs"]["mcr"]["0"]["step"] == 3
+
+    # a killed study: one run lost its end (no final.json, a checkpoint at step 2), one never started
+    keep = tmp_path / "mcr" / "seed0" / "final.json"
+    kept_mtime = os.stat(keep).st_mtime_ns
+    killed = tmp_path / "mcr" / "seed1"
+    os.remove(killed / "final.json")
+    os.remove(killed / "finegrained.json")
+    shutil.rmtree(killed / "checkpoints" / "step_00000003")
+    (killed / "checkpoints" / "latest").write_text("step_00000002\n")
+    shutil.rmtree(tmp_path / "dual-stream@time" / "seed1")
+    summary = study(tmp_path)
+    assert summary["mcr"]["seeds"] == 2 and summary["dual-stream@time"]["seeds"] == 2
+    assert os.stat(keep).st_mtime_ns == kept_mtime          # finished runs are kept
+    assert "--resume" in (killed / "train.log").read_text()  # the interrupted one continued
+    assert json.load(open(killed / "final.json"))["step"] == 3
