@@ -428,7 +428,12 @@ def after_training(run_dir):
     if Figure is None:
         print('pictures skipped: matplotlib is not installed (pip install "mcr[plot]")', file=sys.stderr)
         return []
-    written = write_pictures(run_dir)
+    try:
+        written = write_pictures(run_dir)
+    except Exception as err:  # a finished run stays finished: its results and checkpoint are saved
+        print(f"pictures not written ({type(err).__name__}: {err}); draw them with "
+              f"`python -m mcr.plot {run_dir}`", file=sys.stderr)
+        return []
     print("pictures: " + ", ".join(written))
     return written
 
