@@ -77,8 +77,9 @@ def native_extension():
         ext = cpp_extension.CppExtension("mcr_kernels._C", cpp_sources,
                                          extra_compile_args={"cxx": cxx_flags})
         return ext, f"CUDA kernels of mcr_kernels._C skipped ({skip}); C++ CPU kernels built."
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # A100, H100/H200: no GPU to ask
+    # Explicit targets, whatever GPU the build machine has (torch would pick only that one):
+    # A100 (sm_80), H100/H200 (sm_90), and sm_90 PTX for newer GPUs. TORCH_CUDA_ARCH_LIST overrides.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     ext = cpp_extension.CUDAExtension(
         "mcr_kernels._C", cpp_sources + cuda_sources,
         define_macros=[("MCR_WITH_CUDA", None)],

@@ -12,6 +12,9 @@ reports (B=256, H=12, Lmax=128, lengths ~ N(60, 20) clipped to [8, 128], Dh=64, 
 mask), long (B=8, H=16, L=2048, Dh=64; FA2's published setting of 16k tokens); --quick
 adds a causal shape. The first call of each (dtype, head dim, mask mode) compiles and
 autotunes the kernels (most of the run time; Triton caches the binaries on disk).
+roofline_* is the H100/H200 roofline time of the same work (benchmarks/roofline.py: the
+FLOPs above at the dense bf16 peak, or the bytes of q, k, v, out, grads at HBM bandwidth,
+whichever is slower) over the measured time.
 Results: benchmarks/results/attention-<device>-<date>.{json,csv}.
 """
 import argparse
@@ -24,8 +27,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels on CPU tensors (slow, --quick)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import roofline  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import is_oom, peak_bytes, print_table, time_ms, write_results  # noqa: E402
+from _common import device_name, is_oom, peak_bytes, print_table, time_ms, write_results  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import mcr_kernels  # noqa: E402
@@ -103,6 +107,7 @@ def main():
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     reps = dict(warmup=1, repeats=2) if args.quick else dict(warmup=5, repeats=20)
     g = torch.Generator().manual_seed(0)
+    gpu = roofline.device_for(device_name(device))
     rows = []
     with mcr_kernels.use_backend("triton", "flash_attention", "flash_attention_varlen"):
         for shape in shapes(args.quick):
@@ -113,6 +118,9 @@ def main():
             mask = (torch.arange(L)[None] < lengths[:, None]).to(device) if shape.get("padded") else None
             pairs = int((lengths * lengths).sum()) if not causal else int((lengths * (lengths + 1) // 2).sum())
             fwd_flop = 4 * H * Dh * pairs
+            tokens, precision = int(lengths.sum()), roofline.matmul_precision(str(dtype)[6:])
+            work_fwd = roofline.attention(pairs, tokens, H, Dh, q.element_size(), precision)
+            work_bwd = roofline.attention(pairs, tokens, H, Dh, q.element_size(), precision, backward=True)
             for name, fn in candidates(q, k, v, mask, causal, lengths).items():
                 fn, inputs = fn if isinstance(fn, tuple) else (fn, [q, k, v])
                 row = dict(shape=shape["name"], B=B, H=H, L=L, Dh=Dh, causal=causal, dtype=str(dtype)[6:],
@@ -127,12 +135,16 @@ def main():
                     continue
                 row.update(fwd_ms=fwd, bwd_ms=bwd, fwd_bwd_ms=total, fwd_tflops=fwd_flop / fwd / 1e9,
                            bwd_tflops=2.5 * fwd_flop / bwd / 1e9, fwd_bwd_tflops=3.5 * fwd_flop / total / 1e9,
-                           peak_mib=peak / 2 ** 20)
+                           peak_mib=peak / 2 ** 20, roofline_fwd=roofline.fraction(work_fwd, gpu, fwd),
+                           roofline_bwd=roofline.fraction(work_bwd, gpu, bwd),
+                           roofline_fwd_bwd=roofline.fraction(work_fwd + work_bwd, gpu, total))
                 rows.append(row)
             torch.cuda.empty_cache() if device == "cuda" else None
     summary = speedups(rows)
     print_table(rows, ["shape", "impl", "mean_len", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_tflops",
-                       "bwd_tflops", "fwd_bwd_tflops", "peak_mib", "error"])
+                       "bwd_tflops", "fwd_bwd_tflops", "roofline_fwd", "roofline_bwd", "roofline_fwd_bwd", "peak_mib",
+                       "error"])
+    print(f"roofline_*: fraction of the {gpu.name} roofline (datasheet peaks; a CPU run only checks the arithmetic)")
     print_table(summary)
     if not args.quick or device == "cuda":
         paths = write_results("attention", rows, extra={"speedups": summary})

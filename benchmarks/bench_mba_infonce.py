@@ -9,6 +9,9 @@ Shapes (issue 5): L_img = 99, L_txt = 128, D = 768, E = 512; the MLP head is the
 forward + backward (gradients for tokens, head weights and logit_scale) and the peak
 memory allocated during it above the inputs. OOM is recorded, not raised. The fit test
 then runs one step at batch sizes beyond the timed ones, to find a batch eager cannot fit.
+roofline_frac: the H100/H200 roofline time of one step's minimum work (benchmarks/roofline.py:
+head GEMMs fwd + bwd at the dense bf16 peak, InfoNCE logits and gradients at the tf32 peak,
+token bytes at HBM bandwidth) over the measured time.
 Results: benchmarks/results/mba_infonce-<device>-<date>.{json,csv}.
 """
 import argparse
@@ -23,8 +26,10 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import roofline  # noqa: E402
+from _common import device_name, is_oom, peak_bytes, print_table, time_ms, write_results  # noqa: E402
+
 import mcr_kernels  # noqa: E402
-from _common import is_oom, peak_bytes, print_table, time_ms, write_results  # noqa: E402
 
 
 def eager_loss(img, txt, txt_mask, img_head, txt_head, scale):
@@ -115,6 +120,7 @@ def main():
     impls = {"eager": eager_loss, "mcr_triton": fused_loss}
     if not args.no_compile and not args.quick:
         impls["compiled"] = torch.compile(eager_loss)
+    gpu = roofline.device_for(device_name(device))
     rows = []
     for head in ("mlp", "linear"):
         hidden = D if head == "mlp" else None
@@ -148,6 +154,10 @@ def main():
                     ms, peak = res
                     row.update(status="ok", ms=ms, peak_mib=peak / 2 ** 20, grads_mib=grad_mib,
                                loss=losses.get(name))
+                    if timed:
+                        work = roofline.mba_infonce(B, dims["L_img"], dims["L_txt"], D, E, hidden,
+                                                    inputs[0].element_size(), roofline.matmul_precision(str(dtype)[6:]))
+                        row.update(roofline_frac=roofline.fraction(work, gpu, ms))
                     if eager is not None and name != "eager":
                         if timed:
                             row.update(time_vs_eager=ms / eager[0])
@@ -161,7 +171,8 @@ def main():
             if cuda:
                 torch.cuda.empty_cache()
     print_table(rows, ["head", "B", "impl", "test", "status", "loss", "ms", "peak_mib", "grads_mib", "time_vs_eager",
-                       "peak_vs_eager", "time_vs_compiled"])
+                       "peak_vs_eager", "time_vs_compiled", "roofline_frac"])
+    print(f"roofline_frac: fraction of the {gpu.name} roofline (datasheet peaks; a CPU run only checks the arithmetic)")
     goals = goal_summary(rows)
     print("goals:", goals)
     if not args.quick:

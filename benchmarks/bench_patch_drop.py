@@ -10,18 +10,22 @@ Cases (ratio 0.5, N = 196 patches, K = 98 kept):
   gather   gather_tokens(x [B, 196, 768], ids_keep)               the encoder's patch drop
   masking  random_masking(x [B, 196, 768], 0.5, prefix 0)         indices + gather, as the model calls it
   restore  restore_tokens(latent[:, 1:] of [B, 99, 512], ids_restore, mask_token [512])  the decoder
-GB/s counts the bytes each pass must move at least (rows read + rows written); pct_copy_bw
-is fwd+bwd GB/s over copy_bandwidth_gbs(). Rows go to benchmarks/results/ via write_results.
+GB/s counts the bytes each pass must move at least (rows read + rows written + int64 ids,
+benchmarks/roofline.py); pct_copy_bw is fwd+bwd GB/s over copy_bandwidth_gbs(); roofline_frac is
+the H100/H200 roofline time (HBM datasheet bandwidth) over the measured fwd+bwd time. Rows go
+to benchmarks/results/ via write_results.
 """
 import argparse
-import sys
 import pathlib
+import sys
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import roofline  # noqa: E402
+from _common import copy_bandwidth_gbs, device_name, is_oom, peak_bytes, print_table, time_ms, write_results  # noqa: E402
+
 import mcr_kernels  # noqa: E402
-from _common import copy_bandwidth_gbs, is_oom, peak_bytes, print_table, time_ms, write_results  # noqa: E402
 from mcr_kernels import backend  # noqa: E402
 
 OPS = ("random_keep_indices", "gather_tokens", "restore_tokens")
@@ -31,7 +35,8 @@ def make_case(case, B, N, K, D, dtype, device):
     """(forward closure, inputs needing grad, grad_out shape, bytes fwd, bytes bwd) for one case."""
     es = torch.empty((), dtype=dtype).element_size()
     if case == "indices":
-        return (lambda: mcr_kernels.random_keep_indices(B, N, K, device=device)), [], None, 8 * B * (N + K), 0
+        return (lambda: mcr_kernels.random_keep_indices(B, N, K, device=device)), [], None, \
+            roofline.keep_indices(B, N, K).bytes, 0
     if case in ("gather", "masking"):
         x = torch.randn(B, N, D, device=device, dtype=dtype, requires_grad=True)
         ids_keep, _ = mcr_kernels.random_keep_indices(B, N, K, device=device)
@@ -39,12 +44,14 @@ def make_case(case, B, N, K, D, dtype, device):
             fwd = lambda: mcr_kernels.gather_tokens(x, ids_keep)  # noqa: E731
         else:
             fwd = lambda: mcr_kernels.random_masking(x, 1 - K / N, num_prefix_tokens=0)[0]  # noqa: E731
-        return fwd, [x], (B, K, D), 2 * B * K * D * es, B * (K + N) * D * es
+        return (fwd, [x], (B, K, D), roofline.gather_tokens(B, N, K, D, es).bytes,
+                roofline.gather_tokens(B, N, K, D, es, backward=True).bytes)
     latent = torch.randn(B, K + 1, D, device=device, dtype=dtype, requires_grad=True)
     mask_token = torch.randn(D, device=device, dtype=dtype, requires_grad=True)
     _, ids_restore = mcr_kernels.random_keep_indices(B, N, K, device=device)
     fwd = lambda: mcr_kernels.restore_tokens(latent[:, 1:], ids_restore, mask_token)  # noqa: E731
-    return fwd, [latent, mask_token], (B, N, D), B * (K + N) * D * es, B * (N + K) * D * es
+    restore_bytes = roofline.restore_tokens(B, N, K, D, es).bytes
+    return fwd, [latent, mask_token], (B, N, D), restore_bytes, restore_bytes
 
 
 def measure(case, name, B, N, K, D, dtype, device, timing):
@@ -67,6 +74,8 @@ def measure(case, name, B, N, K, D, dtype, device, timing):
             row["fwd_bwd_ms"] = row["fwd_ms"]
             row["peak_mb"] = peak_bytes(fwd) / 2 ** 20
         row["fwd_bwd_gbs"] = (bytes_fwd + bytes_bwd) / row["fwd_bwd_ms"] / 1e6
+        gpu = roofline.device_for(device_name(device))
+        row["roofline_frac"] = roofline.fraction(roofline.Work({}, bytes_fwd + bytes_bwd), gpu, row["fwd_bwd_ms"])
     return row
 
 
@@ -111,7 +120,9 @@ def main():
             rows += case_rows
 
     print_table(rows, ["case", "backend", "B", "D", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mb", "fwd_bwd_gbs",
-                       "pct_copy_bw", "speedup_fwd", "speedup_bwd", "speedup_fwd_bwd"])
+                       "pct_copy_bw", "roofline_frac", "speedup_fwd", "speedup_bwd", "speedup_fwd_bwd"])
+    print(f"roofline_frac: fraction of the {roofline.device_for(device_name(device)).name} HBM bound "
+          "(datasheet bandwidth; on a CPU this only checks the arithmetic)")
     if not args.no_write:
         paths = write_results("patch_drop", rows, extra={"copy_bandwidth_gbs": copy_gbs, "quick": args.quick})
         print("wrote", *paths)

@@ -28,7 +28,7 @@ from _common import environment, is_oom, matmul_tflops, print_table, write_resul
 from mcr.config import preset  # noqa: E402
 from mcr.models.mcr import MCR  # noqa: E402
 from mcr.profiling import MASK, PAD, random_batch, step_flops  # noqa: E402
-from mcr.train import compile_blocks  # noqa: E402
+from mcr.engine import compile_blocks  # noqa: E402
 
 CONFIGS = {  # name: (variant, backend forced for every op or None = default, compile)
     "dual-stream/reference": ("dual-stream", "reference", False),

@@ -1,44 +1,76 @@
-"""Configuration: model presets and the training config (a dataclass; argparse flags in mcr.train)."""
+"""Configuration: the model and training dataclasses, the presets, and `resolve_config`.
+
+Every field carries its help text (and, for a closed set, its choices; for a size, its
+minimum) in `field(metadata=...)`; mcr.cli turns the fields into command-line flags, so a
+field added here is a flag with its help, nothing else to write. A TrainConfig is always
+complete: fields left at None take the preset's value when it is built (`resolve_config`
+runs in `__post_init__`), so `TrainConfig(preset="paper", model={"variant": "abm"})` is the
+paper-shaped abm model with the paper's recipe, whoever builds it (the CLI, a study, a test).
+
+What comes from the paper and what this project chose is in docs/method.md.
+"""
 import dataclasses
 from dataclasses import dataclass, field
 
+from mcr.data.registry import DATASETS
+
 VARIANTS = ("mcr", "dual-stream", "abm")
 MASK_SAMPLINGS = ("random", "balanced")
+PRECISIONS = ("auto", "bf16", "fp32")
+DEVICE_KINDS = ("auto", "cpu", "cuda", "cuda:N")  # checked by mcr.distributed.pick_device
+HEAD_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "none")  # mcr_kernels.ProjectionHead's
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+def option(default, help, choices=None, minimum=None, maximum=None):
+    """A config field and its flag: help text, closed set of values, inclusive bounds."""
+    meta = {"help": help, "choices": choices, "min": minimum, "max": maximum}
+    return field(default=default, metadata=meta)
+
+
+def from_preset(help, minimum=None):
+    """A training field whose default is the preset's recipe (TRAINING_PRESETS)."""
+    return option(None, help, minimum=minimum)
 
 
 @dataclass
 class ModelConfig:
-    """Shapes and method choices of the MCR model (see docs/method in ../shared/docs)."""
-    image_size: int = 96
-    patch_size: int = 16
-    in_chans: int = 1                 # 1: grayscale patch embedding; 3: replicated (timm weights)
-    vit_width: int = 128
-    vit_depth: int = 4
-    vit_heads: int = 4
-    decoder_width: int = 96
-    decoder_depth: int = 1
-    decoder_heads: int = 4
-    text_width: int = 128
-    text_depth: int = 2
-    text_heads: int = 4
-    text_intermediate: int = 512
-    max_text_len: int = 128
-    vocab_size: int = 2048            # of the tokenizer trained on the corpus; a loaded one sets it
-    embed_dim: int = 128              # joint space E
-    head_hidden: int = 0              # MbA head hidden width; 0 = model width
-    head_activation: str = "gelu"
-    image_mask_ratio: float = 0.5
-    text_mask_ratio: float = 0.25
-    text_mask_replace: bool = False   # BERT's 80/10/10 replacement; False = always [MASK]
-    norm_pix_loss: bool = False
-    image_conditioned_mrm: bool = True
-    mrm_decoder_depth: int = 1
-    variant: str = "mcr"              # mcr | dual-stream | abm
-    init_temperature: float = 0.07
-    mask_sampling: str = "random"     # random: MAE's uniform choice; balanced: as many kept in each 2x2 block of patches
-    pool_text_masked: bool = True     # MbA pools the report's [MASK] positions too (False: unmasked tokens only)
-    pool_image_cls: bool = False      # MbA pools the CLS token with the kept patches
-    embed_masks: int = 0              # retrieval embeddings: 0 = unmasked inputs; n = mean over n masks at the training ratios
+    """Shapes and method choices of the MCR model (defaults: the small preset)."""
+    variant: str = option("mcr", "mcr: masked-only MCR; dual-stream: unmasked second pass for the "
+                          "contrastive loss (baseline); abm: aggregate, then map (ablation)", VARIANTS)
+    image_size: int = option(96, "square image side (px), a multiple of --patch-size", minimum=1)
+    patch_size: int = option(16, "ViT patch side (px)", minimum=1)
+    in_chans: int = option(1, "image channels: 1 grayscale patch embedding, 3 replicated (timm weights)",
+                           minimum=1)
+    vit_width: int = option(128, "ViT width (embedding dim)", minimum=1)
+    vit_depth: int = option(4, "ViT blocks", minimum=1)
+    vit_heads: int = option(4, "ViT attention heads", minimum=1)
+    decoder_width: int = option(96, "MAE decoder width", minimum=1)
+    decoder_depth: int = option(1, "MAE decoder blocks", minimum=1)
+    decoder_heads: int = option(4, "MAE decoder attention heads", minimum=1)
+    text_width: int = option(128, "BERT width", minimum=1)
+    text_depth: int = option(2, "BERT layers", minimum=1)
+    text_heads: int = option(4, "BERT attention heads", minimum=1)
+    text_intermediate: int = option(512, "BERT feed-forward width", minimum=1)
+    max_text_len: int = option(128, "report tokens kept (truncation), [CLS] and [SEP] included", minimum=3)
+    vocab_size: int = option(2048, "WordPiece vocabulary size to train (a loaded tokenizer sets it)",
+                             minimum=16)
+    embed_dim: int = option(128, "joint embedding space (MbA heads' output)", minimum=1)
+    head_hidden: int = option(0, "MbA head hidden width; 0 = the encoder's width", minimum=0)
+    head_activation: str = option("gelu", "MbA head activation", HEAD_ACTIVATIONS)
+    image_mask_ratio: float = option(0.5, "share of image patches dropped, in (0, 1)")
+    text_mask_ratio: float = option(0.25, "share of report tokens masked, in (0, 1)")
+    text_mask_replace: bool = option(False, "BERT's 80/10/10 replacement of masked tokens (else always [MASK])")
+    norm_pix_loss: bool = option(False, "MAE's per-patch normalized pixel target")
+    image_conditioned_mrm: bool = option(True, "add the mean image latent to the MRM decoder's input")
+    mrm_decoder_depth: int = option(1, "MRM decoder blocks", minimum=0)
+    init_temperature: float = option(0.07, "initial InfoNCE temperature", minimum=1e-4)
+    mask_sampling: str = option("random", "image masks: random (MAE's uniform choice) or balanced (as many kept "
+                                "patches in each 2x2 block)", MASK_SAMPLINGS)
+    pool_text_masked: bool = option(True, "MbA pools the report's [MASK] positions too (no: unmasked tokens only)")
+    pool_image_cls: bool = option(False, "MbA pools the CLS token with the kept patches")
+    embed_masks: int = option(0, "retrieval embeddings: 0 = of the unmasked inputs; n = mean over n masks at the "
+                              "training ratios", minimum=0)
 
 
 PRESETS = {
@@ -50,12 +82,119 @@ PRESETS = {
 }
 
 
+@dataclass
+class TrainConfig:
+    """Everything `python -m mcr.train` takes; every field is a --flag (model: ModelConfig's)."""
+    preset: str = option("small", "model shape and training recipe: small (2 CPU cores, minutes) or "
+                         "paper (ViT-B/16 at 224 px, BERT-base, the paper's loss weights)", ("small", "paper"))
+    data: str = option("synthetic", "dataset (mcr.data.registry)", DATASETS)
+    data_root: str = option("", "root folder of --data (not synthetic)")
+    data_options: str = option("", 'reader options, e.g. "views=PA,AP;images=all" (mcr.data.registry)')
+    train_size: int = option(20000, "training pairs of --data synthetic", minimum=1)
+    val_size: int = from_preset("validation pairs of --data synthetic", minimum=1)
+    out_dir: str = option("runs/default", "run folder: metrics.jsonl, config.yaml, tokenizer/, checkpoints/")
+    resume: bool = option(False, "continue the run in --out-dir from its newest complete checkpoint")
+    overwrite: bool = option(False, "delete the checkpoints and metrics in --out-dir and start over")
+    tokenizer: str = option("auto", "auto: for --data synthetic the WordPiece vocabulary shipped with the "
+                            "package (when --vocab-size >= its 569 tokens), else WordPiece trained on the "
+                            "training reports; train: always train one; else a local Hugging Face "
+                            "tokenizer folder")
+    image_weights: str = option("", "pretrained ViT/MAE weights file (.safetensors, .pth)")
+    text_weights: str = option("", "pretrained BERT folder (Hugging Face layout)")
+    batch_size: int = from_preset("global batch, split evenly over torchrun's processes", minimum=1)
+    epochs: float = from_preset("epochs over the training split; > 0 overrides --max-steps", minimum=0)
+    max_steps: int = from_preset("optimizer steps (when --epochs is 0)", minimum=1)
+    max_minutes: float = from_preset("stop training after this wall time; 0 = no limit", minimum=0)
+    lr: float = from_preset("peak AdamW learning rate (linear warm-up, cosine decay)", minimum=0)
+    weight_decay: float = option(0.05, "AdamW weight decay (not on biases, norms, embeddings)", minimum=0)
+    warmup_steps: int = from_preset("linear warm-up steps", minimum=0)
+    grad_clip: float = option(1.0, "gradient norm clip", minimum=0)
+    loss_contrastive: float = from_preset("weight of the InfoNCE loss", minimum=0)
+    loss_mim: float = option(1.0, "weight of masked image modelling", minimum=0)
+    loss_mrm: float = option(1.0, "weight of masked report modelling", minimum=0)
+    unmasked_tuning: float = option(0.0, "share of the last steps trained on unmasked inputs, contrastive loss "
+                                    "only (FLIP)", minimum=0, maximum=1)
+    unmasked_every: int = option(0, "also every k-th step unmasked, contrastive loss only; 0 = never", minimum=0)
+    eval_every: int = from_preset("validate every N steps; 0 = only at the end", minimum=0)
+    save_every: int = from_preset("checkpoint every N steps; 0 = only at the end", minimum=0)
+    keep_checkpoints: int = option(2, "newest checkpoints kept", minimum=1)
+    log_every: int = option(20, "log the training losses every N steps", minimum=1)
+    seed: int = option(0, "seed of the initialisation, data order and masks")
+    device: str = option("auto", f"one of {', '.join(DEVICE_KINDS)}; auto: cuda when available")
+    precision: str = option("auto", "autocast: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32", PRECISIONS)
+    num_workers: int = option(0, "DataLoader worker processes", minimum=0)
+    tensorboard: bool = option(False, "also log to out_dir/tensorboard (with the model pictures at each validation)")
+    pictures: bool = option(True, "write curves, reconstruction and retrieval PNGs into out_dir at the end (mcr.plot)")
+    compile: bool = option(False, "torch.compile each transformer block (fullgraph)")
+    compile_backend: str = option("inductor", "torch.compile backend (aot_eager: tracing only, for tests)",
+                                  COMPILE_BACKENDS)
+    fsdp: bool = option(False, "under torchrun: shard parameters, gradients and AdamW state (FSDP2)")
+    model: ModelConfig = option(None, "the model; None = the preset's, a dict = the preset's with these fields")
+
+    def __post_init__(self):
+        resolve_config(self)
+
+
+# The training recipe of each preset: the value of every TrainConfig field left at None.
+#   paper: the paper's loss ratio lambda_vrc : lambda_mim : lambda_mrm = 0.1 : 1 : 1, GPU-sized
+#     batch and schedule, no wall-time limit.
+#   small: contrastive weight 1 (not 0.1): at 0.1 the alignment leaves the ln(B) plateau too
+#     late for a 10-minute CPU run (measured with the whole default run: image->report R@1 0.6%
+#     at 0.1 vs 1.2-1.3% at 1, same tokenizer; P@5 6.3% vs 16.6-18.4%); the rest as the paper.
+TRAINING_PRESETS = {
+    "small": dict(batch_size=32, epochs=0.0, max_steps=1500, max_minutes=8.5, lr=5e-4, warmup_steps=50,
+                  loss_contrastive=1.0, eval_every=500, save_every=500, val_size=1000),
+    "paper": dict(batch_size=256, epochs=50.0, max_steps=1500, max_minutes=0.0, lr=1.5e-4, warmup_steps=2000,
+                  loss_contrastive=0.1, eval_every=2000, save_every=2000, val_size=5000),
+}
+
+
+def flag(name):
+    """The command-line spelling of a field name."""
+    return "--" + name.replace("_", "-")
+
+
+def check_fields(cfg):
+    """ValueError naming the flag when a value is outside its choices or bounds."""
+    for f in dataclasses.fields(cfg):
+        value, meta = getattr(cfg, f.name), f.metadata
+        if value is None or isinstance(value, (ModelConfig, dict)):
+            continue
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ValueError(f"{flag(f.name)} {value!r} is not one of: {', '.join(meta['choices'])}")
+        if meta.get("min") is not None and value < meta["min"]:
+            raise ValueError(f"{flag(f.name)} must be >= {meta['min']}, got {value}")
+        if meta.get("max") is not None and value > meta["max"]:
+            raise ValueError(f"{flag(f.name)} must be <= {meta['max']}, got {value}")
+
+
+def validate(cfg):
+    """ValueError for a ModelConfig whose values cannot build a model."""
+    check_fields(cfg)
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(f"--image-size {cfg.image_size} must be a multiple of --patch-size {cfg.patch_size}")
+    for name in ("image_mask_ratio", "text_mask_ratio"):
+        if not 0.0 < getattr(cfg, name) < 1.0:
+            raise ValueError(f"{flag(name)} must be in (0, 1), got {getattr(cfg, name)}")
+    if cfg.mask_sampling == "balanced":
+        grid = cfg.image_size // cfg.patch_size
+        blocks = (grid // 2) ** 2
+        keep = int(grid * grid * (1 - cfg.image_mask_ratio))
+        if grid % 2 or keep % blocks:
+            raise ValueError(f"--mask-sampling balanced needs an even patch grid ({grid}x{grid} here) and a kept "
+                             f"count ({keep}) divisible by its {blocks} 2x2 blocks")
+    for width, heads in (("vit_width", "vit_heads"), ("decoder_width", "decoder_heads"),
+                         ("text_width", "text_heads")):
+        if getattr(cfg, width) % getattr(cfg, heads):
+            raise ValueError(f"{flag(width)} {getattr(cfg, width)} must be a multiple of "
+                             f"{flag(heads)} {getattr(cfg, heads)}")
+
+
 def preset(name, **overrides):
-    """A copy of preset `name` with fields replaced; ValueError names what is unknown."""
+    """A copy of preset `name`'s ModelConfig with fields replaced; ValueError names what is unknown."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; presets are {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = set(overrides) - fields
+        raise ValueError(f"unknown preset {name!r}; presets are {', '.join(PRESETS)}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
     if unknown:
         raise ValueError(f"unknown model config fields {sorted(unknown)}")
     cfg = dataclasses.replace(PRESETS[name], **overrides)
@@ -63,82 +202,48 @@ def preset(name, **overrides):
     return cfg
 
 
-def validate(cfg):
-    if cfg.variant not in VARIANTS:
-        raise ValueError(f"unknown variant {cfg.variant!r}; variants are {VARIANTS}")
-    if cfg.image_size % cfg.patch_size:
-        raise ValueError(f"image_size {cfg.image_size} must be a multiple of patch_size {cfg.patch_size}")
-    if not 0.0 < cfg.image_mask_ratio < 1.0:
-        raise ValueError(f"image_mask_ratio must be in (0, 1), got {cfg.image_mask_ratio}")
-    if cfg.mask_sampling not in MASK_SAMPLINGS:
-        raise ValueError(f"mask_sampling must be one of {MASK_SAMPLINGS}, got {cfg.mask_sampling!r}")
-    if cfg.mask_sampling == "balanced":
-        grid = cfg.image_size // cfg.patch_size
-        blocks = (grid // 2) ** 2
-        keep = int(grid * grid * (1 - cfg.image_mask_ratio))
-        if grid % 2 or keep % blocks:
-            raise ValueError(f"mask_sampling 'balanced' needs an even patch grid ({grid}x{grid} here) and a kept "
-                             f"count ({keep}) divisible by its {blocks} 2x2 blocks")
-    if not 0.0 < cfg.text_mask_ratio < 1.0:
-        raise ValueError(f"text_mask_ratio must be in (0, 1), got {cfg.text_mask_ratio}")
+def resolve_config(cfg):
+    """Fill `cfg`'s None fields from its preset, build its ModelConfig, validate; returns cfg.
+
+    Idempotent; TrainConfig calls it when built, so every entry point goes through it."""
+    if cfg.preset not in TRAINING_PRESETS:
+        raise ValueError(f"--preset {cfg.preset!r} is not one of: {', '.join(TRAINING_PRESETS)}")
+    for name, value in TRAINING_PRESETS[cfg.preset].items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, value)
+    if cfg.model is None or isinstance(cfg.model, dict):
+        cfg.model = preset(cfg.preset, **(cfg.model or {}))
+    else:
+        validate(cfg.model)
+    check_fields(cfg)
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run, or start it over")
+    if cfg.data != "synthetic" and not cfg.data_root:
+        raise ValueError(f"--data {cfg.data} needs --data-root DIR")
+    return cfg
 
 
-@dataclass
-class TrainConfig:
-    """Everything `python -m mcr.train` takes; every field is a --flag."""
-    preset: str = "small"
-    variant: str = "mcr"
-    data: str = "synthetic"
-    data_root: str = ""
-    data_options: str = ""           # reader options, e.g. "views=PA,AP;images=all" (mcr.data.registry)
-    train_size: int = 20000           # synthetic corpus sizes
-    val_size: int = 1000
-    out_dir: str = "runs/default"
-    tokenizer: str = ""               # local HF tokenizer dir; empty = train WordPiece on the corpus
-    image_weights: str = ""
-    text_weights: str = ""
-    batch_size: int = 32              # the global batch (split over torchrun's processes)
-    epochs: float = 0.0               # if > 0, overrides max_steps
-    max_steps: int = 1500
-    max_minutes: float = 8.5          # stop training after this wall time (0 = no limit)
-    lr: float = 5e-4
-    weight_decay: float = 0.05
-    warmup_steps: int = 50
-    grad_clip: float = 1.0
-    loss_contrastive: float = 1.0     # the paper's 0.1 : 1 : 1 is the paper preset's (TRAINING_PRESETS)
-    loss_mim: float = 1.0
-    loss_mrm: float = 1.0
-    unmasked_tuning: float = 0.0      # share of the last steps trained on unmasked inputs, contrastive loss only (FLIP)
-    unmasked_every: int = 0           # also every k-th step unmasked, contrastive loss only (0 = never)
-    eval_every: int = 500
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 20
-    resume: bool = False
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"           # auto (bf16 on CUDA) | bf16 | fp32
-    num_workers: int = 0
-    tensorboard: bool = False         # also log to out_dir/tensorboard (with pictures at each validation)
-    pictures: bool = True             # write curves/reconstructions/retrieval PNGs at the end (mcr.plot)
-    compile: bool = False             # torch.compile each transformer block (fullgraph)
-    compile_backend: str = "inductor" # torch.compile backend (aot_eager: trace only, for tests)
-    fsdp: bool = False                # under torchrun: shard parameters, gradients, AdamW state
-    model: ModelConfig = field(default_factory=ModelConfig)
+def config_to_dict(cfg):
+    """A TrainConfig as plain nested dicts (YAML / JSON)."""
+    return dataclasses.asdict(cfg)
 
 
-# The training recipe of each preset: TrainConfig's defaults (the 2-CPU-core recipe of the
-# small preset) replaced by these; any flag given on the command line wins.
-#   paper: the paper's loss ratio lambda_vrc : lambda_mim : lambda_mrm = 0.1 : 1 : 1, GPU-sized
-#     batch and schedule, no wall-time limit.
-#   small: contrastive weight 1 (not 0.1): at 0.1 the alignment leaves the ln(B) plateau too
-#     late for a 10-minute CPU run (measured with the whole default run: image->report R@1 0.6%
-#     at 0.1 vs 1.2-1.3% at 1, same tokenizer; P@5 6.3% vs 16.6-18.4%); the rest as the paper.
-TRAINING_PRESETS = {
-    "small": {},
-    "paper": dict(batch_size=256, epochs=50, lr=1.5e-4, warmup_steps=2000, max_minutes=0.0,
-                  loss_contrastive=0.1, eval_every=2000, save_every=2000, val_size=5000),
-}
+def config_from_dict(values):
+    """A TrainConfig from config_to_dict's output or a part of it (missing fields: defaults).
+    ValueError names unknown fields; a checkpoint's top-level `variant` (before it moved
+    into the model) is read into the model."""
+    values = dict(values)
+    model = dict(values.pop("model", None) or {})
+    if "variant" in values:  # config.yaml / state.json written before variant lived in ModelConfig
+        model.setdefault("variant", values.pop("variant"))
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for name in [k for k in values if k not in known and k in model_fields]:
+        model[name] = values.pop(name)  # a flat file may name model fields at top level
+    unknown = sorted(set(values) - known) + sorted(set(model) - model_fields)
+    if unknown:
+        raise ValueError(f"unknown config fields {unknown}")
+    return TrainConfig(**values, model=model)
 
 
 def is_unmasked_step(cfg, step, total_steps):

@@ -24,8 +24,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from mcr.data.batching import IMAGE_MEAN, IMAGE_STD, Collate
-from mcr.evaluate import embed_dataset, identical_texts
+from mcr import engine
+from mcr.data.batching import IMAGE_MEAN, IMAGE_STD
+from mcr.protocols import identical_texts
 
 try:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -87,7 +88,7 @@ def run_batch_size(run_dir):
     """The training batch of a run (from its latest checkpoint's state), or None."""
     from mcr import checkpoint
 
-    path = checkpoint.latest_checkpoint(run_dir)
+    path = checkpoint.newest_intact(run_dir, quiet=True)
     if path is None:
         return None
     return checkpoint.read_state(path)["config"].get("batch_size")
@@ -181,19 +182,20 @@ def to_pixels(images):
     return (images[:, 0].float() * IMAGE_STD + IMAGE_MEAN).clamp(0, 1).mul(255).cpu()
 
 
-def reconstruction_figure(model, images, seed=0):
+def reconstruction_figure(patch_size, images, mask, pred):
     """Input, kept patches, prediction, prediction with the kept patches pasted back, for
-    each of the normalized images [B <= 8, C, H, W]; the title gives the masked-patch MSE
-    beside a baseline: every dropped patch predicted as the mean of the kept pixels."""
-    mask, pred = reconstruct(model, images, seed)
-    p = model.cfg.patch_size
+    each of the normalized images [B <= 8, C, H, W], from reconstruct's (mask, pred); the
+    title gives the masked-patch MSE beside a baseline: every dropped patch predicted as the
+    mean of the kept pixels."""
+    p = patch_size
+    images, mask, pred = images.cpu(), mask.cpu(), pred.cpu()
     side = images.shape[-1] // p
-    pixel_mask = mask.reshape(-1, side, side).repeat_interleave(p, 1).repeat_interleave(p, 2).cpu()
+    pixel_mask = mask.reshape(-1, side, side).repeat_interleave(p, 1).repeat_interleave(p, 2)
     inputs, preds = to_pixels(images), to_pixels(pred)
     kept = pixel_mask == 0
     visible = torch.where(kept, inputs, torch.full_like(inputs, 0.5 * 255))
     pasted = torch.where(kept, inputs, preds)
-    norm_in, norm_pred = images[:, 0].float().cpu(), pred[:, 0].float().cpu()
+    norm_in, norm_pred = images[:, 0].float(), pred[:, 0].float()
     dropped = ~kept
     mse = ((norm_pred - norm_in) ** 2)[dropped].mean().item()
     kept_mean = (norm_in * kept).sum((1, 2), keepdim=True) / kept.sum((1, 2), keepdim=True)
@@ -359,20 +361,21 @@ def best_true_rank(scores, is_true):
 
 
 @torch.no_grad()
-def validation_pictures(model, dataset, collate, device, autocast_dtype=None, label_names=None):
-    """{"reconstructions": Figure, "retrieval": Figure} of a model on a held-out split
-    (the retrieval grid over the whole split, embedded with mcr.evaluate.embed_dataset)."""
+def validation_pictures(model, dataset, collate, device, autocast_dtype=None, draw=True, num_workers=0):
+    """{"reconstructions": Figure, "retrieval": Figure} of a model on a held-out split: the
+    retrieval grid over the whole split, embedded by mcr.engine.embed (the evaluation path).
+    Under torch.distributed every rank calls it (the embedding and, under FSDP, the forward
+    are collectives); ranks with draw=False compute their share and get None."""
     was_training = model.training
-    if isinstance(dataset, torch.utils.data.Subset):  # a rank's slice of the split: draw the whole split
-        dataset = dataset.dataset
-    label_names = label_names or getattr(dataset, "label_names", None)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256, collate_fn=collate)
-    img, txt, labels = embed_dataset(model, loader, device, autocast_dtype)
+    img, txt, labels = engine.embed(model, dataset, collate, device, autocast_dtype, num_workers=num_workers)
     first = collate([dataset[i] for i in range(min(NUM_RECONSTRUCTIONS, len(dataset)))])
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        recon = reconstruction_figure(model, first["image"].to(device))
+        mask, pred = reconstruct(model, first["image"].to(device))
     model.train(was_training)
-    reports = getattr(dataset, "reports", None) or [dataset[i].report for i in range(len(dataset))]
+    if not draw:
+        return None
+    recon = reconstruction_figure(model.cfg.patch_size, first["image"], mask, pred)
+    reports = engine.split_reports(dataset)
     hits = identical_texts(reports)
     sim = img @ txt.T
     k = min(TOP_K, len(dataset))
@@ -393,16 +396,20 @@ def validation_pictures(model, dataset, collate, device, autocast_dtype=None, la
     n = len(dataset)
     title = (f"{n} validation pairs; score = cosine similarity; green = the query's own pair or a "
              f"report with identical text; chance that a random item is true ≈ {100 * hits.float().mean():.2g}%")
-    retrieval = retrieval_figure(image_queries, report_queries, label_names, title, gallery_size=n)
+    retrieval = retrieval_figure(image_queries, report_queries, getattr(dataset, "label_names", None), title,
+                                 gallery_size=n)
     return {"reconstructions": recon, "retrieval": retrieval}
 
 
-def log_to_tensorboard(writer, model, dataset, collate, device, step, autocast_dtype=None):
-    """Add validation_pictures to a torch.utils.tensorboard SummaryWriter at `step`
-    (tags val/reconstructions, val/retrieval); a no-op without matplotlib."""
+def log_to_tensorboard(writer, model, dataset, collate, device, step, autocast_dtype=None, num_workers=0):
+    """Add validation_pictures to a torch.utils.tensorboard SummaryWriter at `step` (tags
+    val/reconstructions, val/retrieval). Every rank calls it; writer None on the others. A
+    no-op without matplotlib."""
     if Figure is None:
         return
-    for name, fig in validation_pictures(model, dataset, collate, device, autocast_dtype).items():
+    figures = validation_pictures(model, dataset, collate, device, autocast_dtype, draw=writer is not None,
+                                  num_workers=num_workers)
+    for name, fig in (figures or {}).items():
         writer.add_figure(f"val/{name}", fig, step)
 
 
@@ -412,13 +419,12 @@ def write_pictures(run_dir, split="val", size=0):
     """Load run_dir's latest checkpoint and write reconstructions.png and retrieval.png
     over `split` (size: pairs, synthetic data; 0 = the run's validation size) beside
     curves.png. Returns the paths written."""
-    from mcr.train import build_dataset, load_trained
+    from mcr.run import build_dataset, collate_for, load_trained
 
     written = [save_png(curves_figure([run_dir]), os.path.join(run_dir, "curves.png"))]
     model, cfg, tokenizer, device, _ = load_trained(run_dir)
     dataset = build_dataset(cfg, split, size or cfg.val_size)
-    collate = Collate(tokenizer, cfg.model.max_text_len, cfg.model.in_chans)
-    for name, fig in validation_pictures(model, dataset, collate, device).items():
+    for name, fig in validation_pictures(model, dataset, collate_for(cfg, tokenizer), device).items():
         written.append(save_png(fig, os.path.join(run_dir, f"{name}.png")))
     return written
 

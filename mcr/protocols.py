@@ -1,10 +1,14 @@
-"""The paper's retrieval protocols, on any dataset with labels (MIMIC-CXR, OpenI, shards,
-the embedded corpus).
+"""Retrieval metrics and the paper's two protocols, computed from embeddings (the model
+is embedded once by mcr.engine.evaluate, on every dataset with labels: MIMIC-CXR, OpenI,
+shards, the embedded corpus).
 
 (a) full: every pair of a split (e.g. MIMIC-CXR's official test split); image->report and
-    report->image R@1/5/10, mean and median rank. Identical report texts: a report with the
-    same text as the query's true report counts as a hit (mcr.evaluate's documented choice;
-    many MIMIC-CXR reports are verbatim "No acute cardiopulmonary process.").
+    report->image R@1/5/10, mean and median rank, label Precision@K, and their chance
+    levels. Identical report texts: a report whose text equals the query's true report is
+    a hit (image->report), and so is every image whose report text equals the query report
+    (report->image); many MIMIC-CXR reports are verbatim "No acute cardiopulmonary
+    process.". A query's rank is 1 + the number of non-hits scored above its best hit.
+    Precision@K counts retrieved items whose finding-label set equals the query's.
 (b) 5x200: studies positive for exactly one of Atelectasis, Cardiomegaly, Consolidation,
     Edema, Pleural Effusion; `per_class` (200) drawn per class with a seeded generator; the
     selected images and reports are queries and gallery. Precision@1/5/10 = share of the top
@@ -19,7 +23,7 @@ import sys
 import numpy as np
 import torch
 
-from mcr.evaluate import KS, embed_dataset, identical_texts, retrieval_metrics
+KS = (1, 5, 10)
 
 FIVE_CLASSES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 SYNTHETIC_TO_FIVE = {
@@ -30,6 +34,39 @@ SYNTHETIC_TO_FIVE = {
     "pulmonary_edema": "Edema",
     "pleural_effusion_left": "Pleural Effusion", "pleural_effusion_right": "Pleural Effusion",
 }
+
+
+
+def retrieval_metrics(sim, hits, labels=None, ks=KS):
+    """sim [Q, G] float; hits [Q, G] bool (True = correct gallery item); labels [Q=G, C] or None.
+
+    Returns R@K (%), mean_rank, median_rank, chance_R@1 (%), and with labels P@K (%) and
+    chance_P@K (%): the share of the gallery with the query's label set, averaged over
+    queries (what P@K of a random ranking is, for every K)."""
+    sim, hits = sim.float(), hits.bool()
+    if not hits.any(dim=1).all():
+        raise ValueError("every query needs at least one correct gallery item in hits")
+    best_hit = sim.masked_fill(~hits, float("-inf")).amax(dim=1, keepdim=True)
+    ranks = 1 + ((sim > best_hit) & ~hits).sum(dim=1).float()
+    out = {f"R@{k}": 100.0 * (ranks <= k).float().mean().item() for k in ks}
+    out["mean_rank"] = ranks.mean().item()
+    out["median_rank"] = ranks.median().item()
+    out["chance_R@1"] = 100.0 * hits.float().sum(1).div(sim.shape[1]).mean().item()
+    if labels is not None:
+        same_labels = (labels[:, None, :] == labels[None, :, :]).all(-1)
+        top = sim.topk(min(max(ks), sim.shape[1]), dim=1).indices
+        relevant = torch.gather(same_labels, 1, top).float()
+        for k in ks:
+            out[f"P@{k}"] = 100.0 * relevant[:, :k].mean().item()
+        out["chance_P@K"] = 100.0 * same_labels.float().mean().item()
+    return out
+
+
+def identical_texts(reports):
+    """[N, N] bool: report i and report j have the same text."""
+    index = {}
+    ids = torch.tensor([index.setdefault(r, len(index)) for r in reports])
+    return ids[:, None] == ids[None, :]
 
 
 def five_class_matrix(labels, label_names):
@@ -82,6 +119,9 @@ def precision_by_class(sim, query_classes, gallery_classes, ks=KS):
                      for c in query_classes.unique().tolist()}
         out[f"P@{k}"] = sum(per_class.values()) / len(per_class)
         out.update({f"P@{k}/{name}": v for name, v in per_class.items()})
+    chance = (gallery_classes[None, :] == query_classes[:, None]).float().mean(1)
+    per_class = [chance[query_classes == c].mean().item() for c in query_classes.unique().tolist()]
+    out["chance_P@K"] = 100.0 * sum(per_class) / len(per_class)
     return out
 
 
@@ -98,33 +138,19 @@ def five_by_200(image_emb, text_emb, classes):
     return {"i2t": precision_by_class(sim, classes, classes), "t2i": precision_by_class(sim.T, classes, classes)}
 
 
-def run(model, dataset, collate, device, protocol="full", per_class=200, seed=0, label_names=None,
-        batch_size=256, autocast_dtype=None):
-    """Embed the needed rows of `dataset` and run one protocol; returns its results dict."""
-    label_names = label_names or getattr(dataset, "label_names", None)
-    if protocol == "5x200":
-        if label_names is None:
-            raise ValueError("the 5x200 protocol needs a dataset with label_names")
-        labels = np.asarray(dataset.labels) if hasattr(dataset, "labels") \
-            else np.stack([dataset[i].labels for i in range(len(dataset))])
-        indices, classes = select_5x200(labels, label_names, per_class, seed)
-        subset = torch.utils.data.Subset(dataset, indices.tolist())
-        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate)
-        img, txt, _ = embed_dataset(model, loader, device, autocast_dtype)
-        results = five_by_200(img, txt, classes)
-        results["counts"] = {cls: int((classes == c).sum()) for c, cls in enumerate(FIVE_CLASSES)}
-        return results
-    if protocol != "full":
-        raise ValueError(f"protocol must be 'full' or '5x200', got {protocol!r}")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-    img, txt, labels = embed_dataset(model, loader, device, autocast_dtype)
-    reports = getattr(dataset, "reports", None) or [dataset[i].report for i in range(len(dataset))]
-    return full_retrieval(img, txt, reports, labels)
+def format_table(results):
+    """A plain-text table of full_retrieval's output."""
+    cols = ["R@1", "R@5", "R@10", "chance_R@1", "median_rank", "mean_rank", "P@1", "P@5", "P@10", "chance_P@K"]
+    lines = [f"{'direction':<10}" + "".join(f"{c:>12}" for c in cols)]
+    for name in ("i2t", "t2i"):
+        row = results[name]
+        lines.append(f"{name:<10}" + "".join(f"{row.get(c, float('nan')):>12.2f}" for c in cols))
+    return "\n".join(lines)
 
 
 def format_5x200(results):
     """Plain-text table: one row per direction, P@K mean and per class."""
-    cols = [f"P@{k}" for k in KS] + [f"P@1/{c}" for c in FIVE_CLASSES]
+    cols = [f"P@{k}" for k in KS] + ["chance_P@K"] + [f"P@1/{c}" for c in FIVE_CLASSES]
     lines = [f"{'direction':<10}" + "".join(f"{c.replace('P@1/', ''):>18}" for c in cols)]
     for direction in ("i2t", "t2i"):
         row = results[direction]

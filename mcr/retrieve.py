@@ -28,11 +28,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from mcr.data.batching import Collate
+from mcr import engine
 from mcr.data.common import Sample, UnreadableImage, load_image
-from mcr.evaluate import embed_dataset
 
 CHUNK_ROWS = 8192
+EMBED_CHUNK = 1024                    # gallery items embedded per progress-bar update
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -126,7 +126,7 @@ class FolderGallery:
 
 def open_gallery(spec, cfg, size=0):
     """(dataset, cache name, key dict) of --gallery SPLIT_OR_FOLDER for a run's config."""
-    from mcr.train import build_dataset
+    from mcr.run import build_dataset
 
     if os.path.isdir(spec):
         gallery = FolderGallery(spec, cfg.model.image_size)
@@ -163,8 +163,13 @@ def cached_embeddings(model, dataset, collate, device, cache_path, key, num_work
         with safe_open(cache_path, framework="numpy") as f:
             if (f.metadata() or {}).get("key") == key_text:
                 return cache_path, False
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256, collate_fn=collate, num_workers=num_workers)
-    image, text, labels = embed_dataset(model, tqdm(loader, desc="embedding gallery", unit="batch"), device)
+    parts = []
+    with tqdm(total=len(dataset), desc="embedding gallery", unit="item") as bar:
+        for start in range(0, len(dataset), EMBED_CHUNK):  # mcr.engine.embed, a chunk at a time
+            chunk = torch.utils.data.Subset(dataset, range(start, min(start + EMBED_CHUNK, len(dataset))))
+            parts.append(engine.embed(model, chunk, collate, device, num_workers=num_workers))
+            bar.update(len(chunk))
+    image, text, labels = (torch.cat(column) for column in zip(*parts))
     os.makedirs(os.path.dirname(cache_path), exist_ok=True)
     tmp = f"{cache_path}.tmp{os.getpid()}"
     save_file({"image": image.contiguous(), "text": text.contiguous(), "labels": labels.float().contiguous()},
@@ -175,11 +180,11 @@ def cached_embeddings(model, dataset, collate, device, cache_path, key, num_work
 
 def embed_query(model, collate, device, image=None, report=None):
     """The embedding float32 [1, E] of one query, an image uint8 [S, S] or a report text,
-    through mcr.evaluate.embed_dataset (the path the gallery took)."""
+    through mcr.engine.embed (the path the gallery took)."""
     size = model.cfg.image_size
     sample = Sample(image if image is not None else np.zeros((size, size), np.uint8), report or "",
                     np.zeros(0, np.float32))
-    img, txt, _ = embed_dataset(model, [collate([sample])], device)
+    img, txt, _ = engine.embed(model, [sample], collate, device)
     return img if image is not None else txt
 
 
@@ -229,21 +234,21 @@ def parse_args(argv=None):
 
         if plot.Figure is None:
             parser.error('--grid needs matplotlib: pip install "mcr[plot]"')
-    from mcr import checkpoint
-
-    if not os.path.isfile(os.path.join(args.checkpoint, "state.json")) and (
-            not os.path.isdir(args.checkpoint) or checkpoint.latest_checkpoint(args.checkpoint) is None):
-        parser.error(f"--checkpoint {args.checkpoint!r} is neither a run folder with checkpoints nor a checkpoint")
+    if not os.path.exists(args.checkpoint):
+        parser.error(f"--checkpoint {args.checkpoint!r} does not exist")
     return parser, args
 
 
 def main(argv=None):
     """Run the search; returns [(score, gallery index)] best first."""
     from mcr import plot
-    from mcr.train import load_trained
+    from mcr.run import collate_for, load_trained
 
     parser, args = parse_args(argv)
-    model, cfg, tokenizer, device, path = load_trained(args.checkpoint)
+    try:
+        model, cfg, tokenizer, device, path = load_trained(args.checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(f"--checkpoint: {err}")
     image = None
     if args.image is not None:
         try:
@@ -256,7 +261,7 @@ def main(argv=None):
         parser.error(f"--gallery: {err}")
     if image is not None and isinstance(gallery, FolderGallery) and not any(gallery.reports):
         parser.error(f"--gallery {args.gallery!r} has no .txt reports to search for an --image query")
-    collate = Collate(tokenizer, cfg.model.max_text_len, cfg.model.in_chans)
+    collate = collate_for(cfg, tokenizer)
     cache, computed = cached_embeddings(model, gallery, collate, device,
                                         os.path.join(run_folder(path), "retrieval", f"{name}.safetensors"),
                                         {**key, **checkpoint_key(path)}, cfg.num_workers)

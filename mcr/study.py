@@ -53,9 +53,9 @@ def parse_rows(specs):
 
 
 def train_config(flags):
-    from mcr.train import parse_args
+    from mcr.cli import parse_train_args
 
-    return parse_args(flags)
+    return parse_train_args(flags)
 
 
 def row_model(cfg, vocab_size):
@@ -140,7 +140,7 @@ class Study:
         os.makedirs(run_dir, exist_ok=True)
         flags = ["--out-dir", run_dir, "--seed", str(seed), "--max-steps", str(steps), "--max-minutes", "0",
                  *self.common, *self.rows[name]]
-        if os.path.isdir(os.path.join(run_dir, "checkpoints")) and os.listdir(os.path.join(run_dir, "checkpoints")):
+        if os.listdir(run_dir):  # an earlier attempt: continue it (from scratch when it saved no checkpoint)
             flags.append("--resume")
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         with open(os.path.join(run_dir, "train.log"), "a") as log:
@@ -160,7 +160,7 @@ class Study:
                 return json.load(f)
         from mcr.data.batching import Collate
         from mcr.finegrained import evaluate_finegrained
-        from mcr.train import load_trained
+        from mcr.run import load_trained
 
         model, cfg, tokenizer, device, _ = load_trained(run_dir)
         collate = Collate(tokenizer, cfg.model.max_text_len, cfg.model.in_chans)

@@ -1,11 +1,12 @@
-"""Retrieval metrics against hand-computed cases; evaluation shared by several processes."""
+"""Retrieval metrics against hand-computed cases; the evaluation path shared by several processes."""
 import os
 
 import pytest
 import torch
 
-from mcr import evaluate
-from mcr.evaluate import identical_texts, retrieval_metrics
+from mcr import engine
+from mcr.distributed import rank_slice
+from mcr.protocols import identical_texts, retrieval_metrics
 
 
 def test_recall_and_ranks_by_hand():
@@ -45,6 +46,8 @@ def test_label_precision_by_hand():
     assert m["P@1"] == pytest.approx(100.0)  # each query's top item is itself
     # top-2: q0 {0,1}: 2 same; q1 {1,2}: 1; q2 {2,3}: 1; q3 {3,0}: 2
     assert m["P@2"] == pytest.approx(100 * (2 + 1 + 1 + 2) / 8)
+    # a random ranking: label set [1, 0] is 3 of the 4 gallery items, [0, 1] one of them
+    assert m["chance_P@K"] == pytest.approx(100 * (3 + 3 + 1 + 3) / 16)
 
 
 def test_query_without_hit_is_an_error():
@@ -67,26 +70,30 @@ class _PairEmbedder(torch.nn.Module):
             torch.nn.functional.normalize(txt, dim=-1)
 
 
-def _pairs(n):
-    g = torch.Generator().manual_seed(1)
-    return [{"image": torch.randn(3, 4, generator=g), "input_ids": torch.randint(1, 50, (4,), generator=g),
-             "attention_mask": torch.ones(4, dtype=torch.long), "labels": torch.randint(0, 2, (3,), generator=g)}
-            for _ in range(n)]
+class _Pairs(torch.utils.data.Dataset):
+    """n pairs as batch dicts (default collate) with report texts."""
+
+    def __init__(self, n, reports):
+        g = torch.Generator().manual_seed(1)
+        self.items = [{"image": torch.randn(3, 4, generator=g), "input_ids": torch.randint(1, 50, (4,), generator=g),
+                       "attention_mask": torch.ones(4, dtype=torch.long),
+                       "labels": torch.randint(0, 2, (3,), generator=g)} for _ in range(n)]
+        self.reports = reports
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
 
 
-def _loader(pairs):
-    return torch.utils.data.DataLoader(pairs, batch_size=2)
-
-
-def _eval_worker(rank, world, port, out_dir, pairs, reports):
+def _eval_worker(rank, world, port, out_dir, pairs):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        mine = [pairs[i] for i in evaluate.rank_slice(len(pairs), rank, world)]
-        embedded = evaluate.embed_dataset(_PairEmbedder(), _loader(mine), torch.device("cpu"), gather=True)
-        results = evaluate.evaluate_retrieval(_PairEmbedder(), _loader(mine), reports, torch.device("cpu"),
-                                              gather=True)
+        embedded = engine.embed(_PairEmbedder(), pairs, None, torch.device("cpu"), batch_size=2)
+        results = engine.evaluate(_PairEmbedder(), pairs, None, torch.device("cpu"), batch_size=2)
         torch.save((embedded, results), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -98,13 +105,13 @@ def test_ranks_embed_their_slices_and_all_get_the_whole_split(tmp_path):
     import torch.multiprocessing as mp
 
     n, world = 7, 3  # slices of 2, 2 and 3 pairs, batches of 2: a ragged last batch
-    pairs, reports = _pairs(n), [f"report {i % 5}" for i in range(n)]
-    want_embedded = evaluate.embed_dataset(_PairEmbedder(), _loader(pairs), torch.device("cpu"))
-    want = evaluate.evaluate_retrieval(_PairEmbedder(), _loader(pairs), reports, torch.device("cpu"))
+    pairs = _Pairs(n, [f"report {i % 5}" for i in range(n)])
+    want_embedded = engine.embed(_PairEmbedder(), pairs, None, torch.device("cpu"), batch_size=2)
+    want = engine.evaluate(_PairEmbedder(), pairs, None, torch.device("cpu"), batch_size=2)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_eval_worker, args=(world, port, str(tmp_path), pairs, reports), nprocs=world, join=True)
+    mp.spawn(_eval_worker, args=(world, port, str(tmp_path), pairs), nprocs=world, join=True)
     for rank in range(world):
         embedded, results = torch.load(tmp_path / f"rank{rank}.pt")
         for got, expected in zip(embedded, want_embedded):
@@ -115,7 +122,7 @@ def test_ranks_embed_their_slices_and_all_get_the_whole_split(tmp_path):
 
 def test_rank_slices_cover_the_split_once():
     for n, world in [(1, 1), (7, 3), (10, 4), (1000, 8)]:
-        covered = [i for rank in range(world) for i in evaluate.rank_slice(n, rank, world)]
+        covered = [i for rank in range(world) for i in rank_slice(n, rank, world)]
         assert covered == list(range(n))
     with pytest.raises(ValueError, match="3 pairs cannot be shared by 4 processes"):
-        evaluate.rank_slice(3, 0, 4)
+        rank_slice(3, 0, 4)

@@ -11,9 +11,8 @@ import torch
 pytest.importorskip("matplotlib")
 
 from mcr import plot
-from mcr.data.batching import Collate
-from mcr.evaluate import retrieval_metrics
 from mcr.models.mcr import MCR
+from mcr.protocols import retrieval_metrics
 
 
 def png_size(path):
@@ -95,10 +94,10 @@ def test_unpatchify_inverts_patchify(tiny_config, in_chans, image_size):
 def test_reconstruction_error_is_the_models_mim_loss(tiny_run):
     """reconstruct() with seed s draws the masks the model draws from that seed: the MSE of
     its prediction over the dropped pixels is the MIM loss of the model's own forward."""
-    from mcr.train import build_dataset, load_trained
+    from mcr.run import build_dataset, collate_for, load_trained
 
     model, cfg, tokenizer, device, _ = load_trained(str(tiny_run))
-    batch = Collate(tokenizer, cfg.model.max_text_len)([build_dataset(cfg, "val", 5)[i] for i in range(5)])
+    batch = collate_for(cfg, tokenizer)([build_dataset(cfg, "val", 5)[i] for i in range(5)])
     mask, pred = plot.reconstruct(model, batch["image"], seed=3)
     assert mask.shape == (5, 9) and (mask.sum(1) == 9 - int(9 * (1 - cfg.model.image_mask_ratio))).all()
     dropped = mask.reshape(5, 3, 3).repeat_interleave(16, 1).repeat_interleave(16, 2).bool()

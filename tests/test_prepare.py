@@ -3,6 +3,7 @@ weights), resume after an interruption, checksums catch corruption, bad inputs a
 import json
 import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -17,13 +18,19 @@ from mcr.data.mimic import MimicCXR
 from mcr.data.shards import ShardDataset
 from mcr.data.tokenizer import train_wordpiece
 from mcr.prepare import main as prepare_main
-from mcr.train import batches_for_epoch, main as train_main
+from mcr.engine import batches_for_epoch
+from mcr.train import main as train_main
 
 TINY_FLAGS = ["--image-size", "32", "--vit-width", "32", "--vit-depth", "1", "--vit-heads", "2",
               "--decoder-width", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--text-width", "32",
               "--text-depth", "1", "--text-heads", "2", "--text-intermediate", "64", "--embed-dim", "16",
               "--vocab-size", "200", "--batch-size", "4", "--max-steps", "2", "--eval-every", "0",
               "--warmup-steps", "1", "--log-every", "1"]
+
+
+def read_json(folder, name):
+    with open(os.path.join(folder, name)) as f:
+        return json.load(f)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +46,7 @@ def prepared(tree, tmp_path_factory):
 
 
 def test_manifest_records_counts_summaries_and_checksums(prepared):
-    manifest = json.load(open(os.path.join(prepared, "manifest.json")))
+    manifest = read_json(prepared, "manifest.json")
     assert manifest["image_size"] == 32 and manifest["label_names"][1] == "Cardiomegaly"
     for split, expected in MIMIC_EXPECTED.items():
         entry = manifest["splits"][split]
@@ -107,15 +114,14 @@ def test_interrupted_prepare_resumes_to_identical_files(tree, prepared, tmp_path
     with pytest.raises(Interrupted):
         shards.prepare(lambda s: FailingAt(dataset, 5), out, ["train"], source=source, image_size=32,
                        chunk=2, workers=1, progress=False)
-    state = json.load(open(os.path.join(out, "train.progress.json")))
+    state = read_json(out, "train.progress.json")
     assert state["done"] == 4  # two whole chunks were committed before row 5
     with pytest.raises(ValueError, match="other settings"):
         shards.write_split(MimicCXR(tree, "train", 32, views=None), out, "train",
                            source={**source, "data_options": "views=all"}, workers=1, progress=False)
     shards.prepare(lambda s: dataset, out, ["train"], source=source, image_size=32, chunk=2, workers=1,
                    progress=False)
-    ours, reference = json.load(open(os.path.join(out, "manifest.json"))), json.load(
-        open(os.path.join(prepared, "manifest.json")))
+    ours, reference = read_json(out, "manifest.json"), read_json(prepared, "manifest.json")
     for part, info in ours["splits"]["train"]["files"].items():
         assert info["sha256"] == reference["splits"]["train"]["files"][part]["sha256"], part
 
@@ -144,17 +150,18 @@ def test_checksums_catch_corruption_and_bad_inputs_are_clear(prepared, tmp_path,
     copy = tmp_path / "copy"
     copy.mkdir()
     for name in os.listdir(prepared):
-        (copy / name).write_bytes((open(os.path.join(prepared, name), "rb")).read())
-    prepare_main(["--verify", str(copy)])
+        shutil.copy(os.path.join(prepared, name), copy / name)
+    assert prepare_main(["--verify", str(copy)]) == 0
     assert "all files match" in capsys.readouterr().out
     data = bytearray((copy / "val.images.npy").read_bytes())
     data[-1] ^= 0xFF
     (copy / "val.images.npy").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"val.images.npy \(sha256 mismatch\)"):
-        prepare_main(["--verify", str(copy)])
-    ShardDataset(str(copy), "val")  # opening checks sizes only (cheap)...
+    assert prepare_main(["--verify", str(copy)]) == 1
+    assert "val.images.npy (sha256 mismatch)" in capsys.readouterr().err
+    with pytest.raises(shards.ShardError, match="CRC-32 mismatch"):
+        ShardDataset(str(copy), "val")  # a one-block file: opening checks all of it
     with pytest.raises(ValueError, match="sha256 mismatch"):
-        ShardDataset(str(copy), "val", checksums=True)  # ...and hashes on request
+        ShardDataset(str(copy), "val", check="full")
     (copy / "test.labels.npy").write_bytes(b"")
     with pytest.raises(ValueError, match=r"test.labels.npy \(size 0"):
         ShardDataset(str(copy), "test")
@@ -164,8 +171,9 @@ def test_checksums_catch_corruption_and_bad_inputs_are_clear(prepared, tmp_path,
         ShardDataset(str(tmp_path / "nowhere"), "train")
     with pytest.raises(FileNotFoundError, match="not a prepared shard folder"):
         ShardDataset(str(tmp_path), "train")
-    with pytest.raises(ValueError, match="another --out"):
+    with pytest.raises(SystemExit) as stop:
         prepare_main(["--data", "mimic-cxr", "--data-root", str(tmp_path), "--out", prepared, "--image-size", "48"])
+    assert stop.value.code == 2 and "another --out" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         prepare_main(["--data", "mimic-cxr"])
     assert "--data and --out are required" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """Retrieval protocols: hand-computed P@K by class, the seeded 5x200 selection, full-split
-retrieval with identical texts, and both through `python -m mcr.evaluate --protocol`."""
+retrieval with identical texts, and both through the evaluation path and `python -m mcr.evaluate`."""
 import json
 import os
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mcr import evaluate, protocols
+from mcr import engine, evaluate, protocols
 from mcr.data.batching import Collate
 from mcr.data.common import CHEXPERT_LABELS
 from mcr.data.fake import make_mimic_tree
@@ -26,7 +26,7 @@ def test_precision_by_class_hand_computed():
     out = precision_by_class(sim, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1]), ks=(1, 2, 3))
     expected = {"P@1/Atelectasis": 50.0, "P@2/Atelectasis": 25.0, "P@3/Atelectasis": 50.0,
                 "P@1/Cardiomegaly": 50.0, "P@2/Cardiomegaly": 75.0, "P@3/Cardiomegaly": 50.0,
-                "P@1": 50.0, "P@2": 50.0, "P@3": 50.0}
+                "P@1": 50.0, "P@2": 50.0, "P@3": 50.0, "chance_P@K": 50.0}
     assert out.keys() == expected.keys()
     for key, value in expected.items():
         assert out[key] == pytest.approx(value), key
@@ -87,15 +87,15 @@ def test_run_both_protocols_on_the_embedded_corpus(tiny_config):
     model = MCR(tiny_config(vocab_size=len(tokenizer)), pad_token_id=tokenizer.pad_token_id,
                 mask_token_id=tokenizer.mask_token_id)
     collate = Collate(tokenizer, 48)
-    out = protocols.run(model, dataset, collate, torch.device("cpu"), "5x200", per_class=4, seed=0)
+    out = engine.evaluate(model, dataset, collate, torch.device("cpu"), protocol="5x200", per_class=4, seed=0)
     assert out["counts"] == dict.fromkeys(FIVE_CLASSES, 4)
     assert {"P@1", "P@5", "P@10", "P@1/Edema"} <= set(out["i2t"]) and 0 <= out["t2i"]["P@5"] <= 100
     assert "P@1" in protocols.format_5x200(out)
     small = SyntheticCXR(12, split="val", image_size=32)
-    full = protocols.run(model, small, collate, torch.device("cpu"), "full")
+    full = engine.evaluate(model, small, collate, torch.device("cpu"), protocol="full")
     assert 0 <= full["i2t"]["R@1"] <= 100 and full["t2i"]["median_rank"] >= 1
     with pytest.raises(ValueError, match="protocol"):
-        protocols.run(model, small, collate, torch.device("cpu"), "7x100")
+        engine.evaluate(model, small, collate, torch.device("cpu"), protocol="7x100")
 
 
 def test_evaluate_cli_protocols(tmp_path):

@@ -8,9 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from mcr import retrieve
-from mcr.data.batching import Collate
-from mcr.evaluate import embed_dataset
+from mcr import engine, retrieve
 
 
 def exact_topk(queries, gallery, k):
@@ -68,13 +66,12 @@ def test_100k_gallery_is_searched_under_the_stated_memory_bound(tmp_path):
 
 @pytest.fixture(scope="module")
 def val_embeddings(tiny_run):
-    """Independent reference: the run's val split embedded by mcr.evaluate (image, text)."""
-    from mcr.train import build_dataset, load_trained
+    """Reference: the run's val split embedded by the evaluation path in batches of 8 (image, text)."""
+    from mcr.run import build_dataset, collate_for, load_trained
 
     model, cfg, tokenizer, device, _ = load_trained(str(tiny_run))
     dataset = build_dataset(cfg, "val", cfg.val_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=8, collate_fn=Collate(tokenizer, cfg.model.max_text_len))
-    image, text, _ = embed_dataset(model, loader, device)
+    image, text, _ = engine.embed(model, dataset, collate_for(cfg, tokenizer), device, batch_size=8)
     return dataset, image, text
 
 

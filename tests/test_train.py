@@ -1,14 +1,17 @@
-"""The training CLI end to end on the synthetic corpus: smoke, checkpoints, resume, errors."""
+"""Training end to end on the synthetic corpus: the CLI, checkpoints, resume, the library
+entry `train(cfg)`, and `python -m mcr.evaluate` reproducing training's figures."""
 import json
 import os
 import shutil
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
-from mcr import checkpoint, evaluate
-from mcr.train import main, parse_args, train
+from mcr import checkpoint, engine, evaluate, run
+from mcr.config import PRESETS, TrainConfig, config_from_dict
+from mcr.train import main
 
 TINY_FLAGS = ["--image-size", "32", "--vit-width", "32", "--vit-depth", "1", "--vit-heads", "2",
               "--decoder-width", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--text-width", "32",
@@ -33,6 +36,7 @@ def killed_after(full, resumed, step):
 def test_cli_smoke_writes_metrics_checkpoint_and_results(tmp_path):
     results = main(run_args(tmp_path, "--max-steps", "4", "--eval-every", "2", "--save-every", "2"))
     assert {"i2t", "t2i"} == set(results)
+    assert 0 < results["i2t"]["chance_P@K"] < 100
     assert 0 <= results["i2t"]["R@1"] <= 100
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert {line["kind"] for line in lines} == {"train", "val"}
@@ -40,6 +44,7 @@ def test_cli_smoke_writes_metrics_checkpoint_and_results(tmp_path):
     assert checkpoint.latest_checkpoint(tmp_path).endswith("step_00000004")
     assert os.path.isdir(tmp_path / "tokenizer")
     assert json.load(open(tmp_path / "final.json"))["step"] == 4
+    assert config_from_dict(yaml.safe_load(open(tmp_path / "config.yaml"))).batch_size == 8
 
 
 @pytest.mark.parametrize("variant", ["dual-stream", "abm"])
@@ -60,20 +65,43 @@ def test_resume_continues_exactly(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
-def test_checkpoint_round_trip_and_evaluate_cli(tmp_path, capsys):
-    main(run_args(tmp_path, "--max-steps", "2", "--eval-every", "0"))
+def test_evaluate_cli_reproduces_the_final_validation_of_training(tmp_path, capsys):
+    main(run_args(tmp_path, "--max-steps", "2", "--eval-every", "0", "--precision", "bf16"))
     path = checkpoint.latest_checkpoint(tmp_path)
     results = evaluate.main(["--checkpoint", str(tmp_path)])
     assert "i2t" in capsys.readouterr().out
     final = json.load(open(tmp_path / "final.json"))
-    assert results["i2t"]["R@1"] == pytest.approx(final["i2t"]["R@1"])
-    assert os.path.isfile(os.path.join(path, "eval_val.json"))
+    logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"val"' in line][-1]
+    for direction in ("i2t", "t2i"):
+        assert results[direction] == final[direction]  # the same path: same data, batches, autocast
+        for key, value in results[direction].items():
+            assert logged[f"{direction}_{key}"] == value
+    assert json.load(open(os.path.join(path, "eval_val.json")))["i2t"] == final["i2t"]
 
 
-def test_checkpoint_from_another_config_is_refused(tmp_path):
+def test_checkpoint_from_another_config_is_refused(tmp_path, capsys):
     main(run_args(tmp_path, "--max-steps", "2", "--eval-every", "0"))
-    with pytest.raises(ValueError, match="vit_depth"):
+    with pytest.raises(SystemExit) as exit_info:
         main(run_args(tmp_path, "--max-steps", "4", "--eval-every", "0", "--resume", "--vit-depth", "2"))
+    assert exit_info.value.code == 2
+    assert "vit_depth: checkpoint 1 vs now 2" in capsys.readouterr().err
+
+
+def test_train_builds_the_preset_and_variant_of_its_config(tmp_path, monkeypatch):
+    """train(TrainConfig(...)) without the CLI: the paper-shaped abm model, the paper recipe."""
+    seen = {}
+
+    def fake_fit(cfg, model, runner, optimizer, *args, **kwargs):
+        seen.update(cfg=cfg, model=model, optimizer=optimizer)
+        return {}
+
+    monkeypatch.setattr(engine, "fit", fake_fit)
+    run.train(TrainConfig(preset="paper", model={"variant": "abm"}, out_dir=str(tmp_path), device="cpu"))
+    cfg, model = seen["cfg"], seen["model"]
+    assert model.cfg.variant == "abm" and model.cfg.vit_width == PRESETS["paper"].vit_width == 768
+    assert len(model.vit.blocks) == 12 and model.bert.config.num_hidden_layers == 12
+    assert cfg.batch_size == 256 and cfg.loss_contrastive == 0.1 and cfg.epochs == 50
+    assert seen["optimizer"].param_groups[0]["lr"] == 1.5e-4
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous(tmp_path):
@@ -82,19 +110,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous(tmp_path):
     assert checkpoint.latest_checkpoint(tmp_path).endswith("step_00000002")
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--preset", "huge"], "unknown --preset"),
-    (["--variant", "triple"], "unknown --variant"),
-    (["--image-size", "40"], "multiple of patch_size"),
-])
-def test_bad_flags_are_reported(flags, message, capsys):
-    with pytest.raises(SystemExit):
-        parse_args(flags)
-    assert message in capsys.readouterr().err
-
-
-def test_bad_data_and_checkpoint_paths(tmp_path):
-    with pytest.raises(ValueError, match="unknown --data"):
-        train(parse_args(run_args(tmp_path, "--data", "nowhere")))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+def test_missing_checkpoint_is_reported(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--checkpoint", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err

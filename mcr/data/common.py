@@ -1,5 +1,7 @@
 """What the real-data readers share: the record type, image decoding, the lazy dataset
 over (image path, report, labels) entries, and the summary of what was skipped and why."""
+import csv
+import gzip
 import os
 import sys
 from collections import Counter
@@ -47,6 +49,38 @@ def check_reader_args(name, root, split, splits, images_per_study):
         raise ValueError(f"split must be one of {sorted(splits)}, got {split!r}")
     if images_per_study not in ("one", "all"):
         raise ValueError(f"images_per_study must be 'one' or 'all', got {images_per_study!r}")
+
+
+def read_csv(path, required=()):
+    """Rows of a plain or gzipped CSV as dicts of stripped strings ("" where a row is short).
+
+    A UTF-8 byte-order mark and spaces around commas are accepted (the intent is plain); a
+    missing `required` column, bytes that are not UTF-8, a broken gzip stream or a malformed
+    line raise ValueError naming the file (and the column or line)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    reader = None
+    try:
+        with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, skipinitialspace=True)
+            header = [name.strip() for name in next(reader, [])]
+            missing = [name for name in required if name not in header]
+            if missing:
+                raise ValueError(f"{path}: no column {', '.join(map(repr, missing))} (its columns: {header})")
+            return [{name: row[k].strip() if k < len(row) else "" for k, name in enumerate(header)}
+                    for row in reader if row]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
+    except csv.Error as err:
+        raise ValueError(f"{path}, line {reader.line_num if reader else 1}: malformed CSV ({err})") from None
+    except (OSError, EOFError) as err:
+        raise ValueError(f"{path}: unreadable ({err})") from None
+
+
+def is_plain_name(name):
+    """True when `name` (built from an id read from a CSV or XML) is one path component: not
+    empty, not '.' or '..', no '/', '\\' or NUL. Paths joined from plain names under a root
+    cannot leave it (an absolute id or a '../' is not a plain name)."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
 
 
 def add_study_images(entries, summary, candidates, text, labels, images_per_study):

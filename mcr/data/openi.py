@@ -4,19 +4,27 @@ Expected under `root` (any folder depth): the report XMLs of NLMCXR_reports.tgz
 (ecgen-radiology/<n>.xml) and the PNGs of NLMCXR_png.tgz (<parentImage id>.png). An optional
 indiana_projections.csv (columns filename, projection: Frontal / Lateral) enables the view
 filter; without it each report keeps its first image (usually the frontal one) or all.
+Images are found by walking `root`; an image id (XML) or CSV filename is only a key into
+that listing, and one that is a path (absolute, '../', '/') is skipped and counted.
 
 There is no official split: report files (by number) are shuffled with `split_seed` and cut
 80 / 10 / 10 into train / val / test. Labels: the MeSH major terms mapped by keyword onto
 the 14 CheXpert observations (mcr.data.common.CHEXPERT_LABELS).
 """
-import csv
 import os
 import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from mcr.data.common import (CHEXPERT_LABELS, ImageReportDataset, Summary, add_study_images,
-                             check_reader_args)
+from mcr.data.common import (
+    CHEXPERT_LABELS,
+    ImageReportDataset,
+    Summary,
+    add_study_images,
+    check_reader_args,
+    is_plain_name,
+    read_csv,
+)
 from mcr.data.reports import clean_text, compose_report
 
 SPLIT_FRACTIONS = {"train": (0.0, 0.8), "val": (0.8, 0.9), "test": (0.9, 1.0)}
@@ -36,8 +44,8 @@ def image_key(name):
     """'CXR1_1_IM-0001-3001', 'CXR1_1_IM-0001-3001.png' and '1_IM-0001-3001.dcm.png' -> '1_IM-0001-3001'."""
     stem = os.path.basename(name)
     for suffix in (".png", ".dcm"):
-        stem = stem[: -len(suffix)] if stem.endswith(suffix) else stem
-    return stem[3:] if stem.startswith("CXR") else stem
+        stem = stem.removesuffix(suffix)
+    return stem.removeprefix("CXR")
 
 
 def mesh_labels(terms):
@@ -95,8 +103,12 @@ class OpenI(ImageReportDataset):
                 elif name.endswith(".png"):
                     pngs[image_key(name)] = path
                 elif name == "indiana_projections.csv":
-                    with open(path, newline="") as f:
-                        projections = {image_key(r["filename"]): r["projection"] for r in csv.DictReader(f)}
+                    projections = {}
+                    for r in read_csv(path, ("filename", "projection")):
+                        if is_plain_name(r["filename"]):
+                            projections[image_key(r["filename"])] = r["projection"]
+                        else:
+                            summary.skip(f"{name} row whose filename is a path (ignored)", repr(r["filename"]))
         if not xmls:
             raise FileNotFoundError(f"OpenI root {root!r} holds no report XMLs (NLMCXR_reports)")
         if projections is None and views:
@@ -119,6 +131,10 @@ class OpenI(ImageReportDataset):
             if not text:
                 summary.skip("empty report", uid)
                 continue
+            for i in images:
+                if not is_plain_name(i):
+                    summary.skip("image id that is a path, not a name (never opened)", f"{uid}: {i!r}")
+            images = [i for i in images if is_plain_name(i)]
             if projections is not None and views:
                 images = [i for i in images if projections.get(image_key(i)) in views]
             if not images:

@@ -9,12 +9,24 @@ Options (real datasets): views=PA,AP | views=all; images=one|all; sections=findi
 fallback=last|none; uncertain=0 (MIMIC CheXpert -1 -> this value); reports=PATH (MIMIC
 reports zip or folder); split_seed=0 (OpenI). Example: --data-options "views=PA;images=all".
 """
+from mcr.data.reports import FALLBACKS
+
 DATASETS = ("synthetic", "mimic-cxr", "openi", "shards")
+
+
+def one_of(*allowed):
+    def parse(value):
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return value
+    return parse
+
+
 OPTIONS = {
     "views": lambda v: None if v == "all" else tuple(x.strip() for x in v.split(",") if x.strip()),
-    "images": str,
+    "images": one_of("one", "all"),
     "sections": lambda v: tuple(x.strip().lower() for x in v.split(",") if x.strip()),
-    "fallback": str,
+    "fallback": one_of(*FALLBACKS),
     "uncertain": float,
     "reports": str,
     "split_seed": int,

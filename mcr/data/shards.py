@@ -3,7 +3,8 @@
 Layout of a shard folder (one set of files per split):
 
     manifest.json                 dataset, image_size, label_names, per split: count,
-                                  valid count, the reader's skip summary, file sizes + sha256
+                                  valid count, the reader's skip summary, and per file: size,
+                                  sha256, and the CRC-32 of each 1 MiB block
     <split>.images.npy            uint8 [N, S, S]  (resized, centre-cropped grayscale)
     <split>.valid.npy             bool [N]         (False: the image failed to decode)
     <split>.text.bin              utf-8 report texts, concatenated
@@ -15,33 +16,68 @@ Why this format (benchmarks/bench_loader.py, docs/data.md): a sample is one cont
 slice of a memory-mapped file, so reading needs no decoding and no per-sample file open;
 random access (shuffled epochs) costs the same as sequential, unlike tar streams. Text is
 stored raw so a different tokenizer needs no re-preparation.
+
+Integrity (docs/data.md): opening a split checks every file's size, the CRC-32 blocks of the
+small files (valid, text, offsets, labels: read whole anyway), the images file's header block
+and `sample_blocks` random blocks of it; every other images block is checked the first time
+a sample in it is read (once per run: the checked-block map is shared with DataLoader
+workers). CRC-32 catches any flipped byte (every error burst up to 32 bits), so no sample is
+returned from a changed block. check="full" re-hashes every file (sha256) on open instead.
 """
 import hashlib
+import io
 import json
 import multiprocessing
 import os
 import sys
+import zlib
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from mcr.data.common import Sample, Summary, UnreadableImage
 
-FORMAT, VERSION = "mcr-shards", 1
+FORMAT, VERSION, READABLE_VERSIONS = "mcr-shards", 2, (1, 2)  # v1: no block checksums
 MANIFEST = "manifest.json"
 PARTS = ("images", "valid", "text", "text_offsets", "labels")
+BLOCK_BYTES = 1 << 20
+CHECKS = ("sizes", "blocks", "full")
+
+
+class ShardError(ValueError):
+    """Shard files that differ from their manifest, or a shard folder that cannot take the
+    requested preparation; the message names the files and what to run."""
 
 
 def part_path(out_dir, split, part):
     return os.path.join(out_dir, f"{split}.{part}." + ("bin" if part == "text" else "npy"))
 
 
-def sha256(path, block=1 << 22):
-    h = hashlib.sha256()
+def split_files(out_dir, split):
+    """Every file prepare writes for `split` (the only ones --overwrite deletes)."""
+    return [part_path(out_dir, split, part) for part in PARTS] + [os.path.join(out_dir, f"{split}.progress.json")]
+
+
+def digests(path, block_bytes=BLOCK_BYTES):
+    """{"sha256": hex of the whole file, "block_bytes": B, "crc32": [CRC-32 of each B-byte block]}."""
+    h, crcs = hashlib.sha256(), []
     with open(path, "rb") as f:
-        while chunk := f.read(block):
+        while chunk := f.read(block_bytes):
             h.update(chunk)
-    return h.hexdigest()
+            crcs.append(zlib.crc32(chunk))
+    return {"sha256": h.hexdigest(), "block_bytes": block_bytes, "crc32": crcs}
+
+
+def check_blocks(data, info, path, blocks):
+    """Raise ShardError unless the given blocks of `data` (bytes or uint8 array of the whole
+    file) match the manifest's CRC-32s; info: the file's manifest entry."""
+    size = info["block_bytes"]
+    for b in blocks:
+        if zlib.crc32(data[b * size:(b + 1) * size]) != info["crc32"][b]:
+            raise ShardError(f"{path}: bytes {b * size}-{min((b + 1) * size, info['bytes']) - 1} (block {b}) differ "
+                             f"from what mcr.prepare wrote (CRC-32 mismatch); run python -m mcr.prepare --verify "
+                             f"{os.path.dirname(path) or '.'} and prepare this split again (or copy it again)")
 
 
 def _write_json(path, obj):
@@ -59,9 +95,25 @@ def read_manifest(out_dir):
         return None
     with open(path) as f:
         manifest = json.load(f)
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ValueError(f"{path} is not an {FORMAT} v{VERSION} manifest")
+    if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE_VERSIONS:
+        raise ShardError(f"{path} is not an {FORMAT} manifest of version {READABLE_VERSIONS}")
     return manifest
+
+
+def check_target(out_dir, splits, source, image_size, overwrite):
+    """Raise ShardError when preparing `splits` of `source` at `image_size` into out_dir would
+    mix them with shards of another source or size (without --overwrite, or with
+    --overwrite naming only some of the splits there)."""
+    manifest = read_manifest(out_dir) if os.path.isdir(out_dir) else None
+    if manifest is None or (manifest["source"] == source and manifest["image_size"] == image_size):
+        return
+    held = f"{out_dir} holds shards of {manifest['source']} at {manifest['image_size']} px"
+    if not overwrite:
+        raise ShardError(f"{held}; use --overwrite or another --out")
+    others = sorted(set(manifest["splits"]) - set(splits))
+    if others:
+        raise ShardError(f"{held}: --overwrite --splits {','.join(splits)} would leave {others} beside "
+                         f"{image_size} px shards of {source}; name every split or use another --out")
 
 
 # --- writing -------------------------------------------------------------------------
@@ -81,7 +133,7 @@ def _decode(i):
         return i, None, str(err)
 
 
-def write_split(dataset, out_dir, split, *, source, chunk=512, workers=None, progress=True):
+def write_split(dataset, out_dir, split, *, source, chunk=512, workers=None, progress=True, block_bytes=BLOCK_BYTES):
     """Write (or resume writing) one split of `dataset` (an ImageReportDataset: .image(i),
     .reports, .labels, .label_names, .image_size, .summary); returns its manifest entry.
 
@@ -95,7 +147,7 @@ def write_split(dataset, out_dir, split, *, source, chunk=512, workers=None, pro
             saved = json.load(f)
         if {k: saved.get(k) for k in ("source", "count", "image_size")} != \
                 {k: state[k] for k in ("source", "count", "image_size")}:
-            raise ValueError(f"{out_dir}: an unfinished {split!r} split was started with other settings "
+            raise ShardError(f"{out_dir}: an unfinished {split!r} split was started with other settings "
                              f"({saved.get('source')}, {saved.get('count')} rows, {saved.get('image_size')} px); "
                              f"use --overwrite to start again")
         state = saved
@@ -148,25 +200,33 @@ def write_split(dataset, out_dir, split, *, source, chunk=512, workers=None, pro
     files = {}
     for part in PARTS:
         path = part_path(out_dir, split, part)
-        files[part] = {"name": os.path.basename(path), "bytes": os.path.getsize(path), "sha256": sha256(path)}
+        files[part] = {"name": os.path.basename(path), "bytes": os.path.getsize(path), **digests(path, block_bytes)}
     os.remove(state_path)
     return {"count": n, "valid": n - len(state["failed"]), "summary": summary, "files": files}
 
 
 def prepare(open_split, out_dir, splits, *, source, image_size, overwrite=False, **kwargs):
     """Write the shards of every split (open_split(split) -> dataset), resuming unfinished
-    ones and skipping finished ones; returns the manifest."""
+    ones and skipping finished ones; returns the manifest.
+
+    overwrite: prepare `splits` again. Only the files prepare writes for them are deleted
+    (split_files); the other splits stay, with their manifest entries."""
+    check_target(out_dir, splits, source, image_size, overwrite)
     os.makedirs(out_dir, exist_ok=True)
-    manifest = None if overwrite else read_manifest(out_dir)
-    if overwrite:
-        for name in os.listdir(out_dir):
-            if name == MANIFEST or name.split(".")[0] in splits:
-                os.remove(os.path.join(out_dir, name))
-    if manifest is not None and (manifest["source"] != source or manifest["image_size"] != image_size):
-        raise ValueError(f"{out_dir} holds shards of {manifest['source']} at {manifest['image_size']} px; "
-                         f"use --overwrite or another --out")
-    manifest = manifest or {"format": FORMAT, "version": VERSION, "source": source, "image_size": image_size,
-                            "label_names": None, "splits": {}}
+    manifest = read_manifest(out_dir)
+    if manifest is not None and overwrite:
+        for split in splits:
+            manifest["splits"].pop(split, None)
+        if not manifest["splits"]:
+            manifest = None
+    if manifest is None:
+        manifest = {"format": FORMAT, "version": VERSION, "source": source, "image_size": image_size,
+                    "label_names": None, "splits": {}}
+    if overwrite:  # the manifest forgets the splits before their files go: a crash leaves no dangling entry
+        _write_json(os.path.join(out_dir, MANIFEST), manifest)
+        for path in (p for split in splits for p in split_files(out_dir, split)):
+            if os.path.isfile(path):
+                os.remove(path)
     for split in splits:
         if split in manifest["splits"]:
             print(f"{split}: already prepared ({manifest['splits'][split]['valid']} samples), skipping")
@@ -182,7 +242,7 @@ def prepare(open_split, out_dir, splits, *, source, image_size, overwrite=False,
 
 
 def verify(out_dir, splits=None, checksums=True):
-    """Raise ValueError naming every shard file whose size (and sha256) differs from the manifest."""
+    """Raise ShardError naming every shard file whose size (and sha256) differs from the manifest."""
     manifest = read_manifest(out_dir)
     if manifest is None:
         raise FileNotFoundError(f"{out_dir!r} has no {MANIFEST}: not a prepared shard folder (run mcr.prepare)")
@@ -190,16 +250,16 @@ def verify(out_dir, splits=None, checksums=True):
     for split, entry in manifest["splits"].items():
         if splits and split not in splits:
             continue
-        for part, info in entry["files"].items():
+        for info in entry["files"].values():
             path = os.path.join(out_dir, info["name"])
             if not os.path.isfile(path):
                 bad.append(f"{info['name']} (missing)")
             elif os.path.getsize(path) != info["bytes"]:
                 bad.append(f"{info['name']} (size {os.path.getsize(path)} != {info['bytes']})")
-            elif checksums and sha256(path) != info["sha256"]:
+            elif checksums and digests(path)["sha256"] != info["sha256"]:
                 bad.append(f"{info['name']} (sha256 mismatch)")
     if bad:
-        raise ValueError(f"shards in {out_dir} failed verification: {', '.join(bad)}")
+        raise ShardError(f"shards in {out_dir} failed verification: {', '.join(bad)}")
     return manifest
 
 
@@ -208,31 +268,57 @@ def verify(out_dir, splits=None, checksums=True):
 class ShardDataset:
     """One split of a shard folder as Samples (valid rows only, in prepared order).
 
-    Opening checks file sizes against the manifest; checksums=True also re-hashes them.
+    check: "blocks" (default; see the module docstring: sizes, small files and sampled image
+    blocks on open, every image block before its first sample is returned), "full" (sha256
+    of every file on open), or "sizes" (file sizes only). A mismatch raises ShardError.
     """
 
-    def __init__(self, out_dir, split, image_size=None, checksums=False):
+    def __init__(self, out_dir, split, image_size=None, check="blocks", sample_blocks=8):
         if not out_dir or not os.path.isdir(out_dir):
             raise FileNotFoundError(f"shard directory {out_dir!r} does not exist")
-        manifest = verify(out_dir, [split], checksums)
+        if check not in CHECKS:
+            raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
+        manifest = verify(out_dir, [split], checksums=check == "full")
         if split not in manifest["splits"]:
             raise ValueError(f"{out_dir} has no prepared {split!r} split (has {sorted(manifest['splits'])})")
         if image_size is not None and image_size != manifest["image_size"]:
             raise ValueError(f"shards in {out_dir} hold {manifest['image_size']} px images, the model wants "
                              f"{image_size}: run mcr.prepare --image-size {image_size}")
         entry = manifest["splits"][split]
+        files = entry["files"]
+        blocks = check == "blocks" and all("crc32" in info for info in files.values())
+        if check == "blocks" and not blocks:
+            print(f"warning: {out_dir} was prepared without block checksums (an older mcr): opening checks "
+                  f"sizes only; run python -m mcr.prepare --verify {out_dir}", file=sys.stderr)
+
+        def read(part):  # a whole small file, its blocks checked
+            path = part_path(out_dir, split, part)
+            with open(path, "rb") as f:
+                data = f.read()
+            if blocks:
+                check_blocks(data, files[part], path, range(len(files[part]["crc32"])))
+            return data
+
         self.name, self.image_size = f"shards {split}", manifest["image_size"]
         self.label_names = tuple(manifest["label_names"])
-        self.images_path, self._images = part_path(out_dir, split, "images"), None
-        self.rows = np.flatnonzero(np.load(part_path(out_dir, split, "valid")))
-        self.offsets = np.load(part_path(out_dir, split, "text_offsets"))
-        self.labels_all = np.load(part_path(out_dir, split, "labels"))
-        with open(part_path(out_dir, split, "text"), "rb") as f:
-            self.text = f.read()
+        self.images_path = part_path(out_dir, split, "images")
+        self._images = self._file = self._checked = None  # mapped on first use, in each process
+        self.rows = np.flatnonzero(np.load(io.BytesIO(read("valid"))))
+        self.offsets = np.load(io.BytesIO(read("text_offsets")))
+        self.labels_all = np.load(io.BytesIO(read("labels")))
+        self.text = read("text")
         self.summary = Summary(f"shards {split}")
         self.summary.kept = len(self.rows)
         for reason, n in entry["summary"]["skipped"].items():
             self.summary.skipped[reason] = n
+        self.crc = files["images"] if blocks else None
+        if self.crc is not None:
+            n = len(self.crc["crc32"])
+            # shared memory: a block checked in one DataLoader worker is not hashed again by the next
+            self.checked = torch.zeros(n, dtype=torch.bool).share_memory_()
+            sampled = np.random.default_rng().choice(n, min(sample_blocks, n), replace=False)
+            for b in sorted({0, *sampled.tolist()}):  # block 0 holds the .npy header
+                self._check_block(b)
 
     @property
     def images(self):
@@ -241,8 +327,28 @@ class ShardDataset:
             self._images = np.load(self.images_path, mmap_mode="r")
         return self._images
 
-    def __getstate__(self):  # workers started with spawn re-map the file instead of copying it
-        return {**self.__dict__, "_images": None}
+    @property
+    def file(self):
+        """The images file as uint8 [bytes], memory-mapped (header included), for the block checks."""
+        if self._file is None:
+            self._file = np.memmap(self.images_path, np.uint8, "r")
+        return self._file
+
+    def _check_block(self, b):
+        check_blocks(self.file, self.crc, self.images_path, [b])
+        self.checked[b] = True
+
+    def _check_row(self, r):
+        if self._checked is None:  # a numpy view of the shared map: cheaper to index than the tensor
+            self._checked = self.checked.numpy()
+        row_bytes = self.image_size * self.image_size
+        first = self.images.offset + int(r) * row_bytes
+        for b in range(first // self.crc["block_bytes"], (first + row_bytes - 1) // self.crc["block_bytes"] + 1):
+            if not self._checked[b]:
+                self._check_block(b)
+
+    def __getstate__(self):  # workers started with spawn re-map the files instead of copying them
+        return {**self.__dict__, "_images": None, "_file": None, "_checked": None}
 
     def __len__(self):
         return len(self.rows)
@@ -261,6 +367,8 @@ class ShardDataset:
 
     def __getitem__(self, i):
         r = self.rows[i]
+        if self.crc is not None:
+            self._check_row(r)
         return Sample(np.array(self.images[r]), self.report(i), self.labels_all[r])
 
     def __repr__(self):

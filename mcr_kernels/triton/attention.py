@@ -48,6 +48,28 @@ def _prune(configs, named_args, **kwargs):
             for m, n, w, s in ((32, 32, 4, 1), (64, 32, 4, 2), (64, 64, 8, 1))]
 
 
+def _backward_prune(streamed):
+    """early_config_prune of a backward kernel whose loop streams BLOCK_<streamed> rows of two
+    tensors (dK/dV: q and dO; dQ: k and v). Its shared memory is about num_stages x 2 x rows x
+    BLOCK_D x element size + 2 KiB, plus on sm_90 the two resident tiles that wgmma reads from
+    shared memory (within 8 KiB of the compile check's figures, no config near a limit); tiles
+    over sm_80's 163 KiB or sm_90's 227 KiB per block could never launch (e.g. 128 x 128 at
+    Dh = 128 in bf16, or at Dh = 64 in fp32), so they are dropped here, not left to fail at run time."""
+    resident = "BLOCK_N" if streamed == "BLOCK_M" else "BLOCK_M"
+
+    def prune(configs, named_args, **kwargs):
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        size = named_args["Q"].element_size()
+        kept = []
+        for config in _prune(configs, named_args, **kwargs):
+            stream = config.num_stages * 2 * config.kwargs[streamed] * block_d * size + 2048
+            tiles = 2 * config.kwargs[resident] * block_d * size
+            if stream <= 163 * 1024 and stream + tiles <= 227 * 1024:
+                kept.append(config)
+        return kept
+    return prune
+
+
 # tuned per power-of-two length bucket: padded report batches have many distinct Lmax
 _TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "DH", "HAS_MASK", "CAUSAL", "VARLEN"]
 # one binary per (dtype, head dim, mask, causal, varlen, tile), whatever the sizes
@@ -70,6 +92,22 @@ def _load(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS
 
 
 @triton.jit
+def _seq_bounds(CU, b):
+    """(start, length) of packed sequence b; start is int64 because (start + row) * row stride
+    passes 2**31 once total_tokens * H * Dh does (about 2.8 M tokens at H * Dh = 768)."""
+    start = tl.load(CU + b)
+    return start.to(tl.int64), tl.load(CU + b + 1) - start
+
+
+@triton.jit
+def _block_and_batch(ROWS, BLOCK: tl.constexpr):
+    """(row block, batch index) of a program: grid axis 0 is row blocks x batch, because
+    axes 1 and 2 stop at 65,535 (B sequences may exceed that; heads sit on axis 1)."""
+    n_blocks = tl.cdiv(ROWS, BLOCK)
+    return tl.program_id(0) % n_blocks, tl.program_id(0) // n_blocks
+
+
+@triton.jit
 def _seq_info(b, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K, MAX_LQ, MAX_LK,
               HAS_MASK: tl.constexpr, VARLEN: tl.constexpr):
     """(q_start, q_len, q_rows, k_start, kv_len, kv_full, causal_off) of sequence b.
@@ -79,10 +117,8 @@ def _seq_info(b, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K, MAX_LQ, MAX_LK,
     causal_off: key index aligned with query 0 (bottom-right causal alignment).
     """
     if VARLEN:
-        q_start = tl.load(CU_Q + b)
-        q_len = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        kv_len = tl.load(CU_K + b + 1) - k_start
+        q_start, q_len = _seq_bounds(CU_Q, b)
+        k_start, kv_len = _seq_bounds(CU_K, b)
         q_rows = q_len
         kv_full = kv_len
         causal_off = kv_len - q_len
@@ -163,9 +199,8 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K,
               DH: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_MASK: tl.constexpr,
               CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m, b = _block_and_batch(MAX_LQ, BLOCK_M)
     h = tl.program_id(1)
-    b = tl.program_id(2)
     q_start, q_len, q_rows, k_start, kv_len, kv_full, causal_off = _seq_info(
         b, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K, MAX_LQ, MAX_LK, HAS_MASK, VARLEN)
     start_m = pid_m * BLOCK_M
@@ -213,12 +248,10 @@ def _bwd_preprocess(O, DO, DELTA, CU_Q, stride_ob, stride_oh, stride_om,
                     DH: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
                     BLOCK_M: tl.constexpr):
     """delta[row] = sum_d dO[row, d] * O[row, d] in float32, laid out like the LSE."""
-    pid_m = tl.program_id(0)
+    pid_m, b = _block_and_batch(MAX_LQ, BLOCK_M)
     h = tl.program_id(1)
-    b = tl.program_id(2)
     if VARLEN:
-        q_start = tl.load(CU_Q + b)
-        q_rows = tl.load(CU_Q + b + 1) - q_start
+        q_start, q_rows = _seq_bounds(CU_Q, b)
     else:
         q_start = 0
         q_rows = MAX_LQ
@@ -244,7 +277,7 @@ def _load_row_stats(LSE, DELTA, lse_off, offs_m, q_len):
     return lse, delta
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _backward_prune("BLOCK_M")})
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
@@ -255,9 +288,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, Q_LEN, KV_LEN, KV_FULL
                    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key block (dK/dV share strides), looping over the query blocks."""
-    pid_n = tl.program_id(0)
+    pid_n, b = _block_and_batch(MAX_LK, BLOCK_N)
     h = tl.program_id(1)
-    b = tl.program_id(2)
     q_start, q_len, q_rows, k_start, kv_len, kv_full, causal_off = _seq_info(
         b, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K, MAX_LQ, MAX_LK, HAS_MASK, VARLEN)
     if VARLEN:
@@ -329,7 +361,7 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, lo, hi, offs_m, offs_d, kv_
     return dq
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _backward_prune("BLOCK_N")})
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
@@ -340,9 +372,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, Q_LEN, KV_LEN, KV_FULL, CU_Q
                  CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block, looping over the key blocks like the forward."""
-    pid_m = tl.program_id(0)
+    pid_m, b = _block_and_batch(MAX_LQ, BLOCK_M)
     h = tl.program_id(1)
-    b = tl.program_id(2)
     q_start, q_len, q_rows, k_start, kv_len, kv_full, causal_off = _seq_info(
         b, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K, MAX_LQ, MAX_LK, HAS_MASK, VARLEN)
     start_m = pid_m * BLOCK_M
@@ -433,12 +464,9 @@ def _mask_info(mask, Lq):
     return mask_u8, info[0], info[1], info[2]
 
 
-def _grid(rows, pb):  # (row blocks, heads, batch): no 65535 limit on B * H
-    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), pb.H, pb.B)
-
-
-def _grid_n(rows, pb):
-    return lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]), pb.H, pb.B)
+def _grid(rows, pb, block="BLOCK_M"):
+    """(row blocks x batch, heads): see _block_and_batch."""
+    return lambda meta: (triton.cdiv(rows, meta[block]) * pb.B, pb.H)
 
 
 def _rows(t, varlen):
@@ -512,11 +540,11 @@ def _backward(do, q, k, v, out, lse, mask, scale, causal, cu_q=None, cu_k=None, 
     lse_strides = (0, lse.stride(0)) if pb.varlen else (lse.stride(0), lse.stride(1))
     delta = torch.empty_like(lse)
     const = pb.constexprs(q.dtype)
-    _bwd_preprocess[(triton.cdiv(pb.max_lq, 64), pb.H, pb.B)](
+    _bwd_preprocess[(triton.cdiv(pb.max_lq, 64) * pb.B, pb.H)](
         out, do, delta, pb.cu[0], *_rows(out, pb.varlen), *_rows(do, pb.varlen), *lse_strides,
         pb.max_lq, DH=pb.Dh, BLOCK_D=const["BLOCK_D"], VARLEN=pb.varlen, BLOCK_M=64)
     strides = (*_rows(q, pb.varlen), *_rows(k, pb.varlen), *_rows(v, pb.varlen), *_rows(do, pb.varlen))
-    _attn_bwd_dkdv[_grid_n(pb.max_lk, pb)](
+    _attn_bwd_dkdv[_grid(pb.max_lk, pb, "BLOCK_N")](
         q, k, v, do, lse, delta, dk, dv, *pb.pointers(), *strides, *_rows(dk, pb.varlen), *lse_strides,
         *pb.sizes(), scale, scale * LOG2E, **const)
     _attn_bwd_dq[_grid(pb.max_lq, pb)](
@@ -645,3 +673,38 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 backend.register("flash_attention", "triton", flash_attention, backend.triton_available)
 backend.register("flash_attention_varlen", "triton", flash_attention_varlen, backend.triton_available)
+
+
+# --- compile check ------------------------------------------------------------------------
+# What the launchers above pass, for python -m mcr_kernels.compile_check (every autotune config
+# that _prune keeps is compiled for sm_80 and sm_90). Head dims: MCR's 32 and 64, an uneven
+# 96 (BLOCK_D 128 with column masks), 128 and the largest allowed, 256. Masks: the dense path
+# with a key padding mask and causal (every masking branch), and varlen causal.
+_HEAD_DIMS = (128, 64, 32, 96, 256)  # 128 first: the subset compiles the first variant only
+_TILE_STRIDES = tuple(f"stride_{t}{a}" for t in ("q", "k", "v", "o", "do", "dk", "dq") for a in ("b", "h", "m", "n"))
+
+
+def _attention_variants(dtype, with_mask=True):
+    """Dense (with a mask, if the kernel takes one) then varlen, causal, every head dim; for fp32
+    exact products (torch's default) before tf32."""
+    precisions = ("ieee", "tf32") if dtype == "fp32" else ("tf32",)
+    return [dict(DH=dh, BLOCK_D=max(16, triton.next_power_of_2(dh)), EVEN_D=dh == max(16, triton.next_power_of_2(dh)),
+                 HAS_MASK=with_mask and not varlen, CAUSAL=True, VARLEN=varlen, DOT_PRECISION=precision)
+            for precision in precisions for varlen in (False, True) for dh in _HEAD_DIMS]
+
+
+_ATTENTION_POINTERS = dict(Q="*{dtype}", K="*{dtype}", V="*{dtype}", O="*{dtype}", DO="*{dtype}", DQ="*{dtype}",
+                           DK="*{dtype}", DV="*{dtype}", LSE="*fp32", DELTA="*fp32", MASK="*u8", Q_LEN="*i32",
+                           KV_LEN="*i32", KV_FULL="*i32", CU_Q="*i32", CU_K="*i32", qk_scale="fp32",
+                           sm_scale="fp32")
+COMPILE_SPECS = [
+    *(dict(kernel=kernel, dtypes=("fp16", "bf16", "fp32"), signature=_ATTENTION_POINTERS,
+           divisible=_TILE_STRIDES, variants=_attention_variants)
+      for kernel in (_attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq)),
+    dict(kernel=_bwd_preprocess, dtypes=("fp16", "bf16", "fp32"), signature=_ATTENTION_POINTERS,
+         divisible=_TILE_STRIDES,
+         variants=lambda dtype: [dict(DH=v["DH"], BLOCK_D=v["BLOCK_D"], VARLEN=v["VARLEN"], BLOCK_M=64)
+                                 for v in _attention_variants("bf16", with_mask=False)]),
+    dict(kernel=_mask_info_kernel, dtypes=("u8",), signature=_ATTENTION_POINTERS,
+         variants=[dict(SAME_LEN=same, BLOCK_B=32, BLOCK_L=128, num_warps=4) for same in (True, False)]),
+]

@@ -510,3 +510,28 @@ def infonce_loss(image_emb, text_emb, logit_scale, *, logit_bias=None, normalize
     if logit_bias is not None:  # softmax is shift invariant: the loss ignores a scalar bias
         loss = loss + 0.0 * logit_bias.float().sum()
     return loss
+
+
+# --- compile check ------------------------------------------------------------------------
+# What the launchers above pass, for python -m mcr_kernels.compile_check (every autotune config
+# is compiled for sm_80 and sm_90): the default GELU head with a bias; InfoNCE sees float32
+# embeddings, with tensor-core (tf32) products for 16-bit inputs and exact ones for float32.
+def _pool_variants(dtype):
+    return [dict(sxd=1, swd=1, HAS_BIAS=True, ACT=_ACT_IDS["gelu"], PREC="ieee" if dtype == "fp32" else "tf32")]
+
+
+_POOL_SIGNATURE = dict(X="*{dtype}", WTS="*fp32", W1="*{dtype}", B1="*{dtype}", OUT="*fp32", G="*fp32",
+                       DPRE="*{dtype}")
+_INFONCE_SIGNATURE = dict(Q="*fp32", K="*fp32", X="*fp32", Y="*fp32", SCALE="*fp32", LSE="*fp32", LSE_X="*fp32",
+                          LSE_Y="*fp32", OUT="*fp32", coef_x="fp32", coef_y="fp32")
+COMPILE_SPECS = [
+    dict(kernel=_pool_fwd, dtypes=("fp16", "bf16", "fp32"), signature=_POOL_SIGNATURE,
+         divisible=("D", "H", "sxb", "sxl", "swh", "sob"), variants=_pool_variants),
+    dict(kernel=_pool_bwd, dtypes=("fp16", "bf16", "fp32"), signature=_POOL_SIGNATURE,
+         divisible=("D", "H", "sxb", "sxl", "swh", "sgb", "sdb", "sdl"),
+         variants=lambda dtype: [dict(v, sgh=1, sdh=1) for v in _pool_variants(dtype)]),
+    dict(kernel=_lse, dtypes=("fp32",), signature=_INFONCE_SIGNATURE, divisible=("E", "sqm", "skn"),
+         variants=[dict(sqe=1, ske=1, PREC=prec) for prec in ("tf32", "ieee")]),
+    dict(kernel=_grad, dtypes=("fp32",), signature=_INFONCE_SIGNATURE, divisible=("E", "sxm", "syn", "som"),
+         variants=[dict(sxe=1, sye=1, soe=1, HAS_LSE_X=True, HAS_LSE_Y=True, PREC=prec) for prec in ("tf32", "ieee")]),
+]

@@ -269,3 +269,26 @@ def random_keep_indices(batch_size, num_tokens, num_keep, *, device=None, genera
     noise = torch.rand(batch_size, num_tokens, device=device, generator=generator)
     ids_shuffle = torch.argsort(noise, dim=1)
     return keep_restore_from_shuffle(ids_shuffle, num_keep)
+
+
+# What the launchers above pass, for python -m mcr_kernels.compile_check (every autotune config
+# is compiled for sm_80 and sm_90). Divisible: D and row strides at MCR's D = 768 / 512.
+_FLOAT_DTYPES = ("fp16", "bf16", "fp32", "fp64")
+COMPILE_SPECS = [
+    dict(kernel=_gather_rows_kernel, dtypes=_FLOAT_DTYPES,
+         signature=dict(src_ptr="*{dtype}", ids_ptr="*i64", out_ptr="*{dtype}"),
+         divisible=("D", "stride_sb", "stride_sn"), variants=[dict(stride_sd=1, stride_ik=1)]),
+    dict(kernel=_restore_rows_kernel, dtypes=_FLOAT_DTYPES,
+         signature=dict(x_ptr="*{dtype}", ids_ptr="*i64", fill_ptr="*{dtype}", out_ptr="*{dtype}"),
+         divisible=("D", "stride_xb", "stride_xk"), variants=[dict(stride_xd=1, stride_in=1, stride_fd=1)]),
+    dict(kernel=_segment_sum_kernel, dtypes=_FLOAT_DTYPES,
+         signature=dict(src_ptr="*{dtype}", order_ptr="*i64", bounds_ptr="*i64", out_ptr="*{dtype}"),
+         divisible=("D", "stride_sb", "stride_sl"),
+         variants=lambda dtype: [  # gradient rows (one row at a time), then the mask token's chunks
+             dict(stride_sd=1, FP64=dtype == "fp64", BLOCK_P=1),
+             dict(stride_sd=1, FP64=dtype == "fp64", BLOCK_P=_MASK_CHUNK,
+                  signature=dict(out_ptr="*fp64" if dtype == "fp64" else "*fp32"))]),
+    dict(kernel=_keep_restore_kernel, dtypes=("i64",),
+         signature=dict(shuffle_ptr="*i64", keep_ptr="*i64", restore_ptr="*i64"),
+         variants=[dict(BLOCK_N=256, num_warps=1), dict(BLOCK_N=1024, num_warps=4)]),
+]

@@ -1,0 +1,99 @@
+"""Command-line flags generated from the config dataclasses (mcr.config), with plain argparse.
+
+Each field is one flag: `batch_size` -> --batch-size, ModelConfig's fields too (--vit-depth),
+with the field's help text, its choices, its type, and as default the value in effect after
+--preset and --config (so `--help --preset paper` shows the paper recipe). Booleans are
+--x / --no-x. `--config FILE.yaml` sets fields (flags override it); `--print-config` prints
+the resolved config as YAML (feed it back with --config) and exits. A bad value exits with
+status 2 and one line naming the flag, before any work.
+
+Why argparse and not tyro or jsonargparse: what we need from them is ~100 lines here (flags
+from fields, defaults after the preset, flat names for the nested model fields), and plain
+argparse keeps the flags readable to anyone without a dependency between reader and CLI.
+"""
+import argparse
+import dataclasses
+import sys
+
+import yaml
+
+from mcr.config import ModelConfig, TrainConfig, config_from_dict, config_to_dict, flag
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def add_fields(parser, cls, defaults):
+    """One flag per field of dataclass `cls` (not nested dataclasses), defaults from `defaults`."""
+    for f in dataclasses.fields(cls):
+        if f.type is ModelConfig:
+            continue
+        meta, default = f.metadata, getattr(defaults, f.name)
+        if f.type is bool:
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default,
+                                help=meta["help"])
+        else:
+            parser.add_argument(flag(f.name), type=f.type, choices=meta.get("choices"), default=default,
+                                metavar=None if meta.get("choices") else f.type.__name__.upper(),
+                                help=meta["help"])
+
+
+def read_config_file(path, parser):
+    """The fields set in YAML file `path` (a dict), or a parser error naming the file."""
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as err:
+        parser.error(f"--config {path}: {err}")
+    if not isinstance(values, dict):
+        parser.error(f"--config {path}: expected a mapping of field: value, got {type(values).__name__}")
+    return values
+
+
+def parse_train_args(argv=None, prog="python -m mcr.train", description=None):
+    """argv -> a resolved TrainConfig. Order of precedence: flags, then --config FILE, then
+    the preset's recipe and shape, then the dataclass defaults."""
+    pre = Parser(prog=prog, add_help=False)
+    pre.add_argument("--preset", choices=dataclasses.fields(TrainConfig)[0].metadata["choices"])
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    values = read_config_file(known.config, pre) if known.config else {}
+    if known.preset:
+        values["preset"] = known.preset
+    try:
+        base = config_from_dict(values)
+    except ValueError as err:
+        pre.error(f"--config {known.config}: {err}" if known.config else str(err))
+
+    parser = Parser(prog=prog, description=description, formatter_class=HelpFormatter)
+    parser.add_argument("--config", metavar="FILE.yaml", help="read fields from this YAML file (flags override it)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    add_fields(parser, TrainConfig, base)
+    add_fields(parser.add_argument_group("model (defaults: the preset's shape)"), ModelConfig, base.model)
+    args = vars(parser.parse_args(argv))
+    print_config = args.pop("print_config")
+    args.pop("config")
+    model_names = {f.name for f in dataclasses.fields(ModelConfig)}
+    model = {k: args.pop(k) for k in list(args) if k in model_names}
+    try:
+        cfg = config_from_dict({**args, "model": model})
+    except ValueError as err:
+        parser.error(str(err))
+    if print_config:
+        sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        parser.exit(0)
+    return cfg
+
+
+def fail(prog, err):
+    """Exit with status 2 and one line: what was wrong with the input."""
+    sys.stderr.write(f"{prog}: error: {err}\n")
+    sys.exit(2)

@@ -1,0 +1,266 @@
+"""The engine: optimizer and schedule, the training step and loop, and the one evaluation
+path (used by training, `python -m mcr.evaluate` and the studies alike).
+
+Reproducibility by construction: the data order of an epoch is a function of (seed, epoch)
+and the masks of a step are drawn for the global batch from a generator seeded by (seed,
+step), so N processes, a resumed run and one uninterrupted process train the same model.
+"""
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mcr import checkpoint, protocols
+from mcr.config import config_to_dict, is_unmasked_step
+from mcr.distributed import (full_value, gather_in_rank_order, mean_over_ranks, rank0_decides, rank_slice,
+                             transformer_blocks)
+
+
+def autocast_dtype(precision, device):
+    """The autocast dtype of --precision on `device` (None: float32, no autocast)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def compile_blocks(model, backend="inductor"):
+    """torch.compile every transformer block (fullgraph: no graph break on the hot path)."""
+    for block in transformer_blocks(model):
+        block.compile(fullgraph=True, backend=backend)
+
+
+def build_optimizer(model, cfg):
+    """AdamW; no weight decay on biases, norms, embeddings, tokens and the temperature."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embed" in name or "token" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def lr_at(step, cfg, total_steps):
+    """Linear warm-up, then cosine decay to 0."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batches_for_epoch(num_samples, batch_size, seed, epoch):
+    """The shuffled index batches of one epoch, a pure function of (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_samples, generator=g).tolist()
+    return [order[i:i + batch_size] for i in range(0, num_samples - batch_size + 1, batch_size)]
+
+
+def step_generator(seed, step, device):
+    """The generator of one step's masks: a function of (seed, step) alone, so that ranks,
+    world sizes and resumed runs all draw the same masks."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+# --- evaluation ------------------------------------------------------------------------
+
+@torch.no_grad()
+def embed(model, dataset, collate, device, amp_dtype=None, batch_size=256, num_workers=0):
+    """Unmasked embeddings of every pair of `dataset`, in order: (image [N, E], text [N, E]
+    float32, labels [N, C]). Under torch.distributed each rank embeds its contiguous slice
+    (rank_slice) and every rank receives the whole (a collective)."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world > 1:
+        dataset = torch.utils.data.Subset(dataset, rank_slice(len(dataset), torch.distributed.get_rank(), world))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
+                                         num_workers=num_workers)
+    was_training = model.training
+    model.eval()
+    images, texts, labels = [], [], []
+    for batch in loader:
+        special = {"special_tokens_mask": batch["special_tokens_mask"].to(device)} \
+            if "special_tokens_mask" in batch else {}  # needed to embed masked views (embed_masks)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            img, txt = model.embed(batch["image"].to(device), batch["input_ids"].to(device),
+                                   batch["attention_mask"].to(device), **special)
+        images.append(img.float().cpu())
+        texts.append(txt.float().cpu())
+        labels.append(batch["labels"])
+    model.train(was_training)
+    local = torch.cat(images), torch.cat(texts), torch.cat(labels)
+    return gather_in_rank_order(local) if world > 1 else local
+
+
+def split_reports(dataset):
+    return getattr(dataset, "reports", None) or [dataset[i].report for i in range(len(dataset))]
+
+
+def split_labels(dataset):
+    labels = getattr(dataset, "labels", None)
+    return np.asarray(labels) if labels is not None else np.stack([dataset[i].labels for i in range(len(dataset))])
+
+
+def evaluate(model, dataset, collate, device, amp_dtype=None, *, protocol="full", per_class=200, seed=0,
+             batch_size=256, num_workers=0):
+    """Retrieval on one split with one protocol (mcr.protocols): "full" every pair, "5x200"
+    the seeded five-class selection. Returns {"i2t": {...}, "t2i": {...}} (5x200: and
+    "counts") on every rank; the ranks share the embedding work."""
+    if protocol == "full":
+        img, txt, labels = embed(model, dataset, collate, device, amp_dtype, batch_size, num_workers)
+        return protocols.full_retrieval(img, txt, split_reports(dataset), labels)
+    if protocol != "5x200":
+        raise ValueError(f"protocol must be 'full' or '5x200', got {protocol!r}")
+    label_names = getattr(dataset, "label_names", None)
+    if label_names is None:
+        raise ValueError("the 5x200 protocol needs a dataset with label_names")
+    indices, classes = protocols.select_5x200(split_labels(dataset), label_names, per_class, seed)
+    subset = torch.utils.data.Subset(dataset, indices.tolist())
+    img, txt, _ = embed(model, subset, collate, device, amp_dtype, batch_size, num_workers)
+    results = protocols.five_by_200(img, txt, classes)
+    results["counts"] = {cls: int((classes == c).sum()) for c, cls in enumerate(protocols.FIVE_CLASSES)}
+    return results
+
+
+def format_results(results, protocol="full"):
+    return protocols.format_5x200(results) if protocol == "5x200" else protocols.format_table(results)
+
+
+def flatten_results(results):
+    return {f"{direction}_{k}": v for direction, row in results.items() for k, v in row.items()}
+
+
+# --- training --------------------------------------------------------------------------
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl (and TensorBoard if asked)."""
+
+    def __init__(self, out_dir, tensorboard=False):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+    def write(self, step, kind, values):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "kind": kind, "time": time.time(), **values}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+
+
+def train_step(runner, model, optimizer, batch, cfg, step, total_steps, ctx):
+    """One optimizer step on this rank's rows of the global batch; returns (losses, total,
+    grad_norm). runner: the model, or its DDP wrapper. Unmasked steps: is_unmasked_step."""
+    per_rank = cfg.batch_size // ctx.world
+    rows = slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
+    masks = model.draw_masks(cfg.batch_size, device=ctx.device, generator=step_generator(cfg.seed, step, ctx.device))
+    masks = {k: v[rows] for k, v in masks.items()}
+    amp_dtype = autocast_dtype(cfg.precision, ctx.device)
+    with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        losses = runner(batch, masks=masks, unmasked=is_unmasked_step(cfg, step, total_steps))
+    weights = {"contrastive": cfg.loss_contrastive, "mim": cfg.loss_mim, "mrm": cfg.loss_mrm}
+    total = sum(weights[k] * v for k, v in losses.items())
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return losses, total, grad_norm
+
+
+def fit(cfg, model, runner, optimizer, train_set, val_set, collate, ctx, start_step=0):
+    """The training loop from `start_step` to the end of the schedule (or the time limit):
+    logs, validates, checkpoints, and returns the final validation results (every rank)."""
+    steps_per_epoch = len(train_set) // cfg.batch_size
+    total_steps = math.ceil(cfg.epochs * steps_per_epoch) if cfg.epochs > 0 else cfg.max_steps
+    amp_dtype = autocast_dtype(cfg.precision, ctx.device)
+    log = MetricsLog(cfg.out_dir, cfg.tensorboard) if ctx.is_main else None
+    per_rank = cfg.batch_size // ctx.world
+    if ctx.is_main:
+        print(f"MCR variant={cfg.model.variant} preset={cfg.preset} device={ctx.device} processes={ctx.world} "
+              f"{'FSDP ' if ctx.sharded else ''}"
+              f"params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M steps={total_steps} "
+              f"batch={cfg.batch_size} train={len(train_set)} val={len(val_set)}")
+
+    def validate(step):
+        if ctx.sharded:
+            model.unshard()  # the root unit's weights; the blocks gather their own
+        results = evaluate(model, val_set, collate, ctx.device, amp_dtype, num_workers=cfg.num_workers)
+        if cfg.tensorboard:  # every rank: the pictures' embedding (and forward under FSDP) are collectives
+            from mcr import plot
+
+            plot.log_to_tensorboard(log.writer if ctx.is_main else None, model, val_set, collate, ctx.device, step,
+                                    amp_dtype, cfg.num_workers)
+        if ctx.sharded:
+            model.reshard()
+        if ctx.is_main:
+            log.write(step, "val", flatten_results(results))
+        return results
+
+    def save(step):
+        """Full tensors gathered from every rank; rank 0 writes."""
+        model_state, optimizer_state = checkpoint.full_state_dicts(model, optimizer)
+        if ctx.is_main:
+            state = {"config": config_to_dict(cfg), "variant": cfg.model.variant, "world_size": ctx.world,
+                     "fsdp": ctx.sharded}
+            checkpoint.save_checkpoint(cfg.out_dir, step, model, model_state, optimizer_state, state,
+                                       keep=cfg.keep_checkpoints)
+
+    model.train()
+    step, started = start_step, time.time()
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=2,
+               disable=not ctx.is_main)
+    window_time, window_samples = time.time(), 0
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        batches = batches_for_epoch(len(train_set), cfg.batch_size, cfg.seed, epoch)[offset:]
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_sampler=[b[ctx.rank * per_rank:(ctx.rank + 1) * per_rank] for b in batches],
+            collate_fn=collate, num_workers=cfg.num_workers,
+            generator=torch.Generator().manual_seed(cfg.seed + epoch))  # leaves the global RNG alone
+        for batch in loader:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg, total_steps)
+            batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
+            losses, total, grad_norm = train_step(runner, model, optimizer, batch, cfg, step, total_steps, ctx)
+            step += 1
+            window_samples += cfg.batch_size
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:  # collectives: every rank takes part
+                grad_norm, logit_scale = full_value(grad_norm), full_value(model.logit_scale.detach())
+                logged = mean_over_ranks(torch.stack([*losses.values(), total]).detach().float())
+                if ctx.is_main:
+                    rate = window_samples / (time.time() - window_time)
+                    values = dict(zip([*losses, "loss"], logged.tolist()))
+                    values.update(lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(),
+                                  temperature=1 / logit_scale.exp().item(), samples_per_s=rate)
+                    log.write(step, "train", values)
+                    bar.set_postfix(loss=f"{values['loss']:.3f}", con=f"{values['contrastive']:.2f}",
+                                    mim=f"{values['mim']:.3f}", mrm=f"{values['mrm']:.2f}", sps=f"{rate:.0f}")
+                    window_time, window_samples = time.time(), 0
+            out_of_time = cfg.max_minutes > 0 and rank0_decides(time.time() - started > 60 * cfg.max_minutes, ctx)
+            if step < total_steps and not out_of_time:
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    r = validate(step)["i2t"]
+                    if ctx.is_main:
+                        tqdm.write(f"step {step}: val i2t R@1 {r['R@1']:.2f}% R@5 {r['R@5']:.2f}% "
+                                   f"P@5 {r['P@5']:.2f}%")
+                if cfg.save_every and step % cfg.save_every == 0:
+                    save(step)
+            if step >= total_steps or out_of_time:
+                total_steps = step
+                break
+    bar.close()
+    if step > start_step:  # a finished run resumed has its last checkpoint already
+        save(step)
+    results = validate(step)
+    if ctx.is_main:
+        minutes = (time.time() - started) / 60
+        print(f"final validation after {step} steps ({minutes:.1f} min), {len(val_set)} pairs:")
+        print(format_results(results))
+        with open(os.path.join(cfg.out_dir, "final.json"), "w") as f:
+            json.dump({"step": step, "minutes": minutes, **results}, f, indent=1)
+    return results

@@ -1,0 +1,238 @@
+"""Run assembly: the run folder, its data, tokenizer and model, `train(cfg)` and
+`load_trained(path)`. The CLIs (mcr.train, mcr.evaluate) and the studies call these.
+
+Run folder policy: a folder that holds a run (checkpoints, metrics.jsonl or final.json) is
+never written over unless asked: `resume=True` continues from the newest intact checkpoint
+(`latest`, or a scan of the step_* folders when it is missing or broken), `overwrite=True`
+deletes the run's files (checkpoints/, metrics.jsonl, final.json, config.yaml, tokenizer/,
+tensorboard/; nothing else) and starts over; neither is an InputError that spells out the
+choice. Every input is checked before any work (paths, device, the run folder, the
+checkpoint's model config): `check_inputs` raises InputError, the CLIs exit with status 2.
+"""
+import dataclasses
+import os
+import shutil
+import sys
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+from mcr import checkpoint, distributed, engine
+from mcr.config import config_from_dict, config_to_dict, resolve_config
+from mcr.data.batching import Collate
+from mcr.data.registry import open_dataset
+from mcr.data.tokenizer import load_tokenizer, shipped_tokenizer, train_wordpiece
+from mcr.models.mcr import MCR
+from mcr.models.weights import load_pretrained
+
+RUN_FILES = ("checkpoints", "metrics.jsonl", "final.json", "config.yaml", "tokenizer", "tensorboard")
+
+
+class InputError(ValueError):
+    """A value given to train or evaluate is unusable; raised before any work."""
+
+
+# --- checks before any work ---------------------------------------------------------------
+
+def check_out_dir(out_dir):
+    """InputError unless `out_dir` is (or can be made) a writable folder."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise InputError(f"--out-dir {out_dir!r} is a file, not a folder")
+    existing = out_dir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(os.path.abspath(existing))
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--out-dir {out_dir!r}: {existing!r} is not a writable folder")
+
+
+def holds_run(out_dir):
+    """Whether `out_dir` holds a run's files (a checkpoint, metrics.jsonl or final.json)."""
+    root = os.path.join(out_dir, "checkpoints")
+    has_checkpoints = os.path.isdir(root) and any(n.startswith("step_") or n == "latest" for n in os.listdir(root))
+    return has_checkpoints or any(os.path.exists(os.path.join(out_dir, n)) for n in ("metrics.jsonl", "final.json"))
+
+
+def check_inputs(cfg):
+    """Every check that needs no data: the config's values, files it names exist, the
+    device is there, the run folder may be used as asked. Returns the checkpoint to resume
+    (or None); InputError naming the flag otherwise."""
+    try:
+        return _check_inputs(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise InputError(str(err)) from None
+
+
+def _check_inputs(cfg):
+    resolve_config(cfg)
+    for name, path, want_dir in (("--image-weights", cfg.image_weights, False),
+                                 ("--text-weights", cfg.text_weights, True),
+                                 ("--data-root", cfg.data_root, True)):
+        if path and not (os.path.isdir(path) if want_dir else os.path.isfile(path)):
+            raise FileNotFoundError(f"{name} {path!r} does not exist"
+                                    + (" (or is not a folder)" if want_dir else " (or is not a file)"))
+    if cfg.tokenizer not in ("auto", "train") and not os.path.isdir(cfg.tokenizer):
+        raise FileNotFoundError(f"--tokenizer {cfg.tokenizer!r} is not a folder (nor auto or train)")
+    distributed.pick_device(cfg.device)
+    check_out_dir(cfg.out_dir)
+    if not holds_run(cfg.out_dir):
+        return None
+    if not (cfg.resume or cfg.overwrite):
+        newest = checkpoint.newest_intact(cfg.out_dir, quiet=True)
+        what = f"checkpoints up to {os.path.basename(newest)}" if newest else "a run (metrics.jsonl)"
+        raise InputError(f"--out-dir {cfg.out_dir!r} holds {what}: pass --resume to continue it, or "
+                             f"--overwrite to delete it and start over (or choose another --out-dir)")
+    if cfg.overwrite:
+        return None
+    path = checkpoint.newest_intact(cfg.out_dir, quiet=int(os.environ.get("RANK", "0")) > 0)
+    if path is None and checkpoint.step_folders(cfg.out_dir):
+        raise InputError(f"--resume: no intact checkpoint under {cfg.out_dir!r} (see above); pass --overwrite "
+                         f"to start over")
+    if path is not None:
+        saved = checkpoint.read_state(path)["config"]
+        saved_model = config_from_dict(saved).model
+        checkpoint.check_same_config(  # the vocabulary size comes from the run's own tokenizer
+            {**dataclasses.asdict(saved_model), "vocab_size": None},
+            {**dataclasses.asdict(cfg.model), "vocab_size": None})
+    return path
+
+
+def claim_run_folder(cfg, ctx):
+    """Rank 0 makes the folder, deletes the old run with --overwrite and the temporary
+    folders of killed saves; every rank waits for it."""
+    if ctx.is_main:
+        if cfg.overwrite:
+            for name in RUN_FILES:
+                path = os.path.join(cfg.out_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        for removed in checkpoint.remove_stale_temporaries(cfg.out_dir):
+            print(f"removed {removed} (a checkpoint save that was killed)", file=sys.stderr)
+    distributed.barrier()
+
+
+def write_config(cfg):
+    """out_dir/config.yaml: the resolved config (`--config` reads it back)."""
+    with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+
+
+# --- data, tokenizer, model -------------------------------------------------------------
+
+def build_dataset(cfg, split, size=None):
+    """The records of one split for cfg.data (size: synthetic only; see mcr.data.registry)."""
+    size = size or (cfg.train_size if split == "train" else cfg.val_size)
+    return open_dataset(cfg.data, cfg.data_root, split, cfg.model.image_size, cfg.data_options, size, cfg.seed)
+
+
+def build_tokenizer(cfg, train_set, ctx, resuming=False):
+    """The run's tokenizer, saved under out_dir/tokenizer (rank 0 builds, the others load):
+    the run's own when resuming; --tokenizer DIR; the shipped vocabulary of the embedded
+    corpus (--data synthetic, --vocab-size at least its size: the corpus's whole WordPiece
+    vocabulary); else WordPiece trained on the training reports."""
+    saved = os.path.join(cfg.out_dir, "tokenizer")
+    if ctx.rank > 0:
+        distributed.barrier()
+        return load_tokenizer(saved)
+    if resuming and os.path.isdir(saved):
+        tok = load_tokenizer(saved)
+    elif cfg.tokenizer not in ("auto", "train"):
+        tok = load_tokenizer(cfg.tokenizer)
+    elif cfg.tokenizer == "auto" and cfg.data == "synthetic" and cfg.model.vocab_size >= len(shipped_tokenizer()):
+        tok = shipped_tokenizer()
+    else:
+        texts = getattr(train_set, "reports", None) or (train_set[i].report for i in range(min(len(train_set), 4000)))
+        tok = train_wordpiece(texts, cfg.model.vocab_size)
+    if not (resuming and os.path.isdir(saved)):
+        tok.save_pretrained(saved)
+    distributed.barrier()
+    return tok
+
+
+def build_model(model_cfg, tokenizer):
+    return MCR(model_cfg, pad_token_id=tokenizer.pad_token_id, mask_token_id=tokenizer.mask_token_id)
+
+
+def collate_for(cfg, tokenizer):
+    return Collate(tokenizer, cfg.model.max_text_len, cfg.model.in_chans)
+
+
+# --- training -------------------------------------------------------------------------
+
+def train(cfg):
+    """Train with `cfg` (one process, or one rank under torchrun); returns the final
+    validation results {"i2t": {...}, "t2i": {...}} (on every rank)."""
+    resume_path = check_inputs(cfg)
+    ctx = distributed.init_distributed(cfg.device)
+    if cfg.batch_size % ctx.world:
+        raise InputError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
+                         f"number of processes, {ctx.world}")
+    ctx.sharded = cfg.fsdp and ctx.world > 1
+    if cfg.fsdp and ctx.world == 1:
+        print("--fsdp: one process, nothing to shard; training unsharded", file=sys.stderr)
+    claim_run_folder(cfg, ctx)
+    if cfg.resume and resume_path is None and ctx.is_main:
+        print(f"--resume: no checkpoint under {cfg.out_dir}, starting fresh", file=sys.stderr)
+    torch.manual_seed(cfg.seed)
+
+    train_set = build_dataset(cfg, "train")
+    if len(train_set) < cfg.batch_size:
+        raise ValueError(f"the training split has {len(train_set)} pairs, fewer than one batch of {cfg.batch_size}")
+    tokenizer = build_tokenizer(cfg, train_set, ctx, resuming=resume_path is not None)
+    cfg.model = dataclasses.replace(cfg.model, vocab_size=len(tokenizer))
+    if ctx.is_main:
+        write_config(cfg)
+    val_set = build_dataset(cfg, "val")
+
+    model = build_model(cfg.model, tokenizer)
+    load_pretrained(model, cfg.image_weights, cfg.text_weights)
+    model = model.to(ctx.device)
+    if cfg.compile:
+        engine.compile_blocks(model, cfg.compile_backend)
+    if ctx.sharded:
+        distributed.shard_model(model, ctx.device)
+    optimizer = engine.build_optimizer(model, cfg)
+    start_step = 0
+    if resume_path:
+        saved = checkpoint.load_checkpoint(resume_path, model, optimizer, restore_rng=True)
+        start_step = saved["step"]
+        saved_world = saved.get("world_size", 1)
+        if ctx.is_main:
+            print(f"resumed from {resume_path} at step {start_step}"
+                  + (f" (saved with {saved_world} processes, now {ctx.world}: same global batch and "
+                     f"masks, so training continues the same run)" if saved_world != ctx.world else ""))
+    runner = model
+    if ctx.world > 1 and not ctx.sharded:
+        # unmasked tuning steps leave the reconstruction heads without gradients
+        runner = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                         find_unused_parameters=cfg.unmasked_tuning > 0 or cfg.unmasked_every > 0)
+    results = engine.fit(cfg, model, runner, optimizer, train_set, val_set, collate_for(cfg, tokenizer), ctx,
+                         start_step)
+    distributed.finish(ctx)
+    if cfg.pictures and ctx.is_main:  # once the process group is gone: one process draws
+        from mcr import plot
+
+        plot.after_training(cfg.out_dir)
+    return results
+
+
+# --- a trained run ----------------------------------------------------------------------
+
+def load_trained(path, device=None):
+    """(model, TrainConfig, tokenizer, device, checkpoint path) from a checkpoint folder or a
+    run folder (its newest intact checkpoint), on `device` (default: auto). The tokenizer is
+    the run folder's own: the one two levels above the checkpoint."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if not os.path.isfile(os.path.join(path, "state.json")):
+        found = checkpoint.newest_intact(path)
+        if found is None:
+            raise FileNotFoundError(f"{path!r} holds no intact checkpoint (checkpoints/step_*)")
+        path = found
+    checkpoint.check_intact(path)
+    cfg = config_from_dict(checkpoint.read_state(path)["config"])
+    tokenizer = load_tokenizer(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "tokenizer"))
+    device = distributed.pick_device(device or "auto")
+    model = build_model(cfg.model, tokenizer).to(device)
+    checkpoint.load_checkpoint(path, model)
+    return model, cfg, tokenizer, device, path

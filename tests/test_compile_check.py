@@ -1,0 +1,104 @@
+"""mcr_kernels.compile_check: one real compile for sm_90 (no GPU needed), the parsers of ptxas and
+cuobjdump output, the launch-fit arithmetic, and that every COMPILE_SPECS entry builds a source.
+
+The compiles run in a subprocess without TRITON_INTERPRET (conftest sets it for this process,
+and the kernel modules pick interpreter-only configs under it).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+from mcr_kernels import compile_check  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PTXAS_LOG = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_attn_bwd_dq' for 'sm_90a'
+ptxas info    : Function properties for _attn_bwd_dq
+    0 bytes stack frame, 32 bytes spill stores, 40 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 1024 bytes smem, 524 bytes cmem[0]
+"""
+
+CUOBJDUMP = """
+Fatbin elf code:
+================
+arch = sm_80
+code version = [1,8]
+
+Resource usage:
+ Common:
+  GLOBAL:28 CONSTANT[4]:224
+ Function _ZN3mcr12gather_rowsIfEEvPKT_:
+  REG:18 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:408 TEXTURE:0 SURFACE:0 SAMPLER:0
+
+Fatbin elf code:
+================
+arch = sm_90
+ Function _ZN3mcr12gather_rowsIfEEvPKT_:
+  REG:20 STACK:8 SHARED:16 LOCAL:4 CONSTANT[0]:408 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+
+def run_check(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "mcr_kernels.compile_check", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_parse_ptxas():
+    assert compile_check.parse_ptxas(PTXAS_LOG) == dict(registers=255, static_shared=1024, stack=0,
+                                                        spill_stores=32, spill_loads=40)
+    with pytest.raises(ValueError, match="no resource line"):
+        compile_check.parse_ptxas("ptxas fatal : Unresolved extern function")
+
+
+def test_parse_cuobjdump():
+    rows = compile_check.parse_cuobjdump(CUOBJDUMP)
+    assert rows == [(80, "_ZN3mcr12gather_rowsIfEEvPKT_", dict(REG=18, STACK=0, SHARED=0, LOCAL=0)),
+                    (90, "_ZN3mcr12gather_rowsIfEEvPKT_", dict(REG=20, STACK=8, SHARED=16, LOCAL=4))]
+
+
+def test_blocks_per_sm():
+    # 8 warps x 255 registers: 256 per thread allocated, 8192 per warp, 8 warps per SM -> 1 block
+    assert compile_check.blocks_per_sm(90, 8, 255, 0) == 1
+    # 4 warps x 32 registers: 1024 per warp -> 64 warps by registers, 16 blocks; 64 KiB shared -> 2 (sm_80: 164 KiB)
+    assert compile_check.blocks_per_sm(80, 4, 32, 64 * 1024) == 2
+    assert compile_check.blocks_per_sm(90, 4, 32, 64 * 1024) == 3
+    # over a limit: cannot launch
+    assert compile_check.blocks_per_sm(90, 4, 256, 0) == 0                  # > 255 registers
+    assert compile_check.blocks_per_sm(80, 4, 64, 164 * 1024) == 0          # > 163 KiB per block on sm_80
+    assert compile_check.blocks_per_sm(90, 4, 64, 164 * 1024) == 1          # fits sm_90's 227 KiB
+    assert compile_check.blocks_per_sm(90, 1, 16, 0) == 32                  # the 32-block cap
+
+
+def test_every_spec_builds_and_lists():
+    """Every COMPILE_SPECS entry names all constexprs of its kernel (a missing one fails here)."""
+    result = run_check("--list")
+    assert result.returncode == 0, result.stderr[-2000:]
+    listed = result.stdout.splitlines()
+    for module in ("attention", "mba", "patch_drop"):
+        assert any(line.startswith(module + ".") for line in listed), module
+    assert any("_attn_bwd_dq sm_90 fp32" in line for line in listed)
+
+
+def test_compile_one_kernel_for_sm90():
+    result = run_check("--subset", "--kernel", "_gather_rows_kernel", "--arch", "90", "--no-cuda", "--json", "-")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["environment"]["triton"]
+    (row,) = report["rows"]
+    assert (row["kernel"], row["arch"], row["dtype"], row["error"]) == ("_gather_rows_kernel", 90, "bf16", "")
+    assert 8 <= row["registers"] <= 255 and row["spill_stores"] == row["spill_loads"] == 0
+    assert row["shared"] == 0 and row["fits"] and row["blocks_per_sm"] >= 1
+    assert "BLOCK_D=1024" in row["config"]
+
+
+def test_refuses_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-m", "mcr_kernels.compile_check", "--list"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "unset TRITON_INTERPRET" in result.stderr
