@@ -114,7 +114,7 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "pytest-timeout", "open-clip-torch>=2.24", "matplotlib>=3.7"],
         "flash-attn": ["flash-attn>=2.6"],
         "tensorboard": ["tensorboard"],
         "plot": ["matplotlib>=3.7"],

@@ -171,6 +171,31 @@ def train_step(runner, model, optimizer, batch, cfg, step, total_steps, ctx):
     return losses, total, grad_norm
 
 
+class LossWindow:
+    """Means of the losses over the steps since the last log line: the contrastive loss and
+    the total over every step, the reconstruction losses over the masked steps only (an
+    unmasked step computes none; a window without masked steps logs none)."""
+
+    RECONSTRUCTION = ("mim", "mrm")
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, losses, total, unmasked):
+        for name, value in [*losses.items(), ("loss", total)]:
+            if unmasked and name in self.RECONSTRUCTION:
+                continue
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def means(self):
+        """(names, float32 tensor of their means), then starts a new window."""
+        names = list(self.sums)
+        means = torch.stack([self.sums[n] / self.counts[n] for n in names])
+        self.sums, self.counts = {}, {}
+        return names, means
+
+
 def fit(cfg, model, runner, optimizer, train_set, val_set, collate, ctx, start_step=0):
     """The training loop from `start_step` to the end of the schedule (or the time limit):
     logs, validates, checkpoints, and returns the final validation results (every rank)."""
@@ -214,6 +239,7 @@ def fit(cfg, model, runner, optimizer, train_set, val_set, collate, ctx, start_s
     bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=2,
                disable=not ctx.is_main)
     window_time, window_samples = time.time(), 0
+    window = LossWindow()
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
         batches = batches_for_epoch(len(train_set), cfg.batch_size, cfg.seed, epoch)[offset:]
@@ -226,20 +252,23 @@ def fit(cfg, model, runner, optimizer, train_set, val_set, collate, ctx, start_s
                 group["lr"] = lr_at(step, cfg, total_steps)
             batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
             losses, total, grad_norm = train_step(runner, model, optimizer, batch, cfg, step, total_steps, ctx)
+            window.add(losses, total, unmasked=is_unmasked_step(cfg, step, total_steps))
             step += 1
             window_samples += cfg.batch_size
             bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:  # collectives: every rank takes part
                 grad_norm, logit_scale = full_value(grad_norm), full_value(model.logit_scale.detach())
-                logged = mean_over_ranks(torch.stack([*losses.values(), total]).detach().float())
+                names, means = window.means()
+                logged = mean_over_ranks(means)
                 if ctx.is_main:
                     rate = window_samples / (time.time() - window_time)
-                    values = dict(zip([*losses, "loss"], logged.tolist()))
+                    values = dict(zip(names, logged.tolist()))
                     values.update(lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(),
                                   temperature=1 / logit_scale.exp().item(), samples_per_s=rate)
                     log.write(step, "train", values)
                     bar.set_postfix(loss=f"{values['loss']:.3f}", con=f"{values['contrastive']:.2f}",
-                                    mim=f"{values['mim']:.3f}", mrm=f"{values['mrm']:.2f}", sps=f"{rate:.0f}")
+                                    mim=f"{values.get('mim', float('nan')):.3f}",
+                                    mrm=f"{values.get('mrm', float('nan')):.2f}", sps=f"{rate:.0f}")
                     window_time, window_samples = time.time(), 0
             out_of_time = cfg.max_minutes > 0 and rank0_decides(time.time() - started > 60 * cfg.max_minutes, ctx)
             if step < total_steps and not out_of_time:

@@ -16,15 +16,12 @@ import os
 import sys
 import time
 
+from mcr.cli import HelpFormatter, Parser
 from mcr.data import shards
 from mcr.data.registry import open_dataset, parse_options
 
 DATASETS = ("mimic-cxr", "openi")
 SPLITS = ("train", "val", "test")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default after its help."""
 
 
 def split_list(text):
@@ -50,14 +47,14 @@ def at_least(low):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m mcr.prepare", description=__doc__, formatter_class=HelpFormatter)
+    parser = Parser(prog="python -m mcr.prepare", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data", choices=DATASETS, help="source dataset (required unless --verify)")
     parser.add_argument("--data-root", default="", help="root folder of the source dataset")
     parser.add_argument("--data-options", default="", help='reader options, e.g. "views=PA,AP;images=all" '
                                                            "(docs/data.md lists them)")
     parser.add_argument("--out", default="", help="shard folder to write (required unless --verify)")
     parser.add_argument("--image-size", type=at_least(16), default=224, help="square side of the stored images (px)")
-    parser.add_argument("--splits", type=split_list, default=list(SPLITS),
+    parser.add_argument("--splits", type=split_list, default=",".join(SPLITS),
                         help=f"comma-separated splits to prepare, a subset of {','.join(SPLITS)}")
     parser.add_argument("--workers", type=at_least(0), default=0, help="decoding processes (0 = all cores)")
     parser.add_argument("--chunk", type=at_least(1), default=1024, help="rows between resume points")

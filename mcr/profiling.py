@@ -88,7 +88,8 @@ def proxy_table(preset_names=("small", "paper"), variants=("dual-stream", "mcr",
             rows.append({"preset": name, "variant": variant,
                          "activation_MiB_per_sample": c["activation_bytes_per_sample"] / 2**20,
                          "GFLOPs_per_sample": c["flops_per_sample"] / 1e9,
-                         "activation_vs_dual_stream": c["activation_bytes_per_sample"] / base["activation_bytes_per_sample"],
+                         "activation_vs_dual_stream":
+                             c["activation_bytes_per_sample"] / base["activation_bytes_per_sample"],
                          "flops_vs_dual_stream": c["flops_per_sample"] / base["flops_per_sample"]})
     return rows
 
@@ -96,8 +97,8 @@ def proxy_table(preset_names=("small", "paper"), variants=("dual-stream", "mcr",
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m mcr.profiling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", default="small,paper")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--presets", default="small,paper", help="comma-separated presets (mcr.config.PRESETS)")
+    parser.add_argument("--batch-size", type=int, default=4, help="samples of the measured step")
     args = parser.parse_args(argv)
     rows = proxy_table(args.presets.split(","), batch_size=args.batch_size)
     keys = list(rows[0])

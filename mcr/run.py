@@ -125,6 +125,16 @@ def build_dataset(cfg, split, size=None):
     return open_dataset(cfg.data, cfg.data_root, split, cfg.model.image_size, cfg.data_options, size, cfg.seed)
 
 
+def configured_tokenizer(cfg):
+    """The tokenizer cfg names without training one: --tokenizer DIR, or the shipped vocabulary
+    of the embedded corpus (auto); None when one must be trained on the reports."""
+    if cfg.tokenizer not in ("auto", "train"):
+        return load_tokenizer(cfg.tokenizer)
+    if cfg.tokenizer == "auto" and cfg.data == "synthetic" and cfg.model.vocab_size >= len(shipped_tokenizer()):
+        return shipped_tokenizer()
+    return None
+
+
 def build_tokenizer(cfg, train_set, ctx, resuming=False):
     """The run's tokenizer, saved under out_dir/tokenizer (rank 0 builds, the others load):
     the run's own when resuming; --tokenizer DIR; the shipped vocabulary of the embedded
@@ -136,11 +146,9 @@ def build_tokenizer(cfg, train_set, ctx, resuming=False):
         return load_tokenizer(saved)
     if resuming and os.path.isdir(saved):
         tok = load_tokenizer(saved)
-    elif cfg.tokenizer not in ("auto", "train"):
-        tok = load_tokenizer(cfg.tokenizer)
-    elif cfg.tokenizer == "auto" and cfg.data == "synthetic" and cfg.model.vocab_size >= len(shipped_tokenizer()):
-        tok = shipped_tokenizer()
     else:
+        tok = configured_tokenizer(cfg)
+    if tok is None:
         texts = getattr(train_set, "reports", None) or (train_set[i].report for i in range(min(len(train_set), 4000)))
         tok = train_wordpiece(texts, cfg.model.vocab_size)
     if not (resuming and os.path.isdir(saved)):

@@ -190,13 +190,13 @@ class Study:
                 costs = json.load(f)
         else:
             costs = {}
-        if any(name not in costs for name in self.rows):  # all rows in one interleaved measurement
+        if not args.report_only and any(name not in costs for name in self.rows):  # one interleaved measurement
             costs = step_costs(self.rows, self.common, vocab_size(self.common), args.cost_batch)
             write_json(costs_path, costs)
         pairs = ([(name, seed) for name in self.rows for seed in args.seeds] if args.order == "rows"
                  else [(name, seed) for seed in args.seeds for name in self.rows])
         jobs = [(name, seed, self.steps_of(name, costs)) for name, seed in pairs]
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
         if not args.report_only:
             with ThreadPoolExecutor(args.jobs) as pool:
                 for future in [pool.submit(self.train_one, n, s, k, threads) for n, s, k in jobs]:
@@ -218,12 +218,11 @@ class Study:
 
 def vocab_size(common):
     """The vocabulary size the runs will have (the tokenizer they load or train)."""
-    cfg = train_config(common)
-    if cfg.tokenizer:
-        from mcr.data.tokenizer import load_tokenizer
+    from mcr.run import configured_tokenizer
 
-        return len(load_tokenizer(cfg.tokenizer))
-    return cfg.model.vocab_size
+    cfg = train_config(common)
+    tokenizer = configured_tokenizer(cfg)
+    return len(tokenizer) if tokenizer is not None else cfg.model.vocab_size
 
 
 def summarize(runs, costs, rows):
@@ -296,12 +295,15 @@ def main(argv=None):
     parser.add_argument("--time-reference", default="", help="the row whose time @time rows match (default: first)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once; each gets cpu_count/jobs threads (default 1)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads of each run (default: cpu_count / jobs)")
     parser.add_argument("--order", choices=("seeds", "rows"), default="seeds",
                         help="training order: seeds = every row's seed 0 first; rows = all seeds of a row first")
     parser.add_argument("--cost-batch", type=int, default=32, help="batch of the step-time measurement (default 32)")
     parser.add_argument("--finegrained-studies", type=int, default=300,
                         help="queries of the fine-grained protocol (default 300)")
-    parser.add_argument("--report-only", action="store_true", help="tabulate finished runs, train nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="tabulate finished runs; train and time nothing (no cost columns unless measured before)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")

@@ -1,13 +1,12 @@
 """mcr_kernels.flash_attention / flash_attention_varlen: the Triton backend against the
 float64 reference (outputs, LSE and all gradients), masks, causal, varlen, registration
-(opcheck, torch.compile) and the ViT / BERT integration.
+(opcheck, torch.compile); the model integrations: tests/test_integrations.py.
 
 Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest), so the CPU
 cases are small; the full sweep over head dims, lengths and fp16/bf16 needs CUDA.
 (The 3.8 interpreter mis-computes bf16 tl.dot, so bf16 is tested on the GPU only.)
 """
 import contextlib
-import copy
 
 import pytest
 import torch
@@ -225,58 +224,6 @@ def test_bad_head_dim_is_a_value_error():
     q = torch.zeros(1, 1, 2, 264)
     with pytest.raises(ValueError, match="head dim"):
         mcr_kernels.flash_attention(q, q, q)
-
-
-# --- integration -----------------------------------------------------------------------------
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts the calls that reach the Triton op (proves the layer used our attention)."""
-    from mcr_kernels.triton import attention as triton_attention
-    calls = []
-    op = triton_attention.flash_attn_fwd
-    monkeypatch.setattr(triton_attention, "flash_attn_fwd", lambda *a: calls.append(a[3]) or op(*a))
-    return calls
-
-
-def test_vit_attention_matches_timm_eager(kernel_calls):
-    from timm.layers import Attention
-    from mcr.models.attention import use_flash_attention
-    eager = Attention(64, num_heads=4, qkv_bias=True).to(DEVICE)
-    eager.fused_attn = False
-    ours = use_flash_attention(copy.deepcopy(eager))
-    x = torch.randn(2, 13, 64, device=DEVICE, requires_grad=True)
-    with triton_backend():
-        out = ours(x)
-    out.sum().backward()
-    grad_ours = (x.grad.clone(), ours.qkv.weight.grad)
-    x.grad = None
-    expected = eager(x)
-    expected.sum().backward()
-    assert kernel_calls == [None]
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(grad_ours[0], x.grad, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(grad_ours[1], eager.qkv.weight.grad, atol=1e-5, rtol=1e-4)
-
-
-def test_bert_mcr_attention_matches_eager_on_real_tokens(kernel_calls):
-    from transformers import BertConfig, BertModel
-    import mcr.models.attention  # noqa: F401  registers "mcr"
-    make_cfg = lambda impl: BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                       intermediate_size=96, attention_probs_dropout_prob=0.0,
-                                       hidden_dropout_prob=0.0, attn_implementation=impl)
-    eager = BertModel(make_cfg("eager")).to(DEVICE).eval()
-    ours = BertModel(make_cfg("mcr")).to(DEVICE).eval()
-    assert ours.config._attn_implementation == "mcr"
-    ours.load_state_dict(eager.state_dict())
-    ids = torch.randint(1, 50, (3, 17), device=DEVICE)
-    attn = (torch.arange(17, device=DEVICE)[None] < torch.tensor([[17], [9], [1]], device=DEVICE)).long()
-    with triton_backend():
-        out = ours(input_ids=ids, attention_mask=attn).last_hidden_state
-    expected = eager(input_ids=ids, attention_mask=attn).last_hidden_state
-    real = attn.bool()
-    assert len(kernel_calls) == 2 and torch.equal(kernel_calls[0], real)  # the padding mask reached the kernel
-    torch.testing.assert_close(out[real], expected[real], atol=1e-5, rtol=1e-4)
 
 
 # --- GPU sweep ---------------------------------------------------------------------------------

@@ -330,8 +330,8 @@ def test_bad_prepare_values_exit_2_with_one_line_before_any_work(tree, tmp_path,
     with pytest.raises(SystemExit) as stop:
         prepare_main([x for kv in base.items() for x in kv])
     assert stop.value.code == 2
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert named in line, line
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err, err
     assert not out.exists()
 
 

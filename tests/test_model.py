@@ -177,3 +177,18 @@ def test_unmasked_step_schedule():
     counted = sum(is_unmasked_step(cfg, s, 1000) for s in range(1000)) / 1000
     assert counted == pytest.approx(unmasked_share(cfg), abs=1e-3)
     assert not any(is_unmasked_step(TrainConfig(), s, 50) for s in range(50))
+
+
+def test_loss_window_averages_reconstruction_over_masked_steps_only():
+    from mcr.engine import LossWindow
+
+    window = LossWindow()
+    t = torch.tensor
+    window.add({"mim": t(1.0), "mrm": t(3.0), "contrastive": t(2.0)}, t(6.0), unmasked=False)
+    window.add({"mim": t(0.0), "mrm": t(0.0), "contrastive": t(4.0)}, t(4.0), unmasked=True)
+    window.add({"mim": t(3.0), "mrm": t(5.0), "contrastive": t(0.0)}, t(8.0), unmasked=False)
+    names, means = window.means()
+    assert dict(zip(names, means.tolist())) == {"mim": 2.0, "mrm": 4.0, "contrastive": 2.0, "loss": 6.0}
+    window.add({"mim": t(0.0), "mrm": t(0.0), "contrastive": t(1.0)}, t(1.0), unmasked=True)
+    names, means = window.means()
+    assert names == ["contrastive", "loss"] and means.tolist() == [1.0, 1.0]

@@ -17,8 +17,8 @@ from mcr.data.fake import MIMIC_EXPECTED, make_mimic_tree
 from mcr.data.mimic import MimicCXR
 from mcr.data.shards import ShardDataset
 from mcr.data.tokenizer import train_wordpiece
-from mcr.prepare import main as prepare_main
 from mcr.engine import batches_for_epoch
+from mcr.prepare import main as prepare_main
 from mcr.train import main as train_main
 
 TINY_FLAGS = ["--image-size", "32", "--vit-width", "32", "--vit-depth", "1", "--vit-heads", "2",

@@ -19,8 +19,8 @@ from transformers import BertConfig, BertModel
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
 import mcr_kernels
-from mcr.models.attention import ATTN_IMPLEMENTATION, use_flash_attention
 from mcr_kernels import ProjectionHead
+from mcr_kernels.integrations import apply_to_hf, apply_to_timm
 
 
 def bert_config(cfg, pad_token_id=0):
@@ -29,8 +29,7 @@ def bert_config(cfg, pad_token_id=0):
         vocab_size=cfg.vocab_size, hidden_size=cfg.text_width, num_hidden_layers=cfg.text_depth,
         num_attention_heads=cfg.text_heads, intermediate_size=cfg.text_intermediate,
         max_position_embeddings=max(512, cfg.max_text_len), pad_token_id=pad_token_id,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        attn_implementation=ATTN_IMPLEMENTATION)
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def mask_report_tokens(input_ids, attention_mask, special_mask, ratio, mask_id, vocab_size,
@@ -106,7 +105,7 @@ class MCR(nn.Module):
             img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
             embed_dim=cfg.vit_width, depth=cfg.vit_depth, num_heads=cfg.vit_heads,
             num_classes=0, global_pool="token", class_token=True)
-        use_flash_attention(self.vit)
+        apply_to_timm(self.vit)
         num_patches = self.vit.patch_embed.num_patches
         # MAE decoder
         self.decoder_embed = nn.Linear(cfg.vit_width, cfg.decoder_width)
@@ -114,17 +113,18 @@ class MCR(nn.Module):
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, cfg.decoder_width))
         self.decoder_blocks = nn.ModuleList(
             Block(cfg.decoder_width, cfg.decoder_heads, qkv_bias=True) for _ in range(cfg.decoder_depth))
-        use_flash_attention(self.decoder_blocks)
+        apply_to_timm(self.decoder_blocks)
         self.decoder_norm = nn.LayerNorm(cfg.decoder_width)
         self.decoder_pred = nn.Linear(cfg.decoder_width, cfg.patch_size ** 2 * cfg.in_chans)
         # report encoder: HF BERT, attention through mcr_kernels
         self.bert_config = bert_config(cfg, pad_token_id)
         self.bert = BertModel(self.bert_config, add_pooling_layer=False)
+        apply_to_hf(self.bert)
         # masked report modelling: optional image conditioning + small encoder + MLM head
         self.image_to_text = nn.Linear(cfg.vit_width, cfg.text_width) if cfg.image_conditioned_mrm else None
         self.mrm_blocks = nn.ModuleList(
             Block(cfg.text_width, cfg.text_heads, qkv_bias=True) for _ in range(cfg.mrm_decoder_depth))
-        use_flash_attention(self.mrm_blocks)
+        apply_to_timm(self.mrm_blocks)
         self.mlm_head = BertOnlyMLMHead(self.bert_config)
         # HF ties this output bias inside BertForMaskedLM; standalone, tie it here (one parameter)
         self.mlm_head.predictions.bias = self.mlm_head.predictions.decoder.bias
@@ -190,7 +190,7 @@ class MCR(nn.Module):
         if self.image_to_text is not None:
             x = x + self.image_to_text(image_latent[:, 1:].mean(1)).unsqueeze(1)
         for blk in self.mrm_blocks:
-            x = blk(x, attn_mask=attention_mask.bool())
+            x = blk(x, attn_mask=attention_mask.bool()[:, None, None, :])  # SDPA's key padding shape
         return self.mlm_head(x)
 
     # --- alignment -----------------------------------------------------------------------

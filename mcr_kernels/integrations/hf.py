@@ -1,0 +1,95 @@
+"""transformers: attention through flash_attention, as the "mcr" attention implementation.
+
+    apply_to_hf()        # register "mcr": from_pretrained(..., attn_implementation="mcr")
+    apply_to_hf(model)   # and switch a built model to it (model.set_attn_implementation)
+
+Works for every model whose attention calls transformers' AttentionInterface (BERT,
+RoBERTa, Llama, ...). Padding masks reach the kernel as key padding masks and causal
+models stay causal; masks the kernels cannot express (sliding windows, packed sequences,
+static caches, custom 4D masks) and attention dropout in training run torch's SDPA for
+that call, never a wrong result.
+"""
+import inspect
+from collections import Counter
+
+from mcr_kernels.attention import flash_attention
+from mcr_kernels.integrations._patching import warn_dropout_once
+
+ATTN_IMPLEMENTATION = "mcr"
+UNSUPPORTED_KWARGS = ("softcap", "s_aux", "position_bias")
+
+
+def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                 is_causal=None, **kwargs):
+    """transformers attention function: query [B, H, Lq, Dh], key/value [B, H_kv, Lk, Dh];
+    attention_mask None, [B, Lk] bool (key padding, from hf_attention_mask) or a 4D mask.
+    Returns (out [B, Lq, H, Dh], None)."""
+    for name in UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise ValueError(f"attn_implementation={ATTN_IMPLEMENTATION!r} does not support {name}; "
+                             f"use 'sdpa' or 'eager' for {type(module).__name__}")
+    if dropout > 0:
+        warn_dropout_once(module.config, f"{type(module).__name__} (apply_to_hf)")
+    if attention_mask is not None and attention_mask.dim() == 4:  # causality is in the mask
+        out = flash_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                              scale=scaling)
+    else:
+        causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        padding = None if attention_mask is None else attention_mask.bool()
+        out = flash_attention(query, key, value, dropout_p=dropout, key_padding_mask=padding,
+                              softmax_scale=scaling, causal=causal)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def hf_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                      attention_mask=None, **kwargs):
+    """transformers mask function: plain causal or bidirectional masks become the [B, Lk]
+    padding mask (or None) that hf_attention hands the kernel with `causal`; anything else
+    (sliding window, packing, a static cache's offsets) the full 4D bool mask."""
+    from transformers import masking_utils as mu
+
+    plain = mask_function is mu.bidirectional_mask_function or (
+        mask_function is mu.causal_mask_function and isinstance(q_offset, int)
+        and q_offset + q_length == kv_offset + kv_length)  # queries are the last keys: bottom-right
+    if plain:
+        return mu.flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
+                                       mask_function, attention_mask)
+    for name in ("allow_is_causal_skip", "allow_is_bidirectional_skip"):
+        kwargs.pop(name, None)
+    return mu.sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                        attention_mask, allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
+                        **kwargs)
+
+
+def apply_to_hf(model=None):
+    """Register the "mcr" attention with transformers and, given a model, switch it (and its
+    sub-models) to it. Returns {attention module class: count} of the modules switched
+    (empty when there was nothing to change). Undo with revert(model)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, hf_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, hf_attention_mask)
+    if model is None or model.config._attn_implementation == ATTN_IMPLEMENTATION:
+        return {}
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        raise ValueError(f"{type(model).__name__} does not route its attention through transformers' "
+                         "AttentionInterface, so apply_to_hf cannot switch it")
+    model._mcr_kernels_previous_attn = previous
+    return dict(Counter(type(m).__name__ for m in model.modules() if _calls_attention_interface(m)))
+
+
+def revert_hf(model):
+    """Switch a model apply_to_hf switched back to its previous attention; True if it was."""
+    previous = model.__dict__.pop("_mcr_kernels_previous_attn", None)
+    if previous is None:
+        return False
+    model.set_attn_implementation(previous)
+    return True
+
+
+def _calls_attention_interface(module):
+    forward = inspect.unwrap(type(module).forward)
+    return "ALL_ATTENTION_FUNCTIONS" in getattr(getattr(forward, "__code__", None), "co_names", ())
