@@ -3,10 +3,12 @@ bf16 matmul rate, and result files with device, versions and date.
 
     t = time_ms(fn)                       # median ms over repeats (CUDA events on GPU)
     ms, peak = time_and_peak(fn)          # + peak bytes allocated during one call (GPU)
+    peak = cpu_peak_bytes(fn)             # peak resident bytes added by one call (CPU, see there)
     write_results("patch_drop", rows)     # benchmarks/results/patch_drop-<device>-<date>.{json,csv}
 """
 import csv
 import datetime
+import gc
 import json
 import pathlib
 import platform
@@ -78,6 +80,29 @@ def peak_bytes(fn):
     fn()
     _sync()
     return torch.cuda.max_memory_allocated() - before
+
+
+# glibc returns every freed block of 64 KiB or more to the kernel in a process started with
+# this environment, so that its resident memory follows the live allocations of torch's CPU
+# allocator (which is malloc): set it when starting a process that calls cpu_peak_bytes.
+CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def cpu_peak_bytes(fn):
+    """Peak resident memory that one fn() adds, in bytes (Linux): the kernel's high-water mark
+    VmHWM, reset through /proc/self/clear_refs, minus the resident memory before the call.
+    Meaningful in a fresh process started with CPU_MALLOC_ENV."""
+    gc.collect()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn()
+    return (_status_kib("VmHWM") - before) * 1024
 
 
 def time_and_peak(fn, **kw):

@@ -1,184 +1,240 @@
-"""End to end: one training step (forward, backward, AdamW) of four configurations on the
-same device, data and preset, side by side in one run.
+"""One training step (forward, backward, AdamW) of MCR against the same model written without
+this package, side by side in one run, on the same device, data, masks and preset.
 
-    dual-stream/reference  unmasked contrastive pass + masked reconstruction, eager PyTorch ops
-    mcr/reference          masked inputs only (MCR), eager PyTorch reference ops
-    mcr/kernels            MCR with mcr_kernels' default (fastest) backends
-    mcr/kernels+compile    the same with every transformer block torch.compile'd (fullgraph)
+    mcr            (a) MCR with mcr_kernels' default backends (on CPU: the `cpu` backends)
+    peer           (b) the same model as a user would write it without this package: timm
+                   Attention and HF BERT on torch's SDPA, torch.gather masking and restoring,
+                   full-vocabulary MLM logits at every position, per-token heads then a masked
+                   mean, open_clip's ClipLoss
+    dual-stream    (c) the baseline method (an unmasked second pass per modality for the
+                   contrastive loss), with mcr_kernels' default backends
+    mcr-reference  MCR with every op forced to the `reference` backend (the unfused ops)
 
-For each: median step time and samples/s after warm-up, peak memory (model, optimizer
-state and activations), and model FLOPs utilization = counted model FLOPs per step /
-step time / the measured bf16 matmul rate. FLOPs are counted once per (preset, variant)
-with torch.utils.flop_counter on the reference ops (the same math as the kernels).
+Step time: one model and one optimizer serve every configuration (the peer reverts
+mcr_kernels.integrations around its step: timm's own attention, BERT on "sdpa"), and the configurations take
+turns step by step, in a rotating order, for --repeats rounds; the median per configuration
+is reported, and each one's ratio to the peer.
+Peak memory: each configuration in a fresh process (started with glibc returning freed blocks
+to the kernel, see benchmarks/_common.py). On CPU `step_peak_mib` is the resident memory
+one step adds above what the process holds between steps (model, gradients, AdamW state),
+read from the kernel's high-water mark; `process_peak_mib` is the whole process's. On CUDA
+both come from torch.cuda.max_memory_allocated.
 
-    python benchmarks/bench_train_step.py                                  # GPU, bf16
-    python benchmarks/bench_train_step.py --presets small --batches 8 --steps 2 --quick   # CPU
+    python benchmarks/bench_train_step.py                          # CPU: small at 32, paper at 4
+    python benchmarks/bench_train_step.py --shapes small:8 --repeats 2 --no-write   # smoke run
 """
 import argparse
+import json
+import os
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's packages, whatever is installed
+from _common import CPU_MALLOC_ENV, cpu_peak_bytes, environment, print_table, write_results  # noqa: E402
+
 import mcr_kernels  # noqa: E402
-from _common import environment, is_oom, matmul_tflops, print_table, write_results  # noqa: E402
 from mcr.config import preset  # noqa: E402
-from mcr.models.mcr import MCR  # noqa: E402
-from mcr.profiling import MASK, PAD, random_batch, step_flops  # noqa: E402
-from mcr.engine import compile_blocks  # noqa: E402
+from mcr.models.mcr import MCR, global_mean  # noqa: E402
+from mcr.profiling import MASK, PAD, random_batch  # noqa: E402
+from mcr_kernels import integrations  # noqa: E402
 
-CONFIGS = {  # name: (variant, backend forced for every op or None = default, compile)
-    "dual-stream/reference": ("dual-stream", "reference", False),
-    "mcr/reference": ("mcr", "reference", False),
-    "mcr/kernels": ("mcr", None, False),
-    "mcr/kernels+compile": ("mcr", None, True),
-}
+CONFIGS = ("mcr", "peer", "dual-stream", "mcr-reference")
 WEIGHTS = {"contrastive": 0.1, "mim": 1.0, "mrm": 1.0}
 
 
-def build(preset_name, variant, compiled, device):
-    torch.manual_seed(0)
-    cfg = preset(preset_name, variant=variant)
-    model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK).to(device)
-    if compiled:
-        compile_blocks(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    return cfg, model, optimizer
+def peer_losses(model, batch, masks, clip_loss):
+    """The MCR losses as plain PyTorch + timm + HF + open_clip compute them (model in peer mode)."""
+    vit = model.vit
+    imgs, ids, attn = batch["image"], batch["input_ids"], batch["attention_mask"]
+    ids_keep, ids_restore = masks["ids_keep"], masks["ids_restore"]
+    x = vit.patch_embed(imgs) + vit.pos_embed[:, 1:]
+    x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    mask = (ids_restore >= ids_keep.shape[1]).to(x.dtype)
+    cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+    latent = vit.norm(vit.blocks(torch.cat([cls, x], dim=1)))
+    d = model.decoder_embed(latent)
+    B, N = ids_restore.shape
+    fill = model.mask_token.expand(B, N - ids_keep.shape[1], -1)
+    patches = torch.cat([d[:, 1:], fill], dim=1)
+    patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d.shape[-1]))
+    d = torch.cat([d[:, :1], patches], dim=1) + model.decoder_pos_embed
+    for blk in model.decoder_blocks:
+        d = blk(d)
+    pred = model.decoder_pred(model.decoder_norm(d))[:, 1:]
+    masked_ids, labels = model.mask_text(ids, attn, batch["special_tokens_mask"], masks)
+    txt = model.bert(input_ids=masked_ids, attention_mask=attn).last_hidden_state
+    h = txt
+    if model.image_to_text is not None:
+        h = h + model.image_to_text(latent[:, 1:].mean(1)).unsqueeze(1)
+    for blk in model.mrm_blocks:
+        h = blk(h, attn_mask=attn.bool()[:, None, None, :])
+    logits = model.mlm_head(h)  # [B, L, V], every position
+    mrm_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    pooled = model.text_pool_mask(attn, labels).unsqueeze(-1).to(txt.dtype)
+    image_emb = model.image_head(model.image_tokens(latent)).mean(1)
+    text_emb = (model.text_head(txt) * pooled).sum(1) / pooled.sum(1).clamp(min=1)
+    scale = model.logit_scale.exp().clamp(max=100)
+    contrastive = clip_loss(F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1), scale)
+    return {"mim": model.mim_loss(imgs, pred, mask), "mrm": global_mean(mrm_sum, (labels != -100).sum()),
+            "contrastive": contrastive}
 
 
-def train_step(model, optimizer, batch, amp_dtype, device):
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        losses = model(batch)
-    loss = sum(WEIGHTS[k] * v for k, v in losses.items())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss
+class Bench:
+    """One model and optimizer; step(config) runs one training step as that configuration."""
+
+    def __init__(self, preset_name, batch_size, device, amp_dtype):
+        from open_clip.loss import ClipLoss
+        from timm.layers import Attention as TimmAttention
+
+        torch.manual_seed(0)
+        self.cfgs = {v: preset(preset_name, variant=v) for v in ("mcr", "dual-stream")}
+        self.cfg = self.cfgs["mcr"]
+        self.model = MCR(self.cfg, pad_token_id=PAD, mask_token_id=MASK).to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        self.batch = random_batch(self.cfg, batch_size, device)
+        self.masks = self.model.draw_masks(batch_size, device=device, generator=torch.Generator(device).manual_seed(0))
+        self.device, self.amp_dtype = device, amp_dtype
+        self.clip_loss = ClipLoss()
+        self.timm_attention = TimmAttention
+
+    def peer_mode(self, on):
+        """Plain timm / transformers attention (SDPA) in the model, or mcr_kernels' again."""
+        if on:
+            integrations.revert(self.model)
+            self.model.bert.set_attn_implementation("sdpa")
+            for module in self.model.modules():
+                if isinstance(module, self.timm_attention):
+                    module.fused_attn = True
+        else:
+            integrations.apply_to_timm(self.model)
+            integrations.apply_to_hf(self.model.bert)
+
+    def losses(self, config):
+        self.model.cfg = self.cfgs["dual-stream" if config == "dual-stream" else "mcr"]
+        if config == "peer":
+            self.peer_mode(True)
+            try:
+                return peer_losses(self.model, self.batch, self.masks, self.clip_loss)
+            finally:
+                self.peer_mode(False)
+        with mcr_kernels.use_backend("reference" if config == "mcr-reference" else None):
+            return self.model(self.batch, self.masks)
+
+    def step(self, config):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            losses = self.losses(config)
+            loss = sum(WEIGHTS[k] * v for k, v in losses.items())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        self.optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return {k: float(v.detach()) for k, v in losses.items()}
 
 
-def measure(preset_name, config, batch_size, steps, warmup, device, amp_dtype):
-    """One row: step time, samples/s, peak memory of `config` at `batch_size` (or OOM)."""
-    variant, forced, compiled = CONFIGS[config]
-    row = {"preset": preset_name, "config": config, "batch": batch_size}
-    model = optimizer = None
-    try:
-        cfg, model, optimizer = build(preset_name, variant, compiled, device)
-        batch = random_batch(cfg, batch_size, device)
-        with mcr_kernels.use_backend(forced) if forced else _nothing():
-            for _ in range(warmup):
-                train_step(model, optimizer, batch, amp_dtype, device)
-            _sync(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            times = []
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                loss = train_step(model, optimizer, batch, amp_dtype, device)
-                _sync(device)
-                times.append(time.perf_counter() - t0)
-        ms = 1e3 * statistics.median(times)
-        row.update(step_ms=ms, samples_per_s=batch_size / ms * 1e3, loss=float(loss),
-                   peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"))
-    except (torch.OutOfMemoryError, RuntimeError) as err:
-        if not is_oom(err):
-            raise
-        row.update(step_ms=float("nan"), samples_per_s=float("nan"), peak_gib=float("nan"), oom=True)
-    finally:
-        del model, optimizer
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        torch._dynamo.reset()
-    return row
+def time_configs(preset_name, batch_size, configs, repeats, warmup, device, amp_dtype):
+    """Median step time per configuration, the configurations taking turns step by step."""
+    bench = Bench(preset_name, batch_size, device, amp_dtype)
+    with torch.no_grad():
+        first = {c: {k: float(v) for k, v in bench.losses(c).items()} for c in configs}
+    for _ in range(warmup):
+        for config in configs:
+            bench.step(config)
+    times = {c: [] for c in configs}
+    for r in range(repeats):
+        for config in configs[r % len(configs):] + configs[:r % len(configs)]:
+            t0 = time.perf_counter()
+            bench.step(config)
+            times[config].append(time.perf_counter() - t0)
+    return {c: (1e3 * statistics.median(t), 1e3 * min(t), 1e3 * max(t), first[c]) for c, t in times.items()}
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _sync(device):
+def peak_memory(preset_name, batch_size, config, warmup, device, amp_dtype):
+    """(step peak MiB, process peak MiB) of one training step after warmup (this process)."""
+    bench = Bench(preset_name, batch_size, device, amp_dtype)
+    for _ in range(warmup):
+        bench.step(config)
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        bench.step(config)
+        peak = torch.cuda.max_memory_allocated()
+        return (peak - before) / 2**20, peak / 2**20
+    step = cpu_peak_bytes(lambda: bench.step(config))
+    with open("/proc/self/status") as f:
+        process = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return step / 2**20, process / 2**10
 
 
-def flops_per_sample(preset_name, variant, device, amp_dtype, batch_size=4):
-    """Model FLOPs of one step per sample (reference ops, counted by FlopCounterMode)."""
-    cfg, model, _ = build(preset_name, variant, False, device)
-    batch = random_batch(cfg, batch_size, device)
-    with mcr_kernels.use_backend("reference"), torch.autocast(
-            device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        flops = step_flops(model, batch, WEIGHTS)
-    del model
-    return flops / batch_size
+def peak_memory_in_fresh_process(preset_name, batch_size, config, warmup):
+    env = {**os.environ, **CPU_MALLOC_ENV}
+    out = subprocess.run([sys.executable, __file__, "--child-memory", f"{preset_name}:{batch_size}:{config}",
+                          "--warmup", str(warmup), "--threads", str(torch.get_num_threads())],
+                         env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", default="paper,small")
-    parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--batches", default="64,256", help="comma-separated batch sizes")
-    parser.add_argument("--find-max", action="store_true",
-                        help="also double the batch from the largest given until each config runs out of memory")
-    parser.add_argument("--max-batch", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="CPU smoke run: no matmul-rate measurement")
-    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--shapes", default="small:32,paper:4",
+                        help="comma-separated preset:batch pairs to measure")
+    parser.add_argument("--configs", default="mcr,peer,dual-stream", help=f"comma-separated subset of {CONFIGS}")
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per configuration (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
+    parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory runs")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads in every process (0 = torch's default)")
+    parser.add_argument("--no-write", action="store_true", help="print only; write no results file")
+    parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
-    peak_tflops = float("nan") if args.quick else matmul_tflops()
-    print(f"{environment()}  bf16 matmul {peak_tflops:.0f} TFLOP/s", flush=True)
+    if args.child_memory:
+        preset_name, batch_size, config = args.child_memory.split(":")
+        step, process = peak_memory(preset_name, int(batch_size), config, args.warmup, device, amp_dtype)
+        print(json.dumps({"step_peak_mib": step, "process_peak_mib": process}))
+        return
+    env = environment()
+    env["threads"] = torch.get_num_threads()
+    print(env, flush=True)
     configs = args.configs.split(",")
     rows = []
-    for preset_name in args.presets.split(","):
-        flops = {v: flops_per_sample(preset_name, v, device, amp_dtype) for v in {CONFIGS[c][0] for c in configs}}
+    for shape in args.shapes.split(","):
+        preset_name, batch_size = shape.split(":")
+        batch_size = int(batch_size)
+        timed = time_configs(preset_name, batch_size, configs, args.repeats, args.warmup, device, amp_dtype)
         for config in configs:
-            variant = CONFIGS[config][0]
-
-            def run(batch_size):
-                row = measure(preset_name, config, batch_size, args.steps, args.warmup, device, amp_dtype)
-                row["gflops_per_sample"] = flops[variant] / 1e9
-                row["mfu_pct"] = 100 * flops[variant] * row["samples_per_s"] / (peak_tflops * 1e12)
-                rows.append(row)
-                print_table([row])
-                return row
-
-            sizes = [int(b) for b in args.batches.split(",")]
-            for batch_size in sizes:
-                row = run(batch_size)
-            batch_size = sizes[-1]
-            while args.find_max and not row.get("oom") and batch_size < args.max_batch:
-                batch_size *= 2
-                row = run(batch_size)
-    base = {(r["preset"], r["batch"]): r for r in rows if r["config"] == "dual-stream/reference"}
-    ref = {(r["preset"], r["batch"]): r for r in rows if r["config"] == "mcr/reference"}
-    for r in rows:
-        key = (r["preset"], r["batch"])
-        if key in base and not base[key].get("oom"):
-            r["time_vs_dual_stream"] = r["step_ms"] / base[key]["step_ms"]
-            r["memory_vs_dual_stream"] = r["peak_gib"] / base[key]["peak_gib"]
-        if key in ref and not ref[key].get("oom"):
-            r["speedup_vs_mcr_reference"] = r["samples_per_s"] / ref[key]["samples_per_s"]
-    largest = {}
-    for r in rows:
-        if not r.get("oom"):
-            k = (r["preset"], r["config"])
-            largest[k] = max(largest.get(k, 0), r["batch"])
-    print("\nall rows:")
-    print_table(rows, ["preset", "config", "batch", "step_ms", "samples_per_s", "peak_gib", "mfu_pct",
-                       "time_vs_dual_stream", "memory_vs_dual_stream", "speedup_vs_mcr_reference", "oom"])
-    print("largest batch that ran:", {f"{p}:{c}": b for (p, c), b in largest.items()})
+            median, low, high, losses = timed[config]
+            row = {"preset": preset_name, "batch": batch_size, "config": config, "step_ms": median,
+                   "step_ms_min": low, "step_ms_max": high, **{f"loss_{k}": v for k, v in losses.items()}}
+            if not args.no_memory:
+                row.update(peak_memory_in_fresh_process(preset_name, batch_size, config, args.warmup))
+            rows.append(row)
+            print_table([row])
+        peer = next((r for r in rows if r["preset"] == preset_name and r["config"] == "peer"), None)
+        for r in rows:
+            if peer is not None and r["preset"] == preset_name:
+                r["time_vs_peer"] = r["step_ms"] / peer["step_ms"]
+                if "step_peak_mib" in r:
+                    r["step_peak_vs_peer"] = r["step_peak_mib"] / peer["step_peak_mib"]
+                    r["process_peak_vs_peer"] = r["process_peak_mib"] / peer["process_peak_mib"]
+        if not args.no_write:  # after every shape: a run cut short keeps what it measured
+            paths = write_results("train_step", rows, {"repeats": args.repeats, "warmup": args.warmup,
+                                                       "threads": env["threads"]})
+    print("\nall rows (ratios against the peer, same preset and batch):")
+    print_table(rows, ["preset", "batch", "config", "step_ms", "step_ms_min", "step_ms_max", "time_vs_peer",
+                       "step_peak_mib", "step_peak_vs_peer", "process_peak_mib", "process_peak_vs_peer"])
     if not args.no_write:
-        paths = write_results("train_step", rows, {"bf16_matmul_tflops": peak_tflops,
-                                                   "largest_batch": {f"{p}:{c}": b for (p, c), b in largest.items()}})
         print("wrote", *paths)
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from mcr_kernels import backend, reference
 from mcr_kernels._validate import FLOAT_DTYPES, check_size, check_tensor
+from mcr_kernels.cpu import attention as _cpu_attention
 
 unpad_input = reference.unpad_input
 pad_input = reference.pad_input
@@ -146,6 +147,7 @@ def _torch_sdpa(q, k, v, attn_mask, key_padding_mask, causal, top_left_causal, d
 
 backend.register("flash_attention", "reference", reference.flash_attention)
 backend.register("flash_attention_varlen", "reference", reference.flash_attention_varlen)
+backend.register("flash_attention", "cpu", _cpu_attention.flash_attention, backend.on_cpu)
 
 try:  # registers the `triton` backends
     import mcr_kernels.triton.attention  # noqa: F401,E402

@@ -1,7 +1,8 @@
-"""Which implementation runs each op: `reference`, `triton` or `native`.
+"""Which implementation runs each op: `reference`, `triton`, `native` or `cpu`.
 
 Default: the fastest one available for the tensors' device — on CUDA `triton`, then
-`native`, then `reference`; on CPU `native`, then `reference` (Triton kernels run on CPU
+`native`, then `cpu`, then `reference`; on CPU `native`, then `cpu` (torch's fused CPU kernels
+in blocks, mcr_kernels/cpu), then `reference` (Triton kernels run on CPU
 tensors only when forced, under TRITON_INTERPRET=1, which is how the tests use them).
 
 Force a backend for all ops or some:
@@ -15,8 +16,8 @@ A backend forced for all ops applies to the ops that have it; the others keep th
 import contextlib
 import os
 
-BACKENDS = ("reference", "triton", "native")
-_PREFERENCE = {"cuda": ("triton", "native", "reference"), "cpu": ("native", "reference")}
+BACKENDS = ("reference", "triton", "native", "cpu")
+_PREFERENCE = {"cuda": ("triton", "native", "cpu", "reference"), "cpu": ("native", "cpu", "reference")}
 _ALL = "*"
 
 _registry = {}  # op -> {backend: (fn, available(device) -> bool)}
@@ -121,3 +122,8 @@ def _has_triton():
 
 
 _load_environment()
+
+
+def on_cpu(device):
+    """The `cpu` backends run where they are tested: CPU tensors."""
+    return device.type == "cpu"

@@ -9,6 +9,7 @@ from torch import nn
 
 from mcr_kernels import backend, reference
 from mcr_kernels._validate import FLOAT_DTYPES, check_size, check_tensor
+from mcr_kernels.cpu import mba as _cpu_mba
 
 ACTIVATIONS = tuple(reference.ACTIVATIONS)
 POOLS = ("mean", "max")
@@ -108,6 +109,8 @@ def mba_infonce(img_tokens, img_mask, txt_tokens, txt_mask, img_head, txt_head, 
 
 backend.register("mba_pool", "reference", reference.mba_pool)
 backend.register("infonce_loss", "reference", reference.infonce_loss)
+backend.register("mba_pool", "cpu", _cpu_mba.mba_pool, backend.on_cpu)
+backend.register("infonce_loss", "cpu", _cpu_mba.infonce_loss, backend.on_cpu)
 
 if backend._has_triton():
     from mcr_kernels.triton import mba as _triton_mba

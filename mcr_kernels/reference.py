@@ -182,3 +182,16 @@ def masked_mean(tokens, mask):
     """tokens [B, L, D], mask [B, L] bool -> [B, D]; rows with no counted token give zeros."""
     m = mask.unsqueeze(-1).to(tokens.dtype)
     return (tokens * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+# --- fused linear cross-entropy -------------------------------------------------------
+
+def linear_cross_entropy(hidden, weight, bias, labels, *, ignore_index=-100, reduction="mean"):
+    """CE(hidden Wᵀ + b, labels) with the full [N, V] logits in float32: hidden [N, D],
+    weight [V, D], bias [V] or None, labels int64 [N]. "mean" divides by the non-ignored rows
+    (0 when every row is ignored), "sum" adds them."""
+    logits = F.linear(hidden, weight, bias).float()
+    total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    if reduction == "sum":
+        return total
+    return total / (labels != ignore_index).sum().clamp(min=1)

@@ -185,13 +185,25 @@ class MCR(nn.Module):
     def encode_text(self, input_ids, attention_mask):
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def mrm_logits(self, text_tokens, attention_mask, image_latent):
+    def mrm_hidden(self, text_tokens, attention_mask, image_latent):
+        """MRM decoder states [B, L, text_width]: the masked report's tokens (plus the pooled
+        image, if image-conditioned) through the MRM blocks."""
         x = text_tokens
         if self.image_to_text is not None:
             x = x + self.image_to_text(image_latent[:, 1:].mean(1)).unsqueeze(1)
         for blk in self.mrm_blocks:
             x = blk(x, attn_mask=attention_mask.bool()[:, None, None, :])  # SDPA's key padding shape
-        return self.mlm_head(x)
+        return x
+
+    def mrm_loss(self, hidden, labels):
+        """Cross-entropy of the masked positions (labels != -100) only, averaged over those of
+        all ranks: the MLM head's transform runs on their rows, and its decoder (tied bias)
+        through mcr_kernels.linear_cross_entropy, which never holds [masked, vocabulary] logits."""
+        chosen = labels != -100
+        head = self.mlm_head.predictions
+        total = mcr_kernels.linear_cross_entropy(head.transform(hidden[chosen]), head.decoder.weight,
+                                                 head.decoder.bias, labels[chosen], reduction="sum")
+        return global_mean(total, chosen.sum())
 
     # --- alignment -----------------------------------------------------------------------
 
@@ -294,10 +306,8 @@ class MCR(nn.Module):
         masked_ids, labels = self.mask_text(ids, attn, batch["special_tokens_mask"], masks)
         txt = self.encode_text(masked_ids, attn)
         pred = self.reconstruct_image(latent, masks["ids_restore"])
-        logits = self.mrm_logits(txt, attn, latent)
-        mrm_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                  reduction="sum")
-        losses = {"mim": self.mim_loss(imgs, pred, mask), "mrm": global_mean(mrm_sum, (labels != -100).sum())}
+        losses = {"mim": self.mim_loss(imgs, pred, mask),
+                  "mrm": self.mrm_loss(self.mrm_hidden(txt, attn, latent), labels)}
         if cfg.variant == "dual-stream":  # second, unmasked pass per modality for alignment
             full_latent, _ = self.encode_image(imgs)
             full_txt = self.encode_text(ids, attn)
