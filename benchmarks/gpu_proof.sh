@@ -9,6 +9,7 @@
 #   benchmarks/gpu_proof.sh --no-install # skip `pip install --no-build-isolation --no-deps -e .`
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's mcr / mcr_kernels, whatever is installed
 
 DRY_RUN=0
 INSTALL=1

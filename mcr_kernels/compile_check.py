@@ -25,6 +25,7 @@ one block's registers fit the SM's 64 Ki. The CUDA kernels' resources come from
 `cuobjdump --dump-resource-usage` on mcr_kernels/_C*.so (which must hold sm_80 and sm_90).
 """
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -166,7 +167,7 @@ def expand(module, spec, *, subset=False, archs=ARCHS, dtypes=None):
                 jobs.append(dict(fn=fn, module=module, arch=arch, dtype=dtype, options=opts,
                                  constexprs={**variant, **block}, block=block, signature=signature,
                                  divisible=spec.get("divisible", ()), variant=_label(variant),
-                                 variant_index=index))
+                                 variant_index=index, only_dtype=len(spec.get("dtypes", ())) <= 1))
     return jobs
 
 
@@ -218,6 +219,10 @@ def _gpu_name(arch):
     return f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
 
 
+_LOG_DIR = pathlib.Path(os.environ.get("TRITON_CACHE_DIR", pathlib.Path.home() / ".triton" / "cache"),
+                        "mcr_compile_check")  # ptxas logs by kernel hash, beside Triton's cache
+
+
 def _compile_logged(src, target, options):
     """triton.compile with the `ptxas -v` log of that very compile (printed by Triton when its
     dump_ptxas_log knob is on; empty for a cached kernel or a Triton without the knob)."""
@@ -246,13 +251,19 @@ def compile_job(job):
     start = time.perf_counter()
     try:
         compiled, log = _compile_logged(_ast_source(job), GPUTarget("cuda", job["arch"], 32), job["options"])
-        if "Used" not in log:  # Triton's cache answered without running ptxas: run it here
+        saved = _LOG_DIR / f"{compiled.hash}.log"
+        if "Used" not in log and saved.exists():  # Triton's cache answered: the log from last time
+            log = saved.read_text()
+        elif "Used" not in log:  # cached by a run before this one kept logs: run ptxas here
             with tempfile.TemporaryDirectory() as tmp:
                 ptx = pathlib.Path(tmp, "kernel.ptx")
                 ptx.write_text(compiled.asm["ptx"])
                 log = subprocess.run([_ptxas(job["arch"]), "-v", f"--gpu-name={_gpu_name(job['arch'])}", str(ptx),
                                       "-o", str(ptx.with_suffix(".cubin"))], capture_output=True, text=True,
                                      check=True).stderr
+        if not saved.exists():
+            _LOG_DIR.mkdir(parents=True, exist_ok=True)
+            saved.write_text(log)
         res = parse_ptxas(log)
         row.registers, row.spill_stores, row.spill_loads, row.stack = (
             res["registers"], res["spill_stores"], res["spill_loads"], res["stack"])
@@ -328,7 +339,21 @@ def environment():
                 .splitlines()[-1], python=sys.version.split()[0])
 
 
-def markdown(rows, env, note):
+def summary(rows, planned):
+    """Markdown lines: per kernel, configurations compiled of planned, failing, with spills, and the
+    largest registers / shared memory seen."""
+    lines = ["| module | kernel | compiled / planned | failing | with spills | max regs | max shared |",
+             "|---|---|---|---|---|---|---|"]
+    for (module, kernel), count in planned.items():
+        done = [r for r in rows if (r.module, r.kernel) == (module, kernel)]
+        bad = sum(1 for r in done if r.error or not r.fits)
+        spills = sum(1 for r in done if r.spill_stores or r.spill_loads or r.local)
+        lines.append(f"| {module} | {kernel} | {len(done)} / {count} | {bad} | {spills} | "
+                     f"{max((r.registers for r in done), default='')} | {max((r.shared for r in done), default='')} |")
+    return lines
+
+
+def markdown(rows, env, note, planned):
     lines = [f"# Compile check {env['date'][:10]}", "",
              f"triton {env['triton']}, torch {env['torch']} (CUDA {env['cuda']}), ptxas `{env['ptxas']}`; "
              "no GPU: compiled for the targets, nothing launched. `python -m mcr_kernels.compile_check` "
@@ -341,6 +366,7 @@ def markdown(rows, env, note):
     failures = [r for r in rows if r.error or not r.fits]
     spills = [r for r in rows if r.spill_stores or r.spill_loads or r.local]
     lines += [f"{len(rows)} compiled configurations, {len(failures)} failing, {len(spills)} with spills.", ""]
+    lines += summary(rows, planned) + [""]
     head = ["module", "kernel", "arch", "dtype", "variant", "config", "regs", "spill st/ld", "stack", "shared",
             "blocks/SM", "fits"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -367,7 +393,7 @@ def build_jobs(subset=False, archs=ARCHS, kernels=None, dtypes=None):
     # (or a kernel's only dtype) first: an interrupted run has covered every kernel x config x
     # arch once, then every dtype
     rank = {"bf16": 0, "fp32": 1, "fp16": 2}
-    return sorted(jobs, key=lambda job: (job["variant_index"], rank.get(job["dtype"], 0)))
+    return sorted(jobs, key=lambda job: (job["variant_index"], 0 if job["only_dtype"] else rank.get(job["dtype"], 0)))
 
 
 _WORKER_JOBS = {}
@@ -453,7 +479,9 @@ def main(argv=None):
         out = pathlib.Path(args.write)
         out.mkdir(parents=True, exist_ok=True)
         stem = out / f"compile_check-{env['date'][:10]}"
-        stem.with_suffix(".md").write_text(markdown(rows, env, note))
+        planned = collections.Counter((job["module"], job["fn"].__name__) for job in jobs)
+        planned.update((r.module, r.kernel) for r in rows if r.module == "csrc")
+        stem.with_suffix(".md").write_text(markdown(rows, env, note, planned))
         stem.with_suffix(".json").write_text(report)
         if not quiet:
             print("wrote", stem.with_suffix(".md"), stem.with_suffix(".json"))
