@@ -1,4 +1,4 @@
-"""Build and install mcr and mcr_kernels.
+"""Build the extension mcr_kernels._C (everything else about the package: pyproject.toml).
 
 mcr_kernels._C is built from csrc/: the C++ CPU sources always, the CUDA sources when
 torch is a CUDA build and a CUDA toolkit is found (CUDA_HOME, else the toolkit behind
@@ -13,7 +13,7 @@ import re
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 
 def find_cuda_root():
@@ -92,31 +92,7 @@ extension, skipped_note = native_extension()
 if skipped_note:
     print(f"\n*** {skipped_note}\n", file=sys.stderr)
 
-setup(
-    name="mcr",
-    version="0.1.0",
-    description="Masked Contrastive Reconstruction for medical image-report pretraining, with fused kernels",
-    python_requires=">=3.10",
-    packages=find_packages(include=["mcr", "mcr.*", "mcr_kernels", "mcr_kernels.*"]),
+setup(  # metadata, dependencies and entry points: pyproject.toml
     ext_modules=[extension],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    install_requires=[
-        "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
-        "timm>=1.0",
-        "transformers>=4.48",
-        "tokenizers>=0.20",
-        "numpy",
-        "safetensors",
-        "tqdm",
-        "ninja",
-        "pybind11",
-        "pillow",
-    ],
-    extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "open-clip-torch>=2.24", "matplotlib>=3.7"],
-        "flash-attn": ["flash-attn>=2.6"],
-        "tensorboard": ["tensorboard"],
-        "plot": ["matplotlib>=3.7"],
-    },
 )

@@ -26,7 +26,6 @@ import roofline  # noqa: E402
 from _common import copy_bandwidth_gbs, device_name, is_oom, peak_bytes, print_table, time_ms, write_results  # noqa: E402
 
 import mcr_kernels  # noqa: E402
-from mcr_kernels import backend  # noqa: E402
 
 OPS = ("random_keep_indices", "gather_tokens", "restore_tokens")
 
@@ -57,7 +56,7 @@ def make_case(case, B, N, K, D, dtype, device):
 def measure(case, name, B, N, K, D, dtype, device, timing):
     fwd, inputs, grad_shape, bytes_fwd, bytes_bwd = make_case(case, B, N, K, D, dtype, device)
     row = {"case": case, "backend": name, "B": B, "N": N, "K": K, "D": D, "dtype": str(dtype).split(".")[-1]}
-    with mcr_kernels.use_backend(name, *[op for op in OPS if name in backend._registry[op]]):
+    with mcr_kernels.use_backend(name, *[op for op in OPS if name in mcr_kernels.registered_backends(op)]):
         row["fwd_ms"] = time_ms(fwd, **timing)
         row["fwd_gbs"] = bytes_fwd / row["fwd_ms"] / 1e6
         if inputs:
@@ -101,7 +100,7 @@ def main():
         for B in batches:
             case_rows = []
             for name in ("reference", "triton", "native"):
-                if name not in backend.available_backends(op, device):
+                if name not in mcr_kernels.available_backends(op, device):
                     continue
                 try:
                     case_rows.append(measure(case, name, B, N, K, D, dtype, device, timing))

@@ -16,8 +16,14 @@ from tqdm import tqdm
 
 from mcr import checkpoint, protocols
 from mcr.config import config_to_dict, is_unmasked_step
-from mcr.distributed import (full_value, gather_in_rank_order, mean_over_ranks, rank0_decides, rank_slice,
-                             transformer_blocks)
+from mcr.distributed import (
+    full_value,
+    gather_in_rank_order,
+    mean_over_ranks,
+    rank0_decides,
+    rank_slice,
+    transformer_blocks,
+)
 
 
 def autocast_dtype(precision, device):

@@ -14,7 +14,6 @@ from mcr import cli, engine, run
 from mcr.config import DEVICE_KINDS
 from mcr.data.registry import DATASETS
 
-
 PROTOCOLS = ("full", "5x200")
 
 

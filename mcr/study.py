@@ -107,7 +107,7 @@ def step_costs(rows, common, vocab_size, batch_size, repeats=12):
     first = next(iter(models))
     base = statistics.median(mean_step(first, r) for r in range(repeats))
     out = {}
-    for name, (cfg, model, batch, _) in models.items():
+    for name, (_cfg, model, batch, _) in models.items():
         ratio = statistics.median(mean_step(name, r) / mean_step(first, r) for r in range(repeats))
         torch.manual_seed(0)
         act = saved_activation_bytes(model, batch) / batch_size

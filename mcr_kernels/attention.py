@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mcr_kernels import backend, reference
-from mcr_kernels._validate import FLOAT_DTYPES, check_size, check_tensor
+from mcr_kernels._validate import FLOAT_DTYPES, check_cu_seqlens, check_size, check_tensor
 from mcr_kernels.cpu import attention as _cpu_attention
 
 unpad_input = reference.unpad_input
@@ -25,9 +25,10 @@ def flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
 
     q [B, H, Lq, Dh], k/v [B, H, Lk, Dh]; key_padding_mask [B, Lk] bool (True = attend);
     causal: bottom-right aligned causal mask (flash-attn's). A query row with no key to
-    attend gives zeros, never NaN; with a right-padding mask and Lq == Lk the padded query
-    rows are zeros. Returns out [B, H, Lq, Dh] (q's dtype), and lse float32 [B, H, Lq] if
-    return_lse.
+    attend gives zeros; with a right-padding mask and Lq == Lk the padded query rows are
+    zeros. NaN in an attended q, k or v gives NaN in the rows that see it; masked-out keys
+    and values are ignored, NaN or not. Returns out [B, H, Lq, Dh] (q's dtype), and lse
+    float32 [B, H, Lq] if return_lse.
 
     SDPA's arguments mean what they mean in F.scaled_dot_product_attention: attn_mask bool
     (True = attend) or float (added to the scores), broadcastable to [B, H, Lq, Lk];
@@ -80,8 +81,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softmax_scale=None, causal=False):
     """Attention over packed variable-length sequences (flash-attn's convention).
 
-    q [total_q, H, Dh], k/v [total_k, H, Dh], cu_seqlens_q/k int32 [B+1] starting at 0.
-    Returns [total_q, H, Dh] in q's dtype; empty sequences are allowed.
+    q [total_q, H, Dh], k/v [total_k, H, Dh], cu_seqlens_q/k int32 [B+1] starting at 0,
+    non-decreasing, ending at total_q/total_k, max_seqlen_q/k >= every length (checked with
+    one host sync, except under torch.compile). Returns [total_q, H, Dh] in q's dtype; empty
+    sequences are allowed.
     """
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=3, dtypes=(q.dtype,), device=q.device)
@@ -89,6 +92,9 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=(torch.int32,), device=q.device)
     check_tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, dtypes=(torch.int32,), device=q.device)
     check_size("cu_seqlens_k", cu_seqlens_k, 0, cu_seqlens_q.shape[0], "len(cu_seqlens_q)")
+    if not torch.compiler.is_compiling():  # one host sync; a traced graph cannot read values
+        check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q)
+        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)
     _, fn = backend.resolve("flash_attention_varlen", q.device)
     return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
               softmax_scale=softmax_scale, causal=causal)
@@ -147,9 +153,10 @@ def _torch_sdpa(q, k, v, attn_mask, key_padding_mask, causal, top_left_causal, d
 
 backend.register("flash_attention", "reference", reference.flash_attention)
 backend.register("flash_attention_varlen", "reference", reference.flash_attention_varlen)
-backend.register("flash_attention", "cpu", _cpu_attention.flash_attention, backend.on_cpu)
+backend.register("flash_attention", "cpu", _cpu_attention.flash_attention, devices=("cpu",))
 
-try:  # registers the `triton` backends
-    import mcr_kernels.triton.attention  # noqa: F401,E402
-except ImportError:  # triton is not installed
-    pass
+if backend.HAS_TRITON:  # a broken kernel file raises here: never a silent fallback
+    from mcr_kernels.triton import attention as triton_attention
+
+    backend.register("flash_attention", "triton", triton_attention.flash_attention)
+    backend.register("flash_attention_varlen", "triton", triton_attention.flash_attention_varlen)

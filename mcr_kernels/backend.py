@@ -12,23 +12,56 @@ Force a backend for all ops or some:
 or, read at import, the environment variable
     MCR_KERNELS_BACKEND=reference            or   MCR_KERNELS_BACKEND=gather_tokens=native,mba_pool=reference
 A backend forced for all ops applies to the ops that have it; the others keep the default.
+
+An op file registers its backends with `register` (the only way), e.g.
+    backend.register("my_op", "reference", reference.my_op)
+    backend.register("my_op", "native", _my_op_native, devices=("cpu",))
+    if backend.HAS_TRITON:  # a broken kernel file raises here: never a silent fallback
+        from mcr_kernels.triton import my_op as triton_my_op
+        backend.register("my_op", "triton", triton_my_op.my_op)
+Where a backend can run follows from its name (`runs_on`), optionally narrowed by `devices`
+(the `cpu` backends of attention and MbA register with devices=("cpu",): where they are tested).
+
+Precision, one rule for every op and backend: float32 inputs get float32 products unless
+torch allows TF32 for float32 matmuls (`torch.backends.cuda.matmul.allow_tf32 = True` or
+`torch.set_float32_matmul_precision("high")`), as torch's own matmul; float16/bfloat16
+inputs multiply in their dtype and accumulate in float32; float64 computes in float64.
 """
 import contextlib
+import importlib.util
 import os
+
+import torch
 
 BACKENDS = ("reference", "triton", "native", "cpu")
 _PREFERENCE = {"cuda": ("triton", "native", "cpu", "reference"), "cpu": ("native", "cpu", "reference")}
 _ALL = "*"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-_registry = {}  # op -> {backend: (fn, available(device) -> bool)}
+_registry = {}  # op -> {backend: (fn, device types or None for all)}
 _forced = {}    # op or _ALL -> backend
 
 
-def register(op, backend, fn, available=lambda device: True):
-    """Make fn the `backend` implementation of `op`, usable where available(device)."""
+def runs_on(backend, device):
+    """Whether `backend` kernels can run on `device` at all: reference everywhere; triton on
+    CUDA (triton installed) and on CPU under TRITON_INTERPRET=1; native where mcr_kernels._C
+    was built for the device."""
+    if backend in ("reference", "cpu"):  # plain torch code (`cpu`: blocked, mcr_kernels/cpu)
+        return True
+    if backend == "triton":
+        interpret = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        return HAS_TRITON and (device.type == "cuda" or interpret)
+    from mcr_kernels._native import native_available
+
+    return native_available(device)
+
+
+def register(op, backend, fn, *, devices=None):
+    """Make fn the `backend` implementation of `op`; `devices` (e.g. ("cpu",)) narrows
+    where it runs below what runs_on(backend) allows."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _registry.setdefault(op, {})[backend] = (fn, available)
+    _registry.setdefault(op, {})[backend] = (fn, None if devices is None else tuple(devices))
 
 
 def ops():
@@ -36,10 +69,21 @@ def ops():
     return tuple(sorted(_registry))
 
 
+def registered_backends(op):
+    """Backends registered for `op`, on any device, in BACKENDS order."""
+    _check_op(op)
+    return tuple(b for b in BACKENDS if b in _registry[op])
+
+
+def _can_run(op, backend, device):
+    devices = _registry[op][backend][1]
+    return (devices is None or device.type in devices) and runs_on(backend, device)
+
+
 def available_backends(op, device):
-    """Backends of `op` that can run on `device` (a torch.device), in preference order."""
-    impls = _registry[op]
-    return tuple(b for b in BACKENDS if b in impls and impls[b][1](device))
+    """Backends of `op` that can run on `device` (torch.device or a string such as "cpu")."""
+    device = torch.device(device)
+    return tuple(b for b in registered_backends(op) if _can_run(op, b, device))
 
 
 def _check_op(op):
@@ -54,7 +98,7 @@ def set_backend(backend, *op_names):
     for op in op_names:
         _check_op(op)
         if backend is not None and backend not in _registry[op]:
-            raise ValueError(f"op {op!r} has no {backend!r} backend; it has {tuple(_registry[op])}")
+            raise ValueError(f"op {op!r} has no {backend!r} backend; it has {registered_backends(op)}")
     for key in op_names or (_ALL,):
         if backend is None:
             _forced.pop(key, None)
@@ -86,15 +130,23 @@ def resolve(op, device):
     impls = _registry[op]
     forced = _forced.get(op) or (_forced.get(_ALL) if _forced.get(_ALL) in impls else None)
     if forced is not None:
-        fn, available = impls[forced]
-        if not available(device):
+        if not _can_run(op, forced, device):
             raise RuntimeError(f"{op}: backend {forced!r} is forced but cannot run on {device} "
                                f"(available there: {available_backends(op, device)})")
-        return forced, fn
+        return forced, impls[forced][0]
     for backend in _PREFERENCE.get(device.type, ("reference",)):
-        if backend in impls and impls[backend][1](device):
+        if backend in impls and _can_run(op, backend, device):
             return backend, impls[backend][0]
     return "reference", impls["reference"][0]
+
+
+def dot_precision(dtype):
+    """Triton tl.dot input_precision under the precision rule above: "ieee" for float32
+    inputs unless torch allows TF32 for float32 matmuls; 16-bit inputs are exact in either
+    ("tf32", the setting their compiled variants use)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
 
 
 def _load_environment():
@@ -106,24 +158,5 @@ def _load_environment():
         _forced[op or _ALL] = backend
 
 
-def triton_available(device):
-    """Triton kernels run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1."""
-    if device.type == "cuda":
-        return _has_triton()
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and _has_triton()
-
-
-def _has_triton():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 _load_environment()
 
-
-def on_cpu(device):
-    """The `cpu` backends run where they are tested: CPU tensors."""
-    return device.type == "cpu"

@@ -50,7 +50,7 @@ def linear_cross_entropy(hidden, weight, bias, labels, *, ignore_index=-100, red
 backend.register("linear_cross_entropy", "reference", reference.linear_cross_entropy)
 backend.register("linear_cross_entropy", "cpu", _cpu.linear_cross_entropy)
 
-if backend._has_triton():
+if backend.HAS_TRITON:  # a broken kernel file raises here: never a silent fallback
     from mcr_kernels.triton import linear_cross_entropy as _triton
 
-    backend.register("linear_cross_entropy", "triton", _triton.linear_cross_entropy, backend.triton_available)
+    backend.register("linear_cross_entropy", "triton", _triton.linear_cross_entropy)

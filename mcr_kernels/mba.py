@@ -1,6 +1,7 @@
 """MbA alignment: map every token into the joint space, pool, then symmetric InfoNCE.
 
     pooled = mba_pool(tokens, mask, w1, b1, w2, b2)                 # [B, L, D] -> [B, E]
+    mean = masked_mean(tokens, mask)                                # [B, L, D] -> [B, D] (AbM)
     loss = infonce_loss(img_emb, txt_emb, logit_scale)              # CLIP loss, scale exp'd
     loss = mba_infonce(img_tokens, img_mask, txt_tokens, txt_mask, img_head, txt_head, scale)
 """
@@ -74,9 +75,23 @@ def mba_pool(tokens, mask, weight1, bias1, weight2=None, bias2=None, *, activati
               normalize_tokens=normalize_tokens)
 
 
+def masked_mean(tokens, mask):
+    """Mean over the counted tokens: tokens [B, L, D], mask [B, L] bool (True = counted) or
+    None (all) -> [B, D] in tokens' dtype. Rows with no counted token give zeros; masked
+    tokens are ignored, NaN or not (AbM's aggregate-then-map pooling)."""
+    check_tensor("tokens", tokens, ndim=3, dtypes=FLOAT_DTYPES)
+    if mask is not None:
+        check_tensor("mask", mask, ndim=2, dtypes=(torch.bool,), device=tokens.device)
+        check_size("mask", mask, 0, tokens.shape[0], "tokens.shape[0] (batch)")
+        check_size("mask", mask, 1, tokens.shape[1], "tokens.shape[1] (length)")
+    _, fn = backend.resolve("masked_mean", tokens.device)
+    return fn(tokens, mask)
+
+
 def infonce_loss(image_emb, text_emb, logit_scale, *, logit_bias=None, normalize=True,
                  gather=False, local_loss=True):
-    """Symmetric InfoNCE over scaled cosine logits; a float32 scalar.
+    """Symmetric InfoNCE over scaled cosine logits; a float32 scalar (float64 for float64
+    embeddings). An empty batch raises ValueError.
 
     image_emb, text_emb [B, E]; logit_scale: scalar tensor, already exponentiated
     (open_clip). gather=True takes negatives from every rank of torch.distributed
@@ -87,6 +102,8 @@ def infonce_loss(image_emb, text_emb, logit_scale, *, logit_bias=None, normalize
     if text_emb.shape != image_emb.shape:
         raise ValueError(f"text_emb must have the shape of image_emb {tuple(image_emb.shape)}, "
                          f"got {tuple(text_emb.shape)}")
+    if image_emb.shape[0] == 0:
+        raise ValueError("image_emb and text_emb must hold at least one pair (batch size 0 has no loss)")
     if not isinstance(logit_scale, torch.Tensor) or logit_scale.numel() != 1:
         raise ValueError("logit_scale must be a one-element tensor (already exponentiated)")
     if logit_bias is not None and (not isinstance(logit_bias, torch.Tensor) or logit_bias.numel() != 1):
@@ -108,12 +125,13 @@ def mba_infonce(img_tokens, img_mask, txt_tokens, txt_mask, img_head, txt_head, 
 
 
 backend.register("mba_pool", "reference", reference.mba_pool)
+backend.register("masked_mean", "reference", reference.masked_mean)
 backend.register("infonce_loss", "reference", reference.infonce_loss)
-backend.register("mba_pool", "cpu", _cpu_mba.mba_pool, backend.on_cpu)
-backend.register("infonce_loss", "cpu", _cpu_mba.infonce_loss, backend.on_cpu)
+backend.register("mba_pool", "cpu", _cpu_mba.mba_pool, devices=("cpu",))
+backend.register("infonce_loss", "cpu", _cpu_mba.infonce_loss, devices=("cpu",))
 
-if backend._has_triton():
-    from mcr_kernels.triton import mba as _triton_mba
+if backend.HAS_TRITON:  # a broken kernel file raises here: never a silent fallback
+    from mcr_kernels.triton import mba as triton_mba
 
-    backend.register("mba_pool", "triton", _triton_mba.mba_pool, backend.triton_available)
-    backend.register("infonce_loss", "triton", _triton_mba.infonce_loss, backend.triton_available)
+    backend.register("mba_pool", "triton", triton_mba.mba_pool)
+    backend.register("infonce_loss", "triton", triton_mba.infonce_loss)

@@ -12,9 +12,8 @@ Full documentation: docs/patch_drop.md.
 import torch
 
 from mcr_kernels import backend, reference
-from mcr_kernels._native import _C, native_available
-from mcr_kernels._patch_drop_grads import (fake_restore_backward, register_gather_autograd,
-                                          register_restore_autograd)
+from mcr_kernels._native import _C
+from mcr_kernels._patch_drop_grads import fake_restore_backward, register_gather_autograd, register_restore_autograd
 from mcr_kernels._validate import FLOAT_DTYPES, check_index_range, check_size, check_tensor
 
 
@@ -96,7 +95,7 @@ def random_masking(x, mask_ratio, *, num_prefix_tokens=1, generator=None):
 
 # --- native backend: the C++/CUDA kernels of mcr_kernels._C as a torch op ---------------
 
-@torch.library.custom_op("mcr::gather_tokens_native", mutates_args=())
+@torch.library.custom_op("mcr_kernels::gather_tokens_native", mutates_args=())
 def _gather_tokens_native(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     if x.is_cuda:
         return _C.gather_tokens_cuda(x, ids_keep)
@@ -108,7 +107,7 @@ def _(x, ids_keep):
     return x.new_empty(x.shape[0], ids_keep.shape[1], x.shape[2])
 
 
-@torch.library.custom_op("mcr::scatter_tokens_native", mutates_args=())
+@torch.library.custom_op("mcr_kernels::scatter_tokens_native", mutates_args=())
 def _scatter_tokens_native(grad: torch.Tensor, ids_keep: torch.Tensor, num_tokens: int) -> torch.Tensor:
     if grad.is_cuda:
         return _C.scatter_tokens_cuda(grad, ids_keep, num_tokens)
@@ -123,7 +122,7 @@ def _(grad, ids_keep, num_tokens):
 register_gather_autograd(_gather_tokens_native, _scatter_tokens_native)  # the C++ side makes inputs contiguous
 
 
-@torch.library.custom_op("mcr::restore_tokens_native", mutates_args=())
+@torch.library.custom_op("mcr_kernels::restore_tokens_native", mutates_args=())
 def _restore_tokens_native(x_kept: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
     if x_kept.is_cuda:
         return _C.restore_tokens_cuda(x_kept, ids_restore, mask_token)
@@ -135,7 +134,7 @@ def _(x_kept, ids_restore, mask_token):
     return x_kept.new_empty(x_kept.shape[0], ids_restore.shape[1], x_kept.shape[2])
 
 
-@torch.library.custom_op("mcr::restore_tokens_backward_native", mutates_args=())
+@torch.library.custom_op("mcr_kernels::restore_tokens_backward_native", mutates_args=())
 def _restore_tokens_backward_native(grad: torch.Tensor, ids_restore: torch.Tensor,
                                     num_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     if grad.is_cuda:
@@ -151,15 +150,13 @@ register_restore_autograd(_restore_tokens_native, _restore_tokens_backward_nativ
 
 backend.register("random_keep_indices", "reference", reference.random_keep_indices)
 backend.register("gather_tokens", "reference", reference.gather_tokens)
-backend.register("gather_tokens", "native", _gather_tokens_native, native_available)
+backend.register("gather_tokens", "native", _gather_tokens_native)
 backend.register("restore_tokens", "reference", reference.restore_tokens)
-backend.register("restore_tokens", "native", _restore_tokens_native, native_available)
+backend.register("restore_tokens", "native", _restore_tokens_native)
 
-try:
-    from mcr_kernels.triton import patch_drop as _triton
-except ImportError:  # no triton on this platform
-    _triton = None
-if _triton is not None:
-    backend.register("random_keep_indices", "triton", _triton.random_keep_indices, backend.triton_available)
-    backend.register("gather_tokens", "triton", _triton.gather_tokens, backend.triton_available)
-    backend.register("restore_tokens", "triton", _triton.restore_tokens, backend.triton_available)
+if backend.HAS_TRITON:  # a broken kernel file raises here: never a silent fallback
+    from mcr_kernels.triton import patch_drop as triton_patch_drop
+
+    backend.register("random_keep_indices", "triton", triton_patch_drop.random_keep_indices)
+    backend.register("gather_tokens", "triton", triton_patch_drop.gather_tokens)
+    backend.register("restore_tokens", "triton", triton_patch_drop.restore_tokens)

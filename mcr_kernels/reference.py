@@ -8,7 +8,6 @@ simple and obviously right, never fast. Input validation lives in the public ops
 import torch
 import torch.nn.functional as F
 
-
 # --- patch dropping -------------------------------------------------------------------
 
 def random_keep_indices(batch_size, num_tokens, num_keep, *, device=None, generator=None):
@@ -44,7 +43,7 @@ def is_right_padding(key_padding_mask):
 
 def flash_attention(q, k, v, *, key_padding_mask=None, softmax_scale=None, causal=False,
                     return_lse=False):
-    """Softmax attention in float32. q [B, H, Lq, Dh], k/v [B, H, Lk, Dh].
+    """Softmax attention in float32 (float64 for float64). q [B, H, Lq, Dh], k/v [B, H, Lk, Dh].
 
     key_padding_mask [B, Lk] bool, True = attend. A query row with no key to attend
     gives zeros (lse = -inf). When the mask is a right-padding prefix and Lq == Lk, the
@@ -53,7 +52,11 @@ def flash_attention(q, k, v, *, key_padding_mask=None, softmax_scale=None, causa
     """
     Lq, Lk = q.shape[-2], k.shape[-2]
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if key_padding_mask is not None:  # masked keys and values are ignored, NaN or not
+        attend = key_padding_mask[:, None, :, None]
+        k, v = torch.where(attend, k, 0), torch.where(attend, v, 0)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
     allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
     if causal:  # bottom-right aligned, as flash-attn
         allowed = torch.ones_like(allowed).tril(diagonal=Lk - Lq)
@@ -62,8 +65,8 @@ def flash_attention(q, k, v, *, key_padding_mask=None, softmax_scale=None, causa
         allowed = allowed & key_padding_mask[:, None, None, :]
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
-    out = torch.matmul(probs, v.float())
+    probs = torch.where(allowed, torch.exp(scores - lse.unsqueeze(-1)), 0.0)  # NaN stays NaN
+    out = torch.matmul(probs, v.to(dtype))
     if key_padding_mask is not None and Lq == Lk:  # padded query rows, if the mask is right-padding
         padded_rows = ~key_padding_mask[:, None, :] & is_right_padding(key_padding_mask)
         out = out.masked_fill(padded_rows.unsqueeze(-1), 0.0)
@@ -123,16 +126,16 @@ def mba_pool(tokens, mask, weight1, bias1, weight2=None, bias2=None, *, activati
     L2-normalized per token, then masked mean or max over L. Rows with no counted
     token give zeros. Computed in the dtype of tokens.
     """
+    if mask is None:
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+    m = mask.unsqueeze(-1)
+    tokens = torch.where(m, tokens, 0)  # masked tokens are ignored, NaN or not
     h = F.linear(tokens, weight1, bias1)
     y = F.linear(ACTIVATIONS[activation](h), weight2, bias2) if weight2 is not None else h
     if normalize_tokens:
         y = F.normalize(y, dim=-1)
-    if mask is None:
-        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-    m = mask.unsqueeze(-1)
     if pool == "mean":
-        count = m.sum(dim=1).clamp(min=1).to(y.dtype)
-        return (y * m).sum(dim=1) / count
+        return masked_mean(y, mask)
     pooled = y.masked_fill(~m, float("-inf")).amax(dim=1)
     return torch.where(m.any(dim=1), pooled, torch.zeros_like(pooled))
 
@@ -151,9 +154,10 @@ def infonce_loss(image_emb, text_emb, logit_scale, *, logit_bias=None, normalize
     image_emb, text_emb [B, E]; logit_scale is already exponentiated (scalar tensor).
     gather=True takes negatives from every rank (open_clip semantics): with local_loss
     the local rows are scored against all columns, else the full global matrix.
-    Computed in float32.
+    Computed in float32, or float64 for float64 embeddings (the dtype of the loss).
     """
-    img, txt = image_emb.float(), text_emb.float()
+    dtype = torch.promote_types(image_emb.dtype, torch.float32)
+    img, txt = image_emb.to(dtype), text_emb.to(dtype)
     if normalize:
         img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
     offset = 0
@@ -170,18 +174,23 @@ def infonce_loss(image_emb, text_emb, logit_scale, *, logit_bias=None, normalize
     else:
         logits_i = img @ txt.T
         logits_t = logits_i.T
-    scale = logit_scale.float()
+    scale = logit_scale.to(dtype)
     logits_i, logits_t = scale * logits_i, scale * logits_t
     if logit_bias is not None:
-        logits_i, logits_t = logits_i + logit_bias.float(), logits_t + logit_bias.float()
+        logits_i, logits_t = logits_i + logit_bias.to(dtype), logits_t + logit_bias.to(dtype)
     labels = torch.arange(logits_i.shape[0], device=img.device) + offset
     return (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
 
 
 def masked_mean(tokens, mask):
-    """tokens [B, L, D], mask [B, L] bool -> [B, D]; rows with no counted token give zeros."""
-    m = mask.unsqueeze(-1).to(tokens.dtype)
-    return (tokens * m).sum(1) / m.sum(1).clamp(min=1)
+    """tokens [B, L, D], mask [B, L] bool (True = counted) or None -> [B, D]; rows with no
+    counted token give zeros; masked tokens are ignored, NaN or not."""
+    if mask is None:
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+    m = mask.unsqueeze(-1)
+    count = m.sum(1).clamp(min=1).to(tokens.dtype)
+    return torch.where(m, tokens, 0).sum(1) / count
+
 
 
 # --- fused linear cross-entropy -------------------------------------------------------

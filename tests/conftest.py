@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from mcr.config import preset
+from mcr.config import preset  # noqa: E402  (after TRITON_INTERPRET is set)
 
 TINY = dict(image_size=32, patch_size=16, vit_width=32, vit_depth=1, vit_heads=2, decoder_width=32,
             decoder_depth=1, decoder_heads=2, text_width=32, text_depth=1, text_heads=2,

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import killed_after, run_args
 
 from mcr import checkpoint
 from mcr.run import load_trained
 from mcr.train import main
-from test_train import killed_after, run_args
 
 STEPS = ["--max-steps", "3", "--eval-every", "0", "--lr", "3e-3"]
 

@@ -10,13 +10,13 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import run_args
 
 from mcr import checkpoint, evaluate
 from mcr.config import TrainConfig
 from mcr.data.tokenizer import load_tokenizer, shipped_tokenizer
 from mcr.run import InputError, check_inputs, load_trained
 from mcr.train import main
-from test_train import run_args
 
 STEPS = ["--eval-every", "0", "--keep-checkpoints", "5"]
 

@@ -7,11 +7,10 @@ exactly; sums (gradients) with the per-dtype tolerances of TOL.
 """
 import pytest
 import torch
+from conftest import requires_cuda
 
 import mcr_kernels
-from conftest import requires_cuda
-from mcr_kernels import backend, reference
-from mcr_kernels._native import native_available
+from mcr_kernels import reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -28,9 +27,9 @@ SHAPES = [(1, 1, 1, 1), (2, 7, 3, 7), (3, 5, 0, 100), (2, 6, 6, 1), (1, 4, 2, 76
 
 
 def backends_of(op):
-    return [pytest.param(b, marks=pytest.mark.skipif(b not in backend.available_backends(op, DEVICE),
+    return [pytest.param(b, marks=pytest.mark.skipif(b not in mcr_kernels.available_backends(op, DEVICE),
                                                      reason=f"{b} not available on {DEVICE}"))
-            for b in ("triton", "native") if b in backend._registry[op]]
+            for b in ("triton", "native") if b in mcr_kernels.registered_backends(op)]
 
 
 def keep_restore(B, N, K, seed=0):
@@ -248,17 +247,16 @@ def _op_samples():
 
 @pytest.mark.parametrize("op_name", sorted(_op_samples()))
 def test_opcheck(op_name):
-    if op_name.endswith("_native") and not native_available(DEVICE):
-        pytest.skip("mcr_kernels._C not built")
-    if op_name.endswith("_triton") and not backend.triton_available(DEVICE):
-        pytest.skip("triton unavailable")
+    kind = op_name.rsplit("_", 1)[1]
+    if kind not in mcr_kernels.available_backends("gather_tokens", DEVICE):
+        pytest.skip(f"{kind} not available on {DEVICE}")
     args = _op_samples()[op_name]
-    torch.library.opcheck(getattr(torch.ops.mcr, op_name).default, args)
+    torch.library.opcheck(getattr(torch.ops.mcr_kernels, op_name).default, args)
 
 
 @pytest.mark.parametrize("name", ["triton", "native"])
 def test_torch_compile_fullgraph(name):
-    if name not in backend.available_backends("gather_tokens", DEVICE):
+    if name not in mcr_kernels.available_backends("gather_tokens", DEVICE):
         pytest.skip(f"{name} not available")
     torch._dynamo.reset()
 
@@ -268,7 +266,7 @@ def test_torch_compile_fullgraph(name):
         return full, mask, ids_restore
 
     x, mask_token = randn(2, 7, 9, requires_grad=True), randn(9, requires_grad=True)
-    with mcr_kernels.use_backend(name, *[op for op in OPS if name in backend._registry[op]]):
+    with mcr_kernels.use_backend(name, *[op for op in OPS if name in mcr_kernels.registered_backends(op)]):
         full, mask, ids_restore = torch.compile(step, fullgraph=True, backend="aot_eager")(x, mask_token)
     full.sum().backward()
     dropped = mask.bool()[..., None]
@@ -280,10 +278,11 @@ def test_torch_compile_fullgraph(name):
 @pytest.mark.parametrize("name", ["triton", "native"])
 def test_model_runs_on_every_backend(tiny_config, name):
     """The MCR model calls these ops on its hot path: same losses and grads on every backend."""
-    from mcr.models.mcr import MCR
     from test_model import make_batch
 
-    ops = [op for op in OPS if name in backend.available_backends(op, DEVICE)]
+    from mcr.models.mcr import MCR
+
+    ops = [op for op in OPS if name in mcr_kernels.available_backends(op, DEVICE)]
     if not ops:
         pytest.skip(f"{name} not available")
     cfg = tiny_config()
@@ -354,7 +353,7 @@ def test_non_contiguous_inputs(name):
     torch.testing.assert_close(gx, reference.gather_tokens(x_view, ids_keep).new_zeros(B, N, D)
                                .scatter(1, ids_keep[..., None].expand(B, K, D), g), atol=0, rtol=0)
 
-    if name not in backend.available_backends("restore_tokens", DEVICE):
+    if name not in mcr_kernels.available_backends("restore_tokens", DEVICE):
         return
     mask_token = randn(2 * D)[::2].requires_grad_()
     x_kept = out.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
@@ -374,11 +373,11 @@ def test_non_contiguous_inputs(name):
 @pytest.mark.parametrize("B,D", [(64, 768), (256, 768), (64, 512)])
 def test_mcr_shapes_on_gpu(name, B, D):
     N, K, dtype = 196, 98, torch.bfloat16
-    if name not in backend.available_backends("restore_tokens", DEVICE):
+    if name not in mcr_kernels.available_backends("restore_tokens", DEVICE):
         pytest.skip(f"{name} not available on {DEVICE}")
     x = randn(B, N + 1, D, dtype=dtype, requires_grad=True)
     mask_token = randn(D, dtype=dtype, requires_grad=True)
-    with mcr_kernels.use_backend(name, *[op for op in OPS if name in backend._registry[op]]):
+    with mcr_kernels.use_backend(name, *[op for op in OPS if name in mcr_kernels.registered_backends(op)]):
         kept, mask, ids_restore = mcr_kernels.random_masking(x, 0.5, generator=_gen(0))
         full = mcr_kernels.restore_tokens(kept[:, 1:], ids_restore, mask_token)
     x64, m64 = x.detach().double().requires_grad_(), mask_token.detach().double().requires_grad_()

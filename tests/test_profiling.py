@@ -1,7 +1,8 @@
 """CPU cost proxies: masked-only MCR saves fewer activations and does fewer FLOPs than dual-stream."""
+from test_model import MASK, PAD, make_batch
+
 from mcr.models.mcr import MCR
 from mcr.profiling import step_costs
-from test_model import MASK, PAD, make_batch
 
 
 def test_mcr_costs_less_than_dual_stream(tiny_config):

@@ -358,7 +358,8 @@ _DEVICE_TEMPLATES = {
 _IMPRESSION_TEMPLATES = {
     "cardiomegaly": ("{Sev} cardiomegaly.",),
     "effusion": ("{Sev} {side} pleural effusion.",),
-    "consolidation": ("{Side} {zone} lobe consolidation, concerning for pneumonia.", "{Sev} {side} {zone} lobe consolidation."),
+    "consolidation": ("{Side} {zone} lobe consolidation, concerning for pneumonia.",
+                      "{Sev} {side} {zone} lobe consolidation."),
     "pneumothorax": ("{Sev} {side} pneumothorax.",),
     "nodule": ("{size} mm {side} pulmonary nodule, recommend CT follow-up.", "{Side} pulmonary nodule."),
     "atelectasis": ("{Side} basilar atelectasis.",),
@@ -373,7 +374,8 @@ _NEGATIONS = {
         "The cardiomediastinal silhouette is within normal limits.",
         "Normal cardiac silhouette.",
     ),
-    "effusion": ("No pleural effusion.", "There is no pleural effusion.", "No pleural effusions.", "Costophrenic angles are sharp."),
+    "effusion": ("No pleural effusion.", "There is no pleural effusion.", "No pleural effusions.",
+                 "Costophrenic angles are sharp."),
     "pneumothorax": ("No pneumothorax.", "There is no pneumothorax.", "No evidence of pneumothorax."),
     "consolidation": ("No focal consolidation.", "There is no focal airspace consolidation."),
     "edema": ("No pulmonary edema.", "No evidence of pulmonary edema."),
@@ -591,7 +593,8 @@ def _render(spec: dict, rng: np.random.Generator, size: int) -> np.ndarray:
             y0 = cy + ry * _uniform(rng, 0.35, 0.5)
             x0, x1 = cx - lateral * rx * 0.45, cx + lateral * rx * 0.55
             tilt = ry * _uniform(rng, -0.08, 0.12)
-            _draw_segment(dens, xs, ys, (x0, y0 - tilt), (x1, y0 + tilt), (0.006, 0.011, 0.018)[s], (0.2, 0.28, 0.36)[s])
+            _draw_segment(dens, xs, ys, (x0, y0 - tilt), (x1, y0 + tilt), (0.006, 0.011, 0.018)[s],
+                          (0.2, 0.28, 0.36)[s])
         s = sev("pulmonary_edema")
         if s >= 0:
             batwing = _gauss(xs, ys, 0.5 + lateral * 0.11, 0.47, rx * 0.8, ry * 0.5)
@@ -647,7 +650,8 @@ def _render(spec: dict, rng: np.random.Generator, size: int) -> np.ndarray:
             _draw_segment(img, x, y, (0.43, 0.2), (0.47, 0.36), 0.004, 0.45)
         elif device == "pacer":
             rows, cols = _box(x, y, 0.74, 0.86, 0.15, 0.25)
-            img[rows, cols] += 0.5 * _soft(np.abs(x[:, cols] - 0.8) - 0.04, 0.01) * _soft(np.abs(y[rows] - 0.2) - 0.028, 0.01)
+            img[rows, cols] += (0.5 * _soft(np.abs(x[:, cols] - 0.8) - 0.04, 0.01)
+                                * _soft(np.abs(y[rows] - 0.2) - 0.028, 0.01))
             _draw_segment(img, x, y, (0.78, 0.2), (0.6, 0.36), 0.003, 0.4)
             _draw_segment(img, x, y, (0.6, 0.36), (0.52, 0.64), 0.003, 0.4)
 

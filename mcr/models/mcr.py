@@ -221,7 +221,7 @@ class MCR(nn.Module):
         token, then pools; AbM pools, then maps."""
         if self.cfg.variant == "abm":
             return (self.image_head(img_tokens.mean(1)),
-                    self.text_head(mcr_kernels.reference.masked_mean(txt_tokens, txt_mask)))
+                    self.text_head(mcr_kernels.masked_mean(txt_tokens, txt_mask)))
         return self.image_head.pool(img_tokens, None), self.text_head.pool(txt_tokens, txt_mask)
 
     def image_tokens(self, latent):

@@ -131,7 +131,9 @@ def load_image_weights(model, path):
         if "mask_token" in decoder:
             decoder["mask_token"] = decoder["mask_token"].reshape(-1)
         own = model.state_dict()
-        if "decoder_pos_embed" in decoder and decoder["decoder_pos_embed"].shape[2] == own["decoder_pos_embed"].shape[2]:
+        same_width = "decoder_pos_embed" in decoder and \
+            decoder["decoder_pos_embed"].shape[2] == own["decoder_pos_embed"].shape[2]
+        if same_width:
             if decoder["decoder_pos_embed"].shape != own["decoder_pos_embed"].shape:
                 decoder["decoder_pos_embed"] = resize_pos_embed(decoder["decoder_pos_embed"],
                                                                 own["decoder_pos_embed"].shape[1], 1)

@@ -18,7 +18,6 @@ length run without any masking, and only the last partial block reads the mask. 
 mask pattern goes through the masked loop, which loads the mask vector of each key block.
 """
 import os
-from typing import Optional
 
 import torch
 import triton
@@ -153,12 +152,17 @@ def _key_bounds(start_m, q_len, kv_len, kv_full, causal_off,
 
 
 @triton.jit
-def _valid_keys(offs_m, offs_n, kv_len, causal_off, mask_row,
-                HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
-    valid = (offs_n < kv_len)[None, :] & (offs_m >= 0)[:, None]
+def _attended(offs_n, kv_len, mask_row, HAS_MASK: tl.constexpr):
+    """Keys of a block that the padding mask lets be attended (all keys below kv_len without one)."""
+    attend = offs_n < kv_len
     if HAS_MASK:
-        attend = tl.load(mask_row + offs_n, mask=offs_n < kv_len, other=0)
-        valid = valid & (attend != 0)[None, :]
+        attend = attend & (tl.load(mask_row + offs_n, mask=offs_n < kv_len, other=0) != 0)
+    return attend
+
+
+@triton.jit
+def _valid_keys(offs_m, offs_n, attend, causal_off, CAUSAL: tl.constexpr):
+    valid = attend[None, :] & (offs_m >= 0)[:, None]
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_off)
     return valid
@@ -176,8 +180,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, offs_m, offs_d, kv_len,
         k = _load(k_ptrs + start_n * stride_kn, offs_n, kv_len, offs_d, DH, MASKED, not EVEN_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
-            valid = _valid_keys(offs_m, offs_n, kv_len, causal_off, mask_row, HAS_MASK, CAUSAL)
-            qk = tl.where(valid, qk, float("-inf"))
+            attend = _attended(offs_n, kv_len, mask_row, HAS_MASK)
+            qk = tl.where(_valid_keys(offs_m, offs_n, attend, causal_off, CAUSAL), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED:  # a row may have seen no key yet: keep exp2 away from (-inf) - (-inf)
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -185,6 +189,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, offs_m, offs_d, kv_len,
         p = tl.math.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load(v_ptrs + start_n * stride_vn, offs_n, kv_len, offs_d, DH, MASKED, not EVEN_D)
+        if MASKED and HAS_MASK:  # masked values are ignored, NaN or not (p = 0 times NaN is NaN)
+            v = tl.where(attend[:, None], v, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -227,7 +233,7 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, Q_LEN, KV_LEN, KV_FULL, CU_Q, CU_K,
                                    causal_off, mask_row, qk_scale, stride_kn, stride_vn, DH,
                                    True, HAS_MASK, CAUSAL, EVEN_D, BLOCK_N, DOT_PRECISION)
 
-        row_ok = (offs_m < q_len) & (l_i > 0.0)  # rows with no key, or padded, give zeros
+        row_ok = (offs_m < q_len) & (l_i != 0.0)  # rows with no key, or padded, give zeros; NaN stays
         l_safe = tl.where(row_ok, l_i, 1.0)
         out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
         lse = tl.where(row_ok, (m_i + tl.math.log2(l_safe)) / 1.4426950408889634, float("-inf"))
@@ -350,11 +356,15 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, lo, hi, offs_m, offs_d, kv_
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load(k_ptrs + start_n * stride_kn, offs_n, kv_len, offs_d, DH, MASKED, not EVEN_D)
         v = _load(v_ptrs + start_n * stride_vn, offs_n, kv_len, offs_d, DH, MASKED, not EVEN_D)
+        if MASKED:
+            attend = _attended(offs_n, kv_len, mask_row, HAS_MASK)
+            if HAS_MASK:  # masked keys and values are ignored, NaN or not
+                k = tl.where(attend[:, None], k, 0.0)
+                v = tl.where(attend[:, None], v, 0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
         if MASKED:
-            valid = _valid_keys(offs_m, offs_n, kv_len, causal_off, mask_row, HAS_MASK, CAUSAL)
-            p = tl.where(valid, p, 0.0)
+            p = tl.where(_valid_keys(offs_m, offs_n, attend, causal_off, CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -407,12 +417,6 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, Q_LEN, KV_LEN, KV_FULL, CU_Q
 
 
 # --- launchers ----------------------------------------------------------------------------
-
-def _dot_precision(dtype):
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
 
 def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -507,7 +511,7 @@ class _Problem:
     def constexprs(self, dtype):
         block_d = max(16, triton.next_power_of_2(self.Dh))
         return dict(DH=self.Dh, BLOCK_D=block_d, EVEN_D=block_d == self.Dh, HAS_MASK=self.has_mask,
-                    CAUSAL=self.causal, VARLEN=self.varlen, DOT_PRECISION=_dot_precision(dtype))
+                    CAUSAL=self.causal, VARLEN=self.varlen, DOT_PRECISION=backend.dot_precision(dtype))
 
 
 def _forward(q, k, v, mask, scale, causal, cu_q=None, cu_k=None, max_q=0, max_k=0):
@@ -556,7 +560,7 @@ def _backward(do, q, k, v, out, lse, mask, scale, causal, cu_q=None, cu_k=None, 
 # --- torch.library ops --------------------------------------------------------------------
 
 @torch.library.custom_op("mcr_kernels::flash_attn_fwd", mutates_args=())
-def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
                    softmax_scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, H, Lq, Dh], k/v [B, H, Lk, Dh] -> (out [B, H, Lq, Dh], lse float32 [B, H, Lq])."""
     return _forward(q, k, v, key_padding_mask, softmax_scale, causal)
@@ -571,7 +575,7 @@ def _(q, k, v, key_padding_mask, softmax_scale, causal):
 
 @torch.library.custom_op("mcr_kernels::flash_attn_bwd", mutates_args=())
 def flash_attn_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], softmax_scale: float,
+                   lse: torch.Tensor, key_padding_mask: torch.Tensor | None, softmax_scale: float,
                    causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous, in the dtypes of q, k, v."""
     return _backward(grad_out, q, k, v, out, lse, key_padding_mask, softmax_scale, causal)
@@ -670,9 +674,6 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                    scale, causal)
     return out
 
-
-backend.register("flash_attention", "triton", flash_attention, backend.triton_available)
-backend.register("flash_attention_varlen", "triton", flash_attention_varlen, backend.triton_available)
 
 
 # --- compile check ------------------------------------------------------------------------

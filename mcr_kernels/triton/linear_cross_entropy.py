@@ -69,3 +69,12 @@ chunked.register_autograd(linear_cross_entropy_triton)
 def linear_cross_entropy(hidden, weight, bias, labels, *, ignore_index=-100, reduction="mean"):
     """Triton backend of mcr_kernels.linear_cross_entropy (same arguments, float32 scalar)."""
     return chunked.run(linear_cross_entropy_triton, hidden, weight, bias, labels, ignore_index, reduction)
+
+
+# What ce_rows_triton passes, for python -m mcr_kernels.compile_check (sm_80 and sm_90): float32
+# logits of a chunk, int64 labels; BERT's vocabulary (30,522) is no multiple of 16.
+COMPILE_SPECS = [
+    dict(kernel=_ce_rows_kernel, dtypes=("fp32",),
+         signature=dict(LOGITS="*fp32", LABELS="*i64", SCALE="*fp32", LOSS="*fp32"),
+         variants=[dict(COMPUTE_GRADS=grads, BLOCK_V=_BLOCK_V) for grads in (True, False)]),
+]

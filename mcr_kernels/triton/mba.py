@@ -20,29 +20,18 @@ side's embeddings: peak memory O(B·E). A scalar logit_bias shifts every logit e
 softmax cross-entropy ignores: the loss does not depend on it and its gradient is zero.
 """
 import os
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from mcr_kernels import reference
+from mcr_kernels import backend, reference
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ACT_IDS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 _DPRE_CHUNK_ELEMENTS = 1 << 25  # dpre [rows, L, H] per backward chunk: 64 MiB in bf16
 _UPCAST_DOT = tl.constexpr(_INTERPRET)  # the interpreter's bf16 tl.dot is wrong (triton 3.8)
-
-
-def _precision(dtype):
-    """tl.dot input precision: exact fp32 products for fp32 inputs (like torch's default)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _tf32(allow):
-    """tl.dot input precision for the float32 InfoNCE embeddings."""
-    return "tf32" if allow else "ieee"
 
 
 def _tuned(kernel, configs, key):
@@ -119,8 +108,9 @@ def _pool_fwd_kernel(X, WTS, W1, B1, OUT, L, D, H, sxb, sxl, sxd, swtb, swtl, sw
         lmask = offs_l < L
         wts = tl.load(WTS + row * swtb + offs_l * swtl, mask=lmask, other=0.0)
         if tl.max(tl.abs(wts), axis=0) > 0.0:  # skip tiles of uncounted (padding) tokens
-            pre = _pre_tile(X, W1, B1, row, offs_l, offs_h, lmask, hmask, D, sxb, sxl, sxd, swh, swd,
-                            HAS_BIAS, BLOCK_L, BLOCK_H, BLOCK_D, PREC)
+            # uncounted tokens are never read: a NaN there cannot reach the sum
+            pre = _pre_tile(X, W1, B1, row, offs_l, offs_h, lmask & (wts != 0.0), hmask, D, sxb, sxl,
+                            sxd, swh, swd, HAS_BIAS, BLOCK_L, BLOCK_H, BLOCK_D, PREC)
             acc += tl.sum(_act(pre, ACT) * wts[:, None], axis=0)
     tl.store(OUT + row * sob + offs_h * soh, acc, mask=hmask)
 
@@ -140,8 +130,8 @@ def _pool_bwd_kernel(X, WTS, W1, B1, G, DPRE, row0, L, D, H, sxb, sxl, sxd, swtb
     g = tl.load(G + row * sgb + offs_h * sgh, mask=hmask, other=0.0)
     dpre = tl.zeros([BLOCK_L, BLOCK_H], dtype=tl.float32)
     if tl.max(tl.abs(wts), axis=0) > 0.0:
-        pre = _pre_tile(X, W1, B1, row, offs_l, offs_h, lmask, hmask, D, sxb, sxl, sxd, swh, swd,
-                        HAS_BIAS, BLOCK_L, BLOCK_H, BLOCK_D, PREC)
+        pre = _pre_tile(X, W1, B1, row, offs_l, offs_h, lmask & (wts != 0.0), hmask, D, sxb, sxl, sxd,
+                        swh, swd, HAS_BIAS, BLOCK_L, BLOCK_H, BLOCK_D, PREC)
         dpre = _act_grad(pre, ACT) * wts[:, None] * g[None, :]
     tl.store(DPRE + tl.program_id(0) * sdb + offs_l[:, None] * sdl + offs_h[None, :] * sdh,
              dpre.to(DPRE.dtype.element_ty), mask=lmask[:, None] & hmask[None, :])
@@ -161,7 +151,7 @@ def _blocks(interpret_blocks):
 
 @torch.library.custom_op("mcr_kernels::mba_act_pool", mutates_args=())
 def mba_act_pool(tokens: torch.Tensor, weights: torch.Tensor, weight1: torch.Tensor,
-                 bias1: Optional[torch.Tensor], activation: str) -> torch.Tensor:
+                 bias1: torch.Tensor | None, activation: str) -> torch.Tensor:
     """sum_l weights[b, l] * act(tokens[b, l] W1ᵀ + b1) -> float32 [B, H]; never stores [B, L, H].
 
     tokens [B, L, D] and weight1 [H, D] share a dtype; weights [B, L] float32 (mask / count).
@@ -172,7 +162,7 @@ def mba_act_pool(tokens: torch.Tensor, weights: torch.Tensor, weight1: torch.Ten
     grid = lambda meta: (B, triton.cdiv(H, meta["BLOCK_H"]))
     _pool_fwd[grid](tokens, weights, weight1, bias1, out, L, D, H, *tokens.stride(), *weights.stride(),
                     *weight1.stride(), *out.stride(), HAS_BIAS=bias1 is not None,
-                    ACT=_ACT_IDS[activation], PREC=_precision(tokens.dtype),
+                    ACT=_ACT_IDS[activation], PREC=backend.dot_precision(tokens.dtype),
                     **_blocks(_POOL_INTERPRET_BLOCKS))
     return out
 
@@ -184,7 +174,7 @@ def _(tokens, weights, weight1, bias1, activation):
 
 @torch.library.custom_op("mcr_kernels::mba_act_pool_backward", mutates_args=())
 def mba_act_pool_backward(grad: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor,
-                          weight1: torch.Tensor, bias1: Optional[torch.Tensor],
+                          weight1: torch.Tensor, bias1: torch.Tensor | None,
                           activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d tokens, d weight1, d bias1 [float32 H]) of mba_act_pool, recomputing pre per chunk."""
     B, L, D = tokens.shape
@@ -197,13 +187,14 @@ def mba_act_pool_backward(grad: torch.Tensor, tokens: torch.Tensor, weights: tor
     dpre = torch.empty(chunk, L, H, dtype=tokens.dtype, device=tokens.device)
     for row0 in range(0, B, chunk):
         rows = min(chunk, B - row0)
-        grid = lambda meta: (rows, triton.cdiv(L, meta["BLOCK_L"]), triton.cdiv(H, meta["BLOCK_H"]))
+        grid = lambda meta, rows=rows: (rows, triton.cdiv(L, meta["BLOCK_L"]), triton.cdiv(H, meta["BLOCK_H"]))
         _pool_bwd[grid](tokens, weights, weight1, bias1, grad, dpre, row0, L, D, H, *tokens.stride(),
                         *weights.stride(), *weight1.stride(), *grad.stride(), *dpre.stride(),
                         HAS_BIAS=bias1 is not None, ACT=_ACT_IDS[activation],
-                        PREC=_precision(tokens.dtype), **_blocks(_POOL_INTERPRET_BLOCKS))
+                        PREC=backend.dot_precision(tokens.dtype), **_blocks(_POOL_INTERPRET_BLOCKS))
         dp = dpre[:rows].reshape(rows * L, H)
-        x = tokens[row0:row0 + rows].reshape(rows * L, D)
+        counted = weights[row0:row0 + rows, :, None] != 0  # uncounted tokens: zeros, NaN or not
+        x = torch.where(counted, tokens[row0:row0 + rows], 0).reshape(rows * L, D)
         torch.mm(dp, weight1, out=d_tokens[row0:row0 + rows].view(rows * L, D))
         d_weight1 += (dp.t() @ x).float()
         d_bias1 += dp.sum(0, dtype=torch.float32)
@@ -255,8 +246,8 @@ def mba_pool(tokens, mask, weight1, bias1, weight2=None, bias2=None, *, activati
     weights = mask.to(dtype) / counts.clamp(min=1)        # [B, L]: mean over counted tokens
     nonempty = (counts > 0).to(dtype)                     # [B, 1]
     if linear:                                            # linear head: pool, then project
-        summed = torch.bmm(mask.to(tokens.dtype).unsqueeze(1), tokens).squeeze(1)
-        pooled = summed.to(dtype) / counts.clamp(min=1)
+        counted = torch.where(mask.unsqueeze(-1), tokens, 0)  # uncounted tokens: zeros, NaN or not
+        pooled = counted.sum(1, dtype=dtype) / counts.clamp(min=1)
         out = _masked_affine(pooled, nonempty, weight1.to(dtype),
                              None if bias1 is None else bias1.to(dtype))
     else:
@@ -380,12 +371,11 @@ def _grad_rows(x, y, scale, lse_x, lse_y, offset, coef, prec):
 
 
 @torch.library.custom_op("mcr_kernels::infonce_square", mutates_args=())
-def infonce_square(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor,
-                   allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def infonce_square(image_emb: torch.Tensor, text_emb: torch.Tensor,
+                   scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE of scale * image_emb text_embᵀ ([B, E] float32 each, scale a float32
-    scalar): (loss, row LSE [B], column LSE [B]); the [B, B] logits are never stored.
-    allow_tf32: tensor-core products (for embeddings that came in fp16/bf16)."""
-    prec = _tf32(allow_tf32)
+    scalar): (loss, row LSE [B], column LSE [B]); the [B, B] logits are never stored."""
+    prec = backend.dot_precision(torch.float32)
     lse_rows = _row_lse(image_emb, text_emb, scale, prec)
     lse_cols = _row_lse(text_emb, image_emb, scale, prec)
     target = scale * (image_emb * text_emb).sum(1)
@@ -394,17 +384,17 @@ def infonce_square(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch
 
 
 @infonce_square.register_fake
-def _(image_emb, text_emb, scale, allow_tf32):
+def _(image_emb, text_emb, scale):
     B = image_emb.shape[0]
     return image_emb.new_empty(()), image_emb.new_empty(B), image_emb.new_empty(B)
 
 
 @torch.library.custom_op("mcr_kernels::infonce_square_backward", mutates_args=())
 def infonce_square_backward(grad: torch.Tensor, image_emb: torch.Tensor, text_emb: torch.Tensor,
-                            scale: torch.Tensor, lse_rows: torch.Tensor, lse_cols: torch.Tensor,
-                            allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            scale: torch.Tensor, lse_rows: torch.Tensor,
+                            lse_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d image_emb, d text_emb, d scale) of infonce_square's loss, logit tiles recomputed."""
-    coef, prec = 0.5 / image_emb.shape[0], _tf32(allow_tf32)
+    coef, prec = 0.5 / image_emb.shape[0], backend.dot_precision(torch.float32)
     acc_img = _grad_rows(image_emb, text_emb, scale, lse_rows, lse_cols, 0, coef, prec)
     acc_txt = _grad_rows(text_emb, image_emb, scale, lse_cols, lse_rows, 0, coef, prec)
     d_scale = grad * (image_emb * acc_img).sum()
@@ -412,18 +402,18 @@ def infonce_square_backward(grad: torch.Tensor, image_emb: torch.Tensor, text_em
 
 
 @infonce_square_backward.register_fake
-def _(grad, image_emb, text_emb, scale, lse_rows, lse_cols, allow_tf32):
+def _(grad, image_emb, text_emb, scale, lse_rows, lse_cols):
     return torch.empty_like(image_emb), torch.empty_like(text_emb), image_emb.new_empty(())
 
 
 def _square_setup(ctx, inputs, output):
-    image_emb, text_emb, scale, ctx.allow_tf32 = inputs
+    image_emb, text_emb, scale = inputs
     _, lse_rows, lse_cols = output
     ctx.save_for_backward(image_emb, text_emb, scale, lse_rows, lse_cols)
 
 
 def _square_backward(ctx, grad, _grad_lse_rows, _grad_lse_cols):
-    return (*infonce_square_backward(grad, *ctx.saved_tensors, ctx.allow_tf32), None)
+    return infonce_square_backward(grad, *ctx.saved_tensors)
 
 
 infonce_square.register_autograd(_square_backward, setup_context=_square_setup)
@@ -431,11 +421,11 @@ infonce_square.register_autograd(_square_backward, setup_context=_square_setup)
 
 @torch.library.custom_op("mcr_kernels::infonce_local", mutates_args=())
 def infonce_local(image_emb: torch.Tensor, text_emb: torch.Tensor, all_image_emb: torch.Tensor,
-                  all_text_emb: torch.Tensor, scale: torch.Tensor, offset: int,
-                  allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  all_text_emb: torch.Tensor, scale: torch.Tensor,
+                  offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """open_clip local loss: local rows [M, E] against all columns [N, E]; local row i's positive
     is column i + offset. Returns (loss, image->text LSE [M], text->image LSE [M])."""
-    M, prec = image_emb.shape[0], _tf32(allow_tf32)
+    M, prec = image_emb.shape[0], backend.dot_precision(torch.float32)
     lse_img = _row_lse(image_emb, all_text_emb, scale, prec)
     lse_txt = _row_lse(text_emb, all_image_emb, scale, prec)
     target_img = scale * (image_emb * all_text_emb[offset:offset + M]).sum(1)
@@ -445,7 +435,7 @@ def infonce_local(image_emb: torch.Tensor, text_emb: torch.Tensor, all_image_emb
 
 
 @infonce_local.register_fake
-def _(image_emb, text_emb, all_image_emb, all_text_emb, scale, offset, allow_tf32):
+def _(image_emb, text_emb, all_image_emb, all_text_emb, scale, offset):
     M = image_emb.shape[0]
     return image_emb.new_empty(()), image_emb.new_empty(M), image_emb.new_empty(M)
 
@@ -454,11 +444,11 @@ def _(image_emb, text_emb, all_image_emb, all_text_emb, scale, offset, allow_tf3
 def infonce_local_backward(grad: torch.Tensor, image_emb: torch.Tensor, text_emb: torch.Tensor,
                            all_image_emb: torch.Tensor, all_text_emb: torch.Tensor,
                            scale: torch.Tensor, lse_img: torch.Tensor, lse_txt: torch.Tensor,
-                           offset: int, allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor,
+                           offset: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                    torch.Tensor, torch.Tensor,
                                                                    torch.Tensor]:
     """Gradients of infonce_local's loss for its 4 embedding inputs and scale."""
-    coef, prec = 0.5 / image_emb.shape[0], _tf32(allow_tf32)
+    coef, prec = 0.5 / image_emb.shape[0], backend.dot_precision(torch.float32)
     acc_img = _grad_rows(image_emb, all_text_emb, scale, lse_img, None, offset, coef, prec)
     acc_all_txt = _grad_rows(all_text_emb, image_emb, scale, None, lse_img, -offset, coef, prec)
     acc_txt = _grad_rows(text_emb, all_image_emb, scale, lse_txt, None, offset, coef, prec)
@@ -469,19 +459,18 @@ def infonce_local_backward(grad: torch.Tensor, image_emb: torch.Tensor, text_emb
 
 
 @infonce_local_backward.register_fake
-def _(grad, image_emb, text_emb, all_image_emb, all_text_emb, scale, lse_img, lse_txt, offset,
-      allow_tf32):
+def _(grad, image_emb, text_emb, all_image_emb, all_text_emb, scale, lse_img, lse_txt, offset):
     return (torch.empty_like(image_emb), torch.empty_like(text_emb), torch.empty_like(all_image_emb),
             torch.empty_like(all_text_emb), image_emb.new_empty(()))
 
 
 def _local_setup(ctx, inputs, output):
-    *embs, scale, ctx.offset, ctx.allow_tf32 = inputs
+    *embs, scale, ctx.offset = inputs
     ctx.save_for_backward(*embs, scale, output[1], output[2])
 
 
 def _local_backward(ctx, grad, _grad_lse_img, _grad_lse_txt):
-    return (*infonce_local_backward(grad, *ctx.saved_tensors, ctx.offset, ctx.allow_tf32), None, None)
+    return (*infonce_local_backward(grad, *ctx.saved_tensors, ctx.offset), None)
 
 
 infonce_local.register_autograd(_local_backward, setup_context=_local_setup)
@@ -489,8 +478,11 @@ infonce_local.register_autograd(_local_backward, setup_context=_local_setup)
 
 def infonce_loss(image_emb, text_emb, logit_scale, *, logit_bias=None, normalize=True, gather=False,
                  local_loss=True):
-    """Triton backend of mcr_kernels.infonce_loss (same arguments, float32 scalar)."""
-    allow_tf32 = image_emb.dtype in (torch.float16, torch.bfloat16)
+    """Triton backend of mcr_kernels.infonce_loss (same arguments, float32 scalar; float64
+    embeddings go to the reference)."""
+    if image_emb.dtype == torch.float64:
+        return reference.infonce_loss(image_emb, text_emb, logit_scale, logit_bias=logit_bias,
+                                      normalize=normalize, gather=gather, local_loss=local_loss)
     img, txt = image_emb.float(), text_emb.float()
     if normalize:
         img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
@@ -501,12 +493,11 @@ def infonce_loss(image_emb, text_emb, logit_scale, *, logit_bias=None, normalize
 
         all_img, all_txt = reference.gather_features(img, txt)
         if local_loss:
-            loss = infonce_local(img, txt, all_img, all_txt, scale, img.shape[0] * dist.get_rank(),
-                                 allow_tf32)[0]
+            loss = infonce_local(img, txt, all_img, all_txt, scale, img.shape[0] * dist.get_rank())[0]
         else:
-            loss = infonce_square(all_img, all_txt, scale, allow_tf32)[0]
+            loss = infonce_square(all_img, all_txt, scale)[0]
     else:
-        loss = infonce_square(img, txt, scale, allow_tf32)[0]
+        loss = infonce_square(img, txt, scale)[0]
     if logit_bias is not None:  # softmax is shift invariant: the loss ignores a scalar bias
         loss = loss + 0.0 * logit_bias.float().sum()
     return loss

@@ -16,8 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
-from mcr_kernels._patch_drop_grads import (fake_restore_backward, mask_grad_dtype, register_gather_autograd,
-                                          register_restore_autograd)
+from mcr_kernels._patch_drop_grads import (
+    fake_restore_backward,
+    mask_grad_dtype,
+    register_gather_autograd,
+    register_restore_autograd,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -148,7 +152,7 @@ def _segment_sum(src, order, bounds, out, first, count, *, splits=1, chunk=None,
 
 # --- torch ops ------------------------------------------------------------------------
 
-@torch.library.custom_op("mcr::gather_tokens_triton", mutates_args=())
+@torch.library.custom_op("mcr_kernels::gather_tokens_triton", mutates_args=())
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     """x [B, N, D] (any strides), ids_keep int64 [B, K] -> [B, K, D] contiguous."""
     B, _, D = x.shape
@@ -166,7 +170,7 @@ def _(x, ids_keep):
     return x.new_empty(x.shape[0], ids_keep.shape[1], x.shape[2])
 
 
-@torch.library.custom_op("mcr::scatter_tokens_triton", mutates_args=())
+@torch.library.custom_op("mcr_kernels::scatter_tokens_triton", mutates_args=())
 def scatter_tokens(grad: torch.Tensor, ids_keep: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Backward of gather_tokens: grad [B, K, D] -> [B, num_tokens, D], out[b, n] = sum of
     grad[b, j] over j with ids_keep[b, j] == n (zeros where none)."""
@@ -197,7 +201,7 @@ register_gather_autograd(gather_tokens, scatter_tokens)
 scatter_tokens.register_autograd(_scatter_backward, setup_context=_scatter_setup_context)
 
 
-@torch.library.custom_op("mcr::restore_tokens_triton", mutates_args=())
+@torch.library.custom_op("mcr_kernels::restore_tokens_triton", mutates_args=())
 def restore_tokens(x_kept: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
     """x_kept [B, K, D], ids_restore int64 [B, N], mask_token [D] -> [B, N, D] in x_kept's dtype."""
     B, K, D = x_kept.shape
@@ -217,7 +221,7 @@ def _(x_kept, ids_restore, mask_token):
     return x_kept.new_empty(x_kept.shape[0], ids_restore.shape[1], x_kept.shape[2])
 
 
-@torch.library.custom_op("mcr::restore_tokens_backward_triton", mutates_args=())
+@torch.library.custom_op("mcr_kernels::restore_tokens_backward_triton", mutates_args=())
 def restore_tokens_backward(grad: torch.Tensor, ids_restore: torch.Tensor,
                             num_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """grad [B, N, D] -> (grad_x_kept [B, K, D] in grad's dtype, grad_mask_token [D] in float32,
@@ -245,7 +249,7 @@ restore_tokens_backward.register_fake(fake_restore_backward)
 register_restore_autograd(restore_tokens, restore_tokens_backward)
 
 
-@torch.library.custom_op("mcr::keep_restore_from_shuffle_triton", mutates_args=())
+@torch.library.custom_op("mcr_kernels::keep_restore_from_shuffle_triton", mutates_args=())
 def keep_restore_from_shuffle(ids_shuffle: torch.Tensor, num_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ids_shuffle int64 [B, N] (a permutation per row) -> (ids_keep [B, K], ids_restore [B, N])."""
     B, N = ids_shuffle.shape
