@@ -143,7 +143,8 @@ class TrainConfig:
     device: str = option("auto", f"one of {', '.join(DEVICE_KINDS)}; auto: cuda when available")
     precision: str = option("auto", "autocast: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32", PRECISIONS)
     num_workers: int = option(0, "DataLoader worker processes", minimum=0)
-    tensorboard: bool = option(False, "also log to out_dir/tensorboard")
+    tensorboard: bool = option(False, "also log to out_dir/tensorboard (with the model pictures at each validation)")
+    pictures: bool = option(True, "write curves, reconstruction and retrieval PNGs into out_dir at the end (mcr.plot)")
     compile: bool = option(False, "torch.compile each transformer block (fullgraph)")
     compile_backend: str = option("inductor", "torch.compile backend (aot_eager: tracing only, for tests)",
                                   COMPILE_BACKENDS)

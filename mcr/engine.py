@@ -221,6 +221,11 @@ def fit(cfg, model, runner, optimizer, train_set, val_set, collate, ctx, start_s
         if ctx.sharded:
             model.unshard()  # the root unit's weights; the blocks gather their own
         results = evaluate(model, val_set, collate, ctx.device, amp_dtype, num_workers=cfg.num_workers)
+        if cfg.tensorboard:  # every rank: the pictures' embedding (and forward under FSDP) are collectives
+            from mcr import plot
+
+            plot.log_to_tensorboard(log.writer if ctx.is_main else None, model, val_set, collate, ctx.device, step,
+                                    amp_dtype, cfg.num_workers)
         if ctx.sharded:
             model.reshard()
         if ctx.is_main:

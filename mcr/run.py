@@ -221,6 +221,10 @@ def train(cfg):
     results = engine.fit(cfg, model, runner, optimizer, train_set, val_set, collate_for(cfg, tokenizer), ctx,
                          start_step)
     distributed.finish(ctx)
+    if cfg.pictures and ctx.is_main:  # once the process group is gone: one process draws
+        from mcr import plot
+
+        plot.after_training(cfg.out_dir)
     return results
 
 
