@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from mcr.data.registry import DATASETS
 
-VARIANTS = ("mcr", "dual-stream", "abm")
+VARIANTS = ("mcr", "dual-stream", "abm", "mpma", "reclf")
 MASK_SAMPLINGS = ("random", "balanced")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICE_KINDS = ("auto", "cpu", "cuda", "cuda:N")  # checked by mcr.distributed.pick_device
@@ -37,7 +37,8 @@ def from_preset(help, minimum=None):
 class ModelConfig:
     """Shapes and method choices of the MCR model (defaults: the small preset)."""
     variant: str = option("mcr", "mcr: masked-only MCR; dual-stream: unmasked second pass for the "
-                          "contrastive loss (baseline); abm: aggregate, then map (ablation)", VARIANTS)
+                          "contrastive loss (baseline); abm: aggregate, then map (ablation); mpma, reclf: "
+                          "MCR plus a local word-to-region loss (docs/method.md)", VARIANTS)
     image_size: int = option(96, "square image side (px), a multiple of --patch-size", minimum=1)
     patch_size: int = option(16, "ViT patch side (px)", minimum=1)
     in_chans: int = option(1, "image channels: 1 grayscale patch embedding, 3 replicated (timm weights)",
@@ -71,6 +72,24 @@ class ModelConfig:
     pool_image_cls: bool = option(False, "MbA pools the CLS token with the kept patches")
     embed_masks: int = option(0, "retrieval embeddings: 0 = of the unmasked inputs; n = mean over n masks at the "
                               "training ratios", minimum=0)
+    # local (word-to-region) alignment of the mpma and reclf variants (docs/method.md)
+    local_attn_scale: float = option(4.0, "mpma/reclf: scale of the word-to-region attention logits (GLoRIA's "
+                                     "gamma1)")
+    local_agg_scale: float = option(5.0, "mpma: scale of the log-sum-exp over a pair's word matchings (GLoRIA's "
+                                    "gamma2)", minimum=1e-4)
+    local_logit_scale: float = option(10.0, "mpma/reclf: the local loss's logits are the local matching scores "
+                                      "times this (GLoRIA's gamma3); the initial value when learnable", minimum=1e-4)
+    local_scale_learnable: bool = option(False, "mpma/reclf: learn the local logit scale (log-parametrized, "
+                                         "capped at 100)")
+    memory_slots: int = option(16, "mpma: slots S of MA-CMF's learned cross-modal memory", minimum=1)
+    memory_depth: int = option(1, "mpma: cross-attention blocks from report tokens to [visible image tokens; "
+                               "memory]", minimum=1)
+    irm_hidden: int = option(64, "reclf: hidden width of the IRM head (a non-negative importance per word)",
+                             minimum=1)
+    srm_mix: float = option(0.5, "reclf: share of a word's weight that SRM takes from its related words "
+                            "(0 = IRM only)", minimum=0, maximum=1)
+    srm_temperature: float = option(0.1, "reclf: temperature of SRM's row-softmax over the report's token "
+                                    "cosine similarities", minimum=1e-4)
 
 
 PRESETS = {
@@ -114,6 +133,7 @@ class TrainConfig:
     loss_contrastive: float = from_preset("weight of the InfoNCE loss", minimum=0)
     loss_mim: float = option(1.0, "weight of masked image modelling", minimum=0)
     loss_mrm: float = option(1.0, "weight of masked report modelling", minimum=0)
+    loss_local: float = option(1.0, "weight of the local word-to-region loss (variants mpma, reclf)", minimum=0)
     unmasked_tuning: float = option(0.0, "share of the last steps trained on unmasked inputs, contrastive loss "
                                     "only (FLIP)", minimum=0, maximum=1)
     unmasked_every: int = from_preset("also every k-th step unmasked, contrastive loss only; 0 = never", minimum=0)
@@ -125,7 +145,8 @@ class TrainConfig:
     device: str = option("auto", f"one of {', '.join(DEVICE_KINDS)}; auto: cuda when available")
     precision: str = option("auto", "autocast: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32", PRECISIONS)
     num_workers: int = option(0, "DataLoader worker processes", minimum=0)
-    tensorboard: bool = option(False, "also log to out_dir/tensorboard")
+    tensorboard: bool = option(False, "also log to out_dir/tensorboard (with the model pictures at each validation)")
+    pictures: bool = option(True, "write curves, reconstruction and retrieval PNGs into out_dir at the end (mcr.plot)")
     compile: bool = option(False, "torch.compile each transformer block (fullgraph)")
     compile_backend: str = option("inductor", "torch.compile backend (aot_eager: tracing only, for tests)",
                                   COMPILE_BACKENDS)

@@ -168,7 +168,8 @@ def train_step(runner, model, optimizer, batch, cfg, step, total_steps, ctx):
     amp_dtype = autocast_dtype(cfg.precision, ctx.device)
     with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         losses = runner(batch, masks=masks, unmasked=is_unmasked_step(cfg, step, total_steps))
-    weights = {"contrastive": cfg.loss_contrastive, "mim": cfg.loss_mim, "mrm": cfg.loss_mrm}
+    weights = {"contrastive": cfg.loss_contrastive, "mim": cfg.loss_mim, "mrm": cfg.loss_mrm,
+               "local": cfg.loss_local}
     total = sum(weights[k] * v for k, v in losses.items())
     optimizer.zero_grad(set_to_none=True)
     total.backward()
@@ -220,6 +221,11 @@ def fit(cfg, model, runner, optimizer, train_set, val_set, collate, ctx, start_s
         if ctx.sharded:
             model.unshard()  # the root unit's weights; the blocks gather their own
         results = evaluate(model, val_set, collate, ctx.device, amp_dtype, num_workers=cfg.num_workers)
+        if cfg.tensorboard:  # every rank: the pictures' embedding (and forward under FSDP) are collectives
+            from mcr import plot
+
+            plot.log_to_tensorboard(log.writer if ctx.is_main else None, model, val_set, collate, ctx.device, step,
+                                    amp_dtype, cfg.num_workers)
         if ctx.sharded:
             model.reshard()
         if ctx.is_main:

@@ -24,6 +24,8 @@ from mcr.data.batching import Collate
 from mcr.data.registry import open_dataset
 from mcr.data.tokenizer import load_tokenizer, shipped_tokenizer, train_wordpiece
 from mcr.models.mcr import MCR
+from mcr.models.mpma import MPMA
+from mcr.models.reclf import RECLF
 from mcr.models.weights import load_pretrained
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "final.json", "config.yaml", "tokenizer", "tensorboard")
@@ -158,7 +160,9 @@ def build_tokenizer(cfg, train_set, ctx, resuming=False):
 
 
 def build_model(model_cfg, tokenizer):
-    return MCR(model_cfg, pad_token_id=tokenizer.pad_token_id, mask_token_id=tokenizer.mask_token_id)
+    """The model of model_cfg.variant: MPMA, RECLF, or MCR (mcr, dual-stream, abm)."""
+    model_class = {"mpma": MPMA, "reclf": RECLF}.get(model_cfg.variant, MCR)
+    return model_class(model_cfg, pad_token_id=tokenizer.pad_token_id, mask_token_id=tokenizer.mask_token_id)
 
 
 def collate_for(cfg, tokenizer):
@@ -217,6 +221,10 @@ def train(cfg):
     results = engine.fit(cfg, model, runner, optimizer, train_set, val_set, collate_for(cfg, tokenizer), ctx,
                          start_step)
     distributed.finish(ctx)
+    if cfg.pictures and ctx.is_main:  # once the process group is gone: one process draws
+        from mcr import plot
+
+        plot.after_training(cfg.out_dir)
     return results
 
 

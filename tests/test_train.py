@@ -17,7 +17,7 @@ TINY_FLAGS = ["--image-size", "32", "--vit-width", "32", "--vit-depth", "1", "--
               "--decoder-width", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--text-width", "32",
               "--text-depth", "1", "--text-heads", "2", "--text-intermediate", "64", "--embed-dim", "16",
               "--vocab-size", "200", "--train-size", "64", "--val-size", "24", "--batch-size", "8",
-              "--log-every", "2", "--warmup-steps", "2"]
+              "--log-every", "2", "--warmup-steps", "2", "--no-pictures"]
 
 
 def run_args(out_dir, *extra):

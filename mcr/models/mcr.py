@@ -6,7 +6,8 @@ of report tokens replaced by [MASK]. The same masked features feed
   - masked report modelling: an MLM head (optionally image-conditioned) predicts tokens,
   - MbA alignment: every local token mapped into the joint space, then pooled, InfoNCE.
 Variants: "dual-stream" (unmasked second pass for the contrastive loss, the baseline) and
-"abm" (aggregate, then map). The hot spots go through mcr_kernels' public ops.
+"abm" (aggregate, then map); "mpma" and "reclf" subclass MCR (mcr.models.mpma, .reclf,
+built by mcr.run.build_model). The hot spots go through mcr_kernels' public ops.
 """
 import math
 
@@ -186,11 +187,9 @@ class MCR(nn.Module):
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def mrm_hidden(self, text_tokens, attention_mask, image_latent):
-        """MRM decoder states [B, L, text_width]: the masked report's tokens (plus the pooled
-        image, if image-conditioned) through the MRM blocks."""
-        x = text_tokens
-        if self.image_to_text is not None:
-            x = x + self.image_to_text(image_latent[:, 1:].mean(1)).unsqueeze(1)
+        """MRM decoder states [B, L, text_width]: the masked report's tokens, conditioned on the
+        image (condition_report), through the MRM blocks."""
+        x = self.condition_report(text_tokens, image_latent)
         for blk in self.mrm_blocks:
             x = blk(x, attn_mask=attention_mask.bool()[:, None, None, :])  # SDPA's key padding shape
         return x
@@ -204,6 +203,13 @@ class MCR(nn.Module):
         total = mcr_kernels.linear_cross_entropy(head.transform(hidden[chosen]), head.decoder.weight,
                                                  head.decoder.bias, labels[chosen], reduction="sum")
         return global_mean(total, chosen.sum())
+
+    def condition_report(self, text_tokens, image_latent):
+        """The MRM decoder's input: the report tokens plus the projected mean visible image
+        token (image_conditioned_mrm); the mpma variant replaces this with MA-CMF."""
+        if self.image_to_text is None:
+            return text_tokens
+        return text_tokens + self.image_to_text(image_latent[:, 1:].mean(1)).unsqueeze(1)
 
     # --- alignment -----------------------------------------------------------------------
 
@@ -294,12 +300,13 @@ class MCR(nn.Module):
         reconstruction losses are zeros), for unmasked tuning at the end of training (FLIP)."""
         cfg = self.cfg
         imgs, ids, attn = batch["image"], batch["input_ids"], batch["attention_mask"]
+        special = batch["special_tokens_mask"].bool()
         if unmasked:
             latent, _ = self.encode_image(imgs)
             txt = self.encode_text(ids, attn)
             zero = torch.zeros((), device=imgs.device)
-            return {"mim": zero, "mrm": zero,
-                    "contrastive": self.contrastive_loss(self.image_tokens(latent), txt, attn.bool())}
+            return {"mim": zero, "mrm": zero, **self.alignment_losses(self.image_tokens(latent), txt, attn.bool(),
+                                                                      attn.bool() & ~special)}
         if masks is None:
             masks = self.draw_masks(imgs.shape[0], device=imgs.device, generator=generator)
         latent, mask = self.encode_image(imgs, masks["ids_keep"], masks["ids_restore"])
@@ -311,8 +318,15 @@ class MCR(nn.Module):
         if cfg.variant == "dual-stream":  # second, unmasked pass per modality for alignment
             full_latent, _ = self.encode_image(imgs)
             full_txt = self.encode_text(ids, attn)
-            losses["contrastive"] = self.contrastive_loss(self.image_tokens(full_latent), full_txt, attn.bool())
+            losses.update(self.alignment_losses(self.image_tokens(full_latent), full_txt, attn.bool(),
+                                                attn.bool() & ~special))
         else:
-            losses["contrastive"] = self.contrastive_loss(self.image_tokens(latent), txt,
-                                                          self.text_pool_mask(attn, labels))
+            pool_mask = self.text_pool_mask(attn, labels)
+            losses.update(self.alignment_losses(self.image_tokens(latent), txt, pool_mask, pool_mask & ~special))
         return losses
+
+    def alignment_losses(self, img_tokens, txt_tokens, txt_mask, word_mask):
+        """{"contrastive": InfoNCE}; the mpma and reclf variants add their local loss.
+        txt_mask [B, L]: the positions pooled; word_mask: those that are words (no [CLS],
+        [SEP] or padding)."""
+        return {"contrastive": self.contrastive_loss(img_tokens, txt_tokens, txt_mask)}

@@ -1,0 +1,68 @@
+"""MPMA as a variant of MCR (after "Multi-task Paired Masking with Alignment Modeling for
+Medical Vision-Language Pre-training", arXiv 2305.07920; our form, since only the abstract
+is known: docs/method.md says what is theirs and what is ours).
+
+On MCR's masked single pass:
+  - GLA: MCR's global InfoNCE on pooled embeddings + a local alignment loss over the
+    local_matching scores (agg "lse") of the MbA-mapped visible patches and report words;
+  - MA-CMF: report reconstruction conditioned by cross-attention from the report tokens to
+    [visible image tokens that have read a learned memory ; the memory's S slots]
+    (R2GenCMN-style cross-modal memory), in place of MCR's mean-image conditioning.
+"""
+import torch
+from timm.layers import Mlp
+from torch import nn
+
+import mcr_kernels
+from mcr.models.local import LocalAlignment
+from mcr.models.mcr import MCR
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm residual cross-attention (x [B, L, D] attends to context [B, M, D]), then an MLP."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm_x, self.norm_context, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.mlp = Mlp(dim, 4 * dim)
+
+    def forward(self, x, context):
+        B, L, D = x.shape
+        H = self.heads
+        q = self.q(self.norm_x(x)).view(B, L, H, D // H).transpose(1, 2)
+        k, v = self.kv(self.norm_context(context)).view(B, -1, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        out = mcr_kernels.flash_attention(q, k, v)
+        x = x + self.proj(out.transpose(1, 2).reshape(B, L, D))
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class MPMA(MCR):
+    """MCR with GLA (global + local alignment) and MA-CMF (memory-augmented fusion for MRM)."""
+
+    def __init__(self, cfg, **kwargs):
+        super().__init__(cfg, **kwargs)
+        D = cfg.text_width
+        self.image_to_text = nn.Linear(cfg.vit_width, D)  # every visible token (MCR: their mean)
+        self.memory = nn.Parameter(torch.randn(cfg.memory_slots, D) * 0.02)
+        self.memory_read = CrossAttentionBlock(D, cfg.text_heads)
+        self.fusion_blocks = nn.ModuleList(CrossAttentionBlock(D, cfg.text_heads) for _ in range(cfg.memory_depth))
+        self.local_alignment = LocalAlignment(cfg)
+
+    def condition_report(self, text_tokens, image_latent):
+        """MA-CMF: the visible image tokens read the memory; the report tokens attend to
+        [those tokens ; the memory]. MCR's MRM blocks and MLM head follow."""
+        img = self.image_to_text(image_latent[:, 1:])
+        memory = self.memory.to(img.dtype).expand(img.shape[0], -1, -1)
+        context = torch.cat([self.memory_read(img, memory), memory], dim=1)
+        x = text_tokens
+        for blk in self.fusion_blocks:
+            x = blk(x, context)
+        return x
+
+    def alignment_losses(self, img_tokens, txt_tokens, txt_mask, word_mask):
+        """GLA: MCR's global InfoNCE + the local loss (agg "lse") on MbA-mapped tokens."""
+        losses = super().alignment_losses(img_tokens, txt_tokens, txt_mask, word_mask)
+        losses["local"] = self.local_alignment(self.image_head(img_tokens), self.text_head(txt_tokens), word_mask)
+        return losses

@@ -1,0 +1,250 @@
+"""local_matching on every backend against the float64 reference (mcr_kernels.reference).
+
+Values and gradients (img, txt, word_weights) for every agg, with and without masks, with
+empty rows (an image without a region, a report without a word, zero total weight),
+B_i != B_t and awkward sizes (1, odd, more words than one Triton word block, more pairs than
+one native block). The Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (conftest).
+Tolerances, relative to the largest reference value (at least 0.1): float64 1e-10 (native
+computes in float64), float32 1e-4, float16 5e-3, bfloat16 3e-2.
+"""
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mcr_kernels
+from mcr_kernels import reference
+
+front = importlib.import_module("mcr_kernels.local_matching")  # the package exports the function
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+BACKENDS = ["reference", "cpu", "triton"]
+
+
+def assert_close(actual, expected, dtype, what):
+    expected = expected.double()
+    err = (actual.double() - expected).abs().max().item()
+    scale = max(0.1, expected.abs().max().item())
+    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype]} * {scale:.3g}"
+
+
+def make_inputs(B_i, B_t, Li, Lt, E, *, masks=True, empty_rows=True):
+    """float64 img, txt, word weights (leaves) and bool masks; with empty_rows image 0 has no
+    region, report 0 no word and report 1 (when B_t > 2) valid words of weight 0 only."""
+    img = torch.randn(B_i, Li, E, dtype=torch.float64)
+    txt = torch.randn(B_t, Lt, E, dtype=torch.float64)
+    u = torch.rand(B_t, Lt, dtype=torch.float64)
+    img_mask = txt_mask = None
+    if masks:
+        img_mask, txt_mask = torch.rand(B_i, Li) > 0.3, torch.rand(B_t, Lt) > 0.3
+        img_mask[:, -1] = txt_mask[:, -1] = True
+        if empty_rows and B_i > 1:
+            img_mask[0] = False
+        if empty_rows and B_t > 1:
+            txt_mask[0] = False
+        if empty_rows and B_t > 2:
+            u[1] = u[1] * ~txt_mask[1]
+        img_mask, txt_mask = img_mask.to(DEVICE), txt_mask.to(DEVICE)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (img, txt, u)]
+    return leaves, img_mask, txt_mask
+
+
+def check(backend, B_i, B_t, Li, Lt, E, *, agg, masks=True, empty_rows=True, dtype=None,
+          attn_scale=4.0, agg_scale=5.0):
+    """The backend's scores and gradients equal the float64 reference's."""
+    (img, txt, u), img_mask, txt_mask = make_inputs(B_i, B_t, Li, Lt, E, masks=masks, empty_rows=empty_rows)
+    dtype = dtype or (torch.float64 if backend != "triton" else torch.float32)
+    weighted = agg == "weighted"
+    kw = dict(attn_scale=attn_scale, agg=agg, agg_scale=agg_scale)
+    ref = reference.local_matching(img, img_mask, txt, txt_mask, **kw, word_weights=u if weighted else None)
+    inputs = [img, txt, u] if weighted else [img, txt]
+    grad_out = torch.randn_like(ref)
+    expected = torch.autograd.grad(ref, inputs, grad_out)
+    low = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    with mcr_kernels.use_backend(backend, "local_matching"):
+        out = mcr_kernels.local_matching(low[0], img_mask, low[1], txt_mask, **kw,
+                                         word_weights=low[2] if weighted else None)
+    assert out.shape == (B_i, B_t)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(out, ref, dtype, f"{backend} scores")
+    for name, got, want in zip(("img", "txt", "word_weights"), torch.autograd.grad(out, low, grad_out.to(out.dtype)),
+                               expected, strict=False):
+        assert_close(got, want, dtype, f"{backend} d {name}")
+    return ref
+
+
+@pytest.fixture
+def small_native_blocks(monkeypatch):
+    """Native blocks of at most 2 pairs of 7 x 5 entries, so the tiny shapes span many blocks."""
+    monkeypatch.setattr(front, "BLOCK_ELEMENTS", 2 * 7 * 5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("agg", ["lse", "mean", "weighted"])
+def test_matches_float64_reference_with_masks_and_empty_rows(backend, agg, small_native_blocks):
+    check(backend, 3, 4, 5, 7, 6, agg=agg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("agg", ["lse", "mean", "weighted"])
+def test_matches_float64_reference_without_masks(backend, agg):
+    check(backend, 2, 3, 4, 5, 8, agg=agg, masks=False)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (1, 5, 3, 19, 33), (5, 2, 17, 3, 7)])
+def test_awkward_sizes(backend, shape):
+    """One of everything; more words than a Triton word block (16); Li, E off powers of two."""
+    check(backend, *shape, agg="lse", empty_rows=False)
+    check(backend, *shape, agg="weighted", empty_rows=False)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_sharp_scales(backend):
+    """Large attention and aggregation scales: the softmax and log-sum-exp stay finite."""
+    check(backend, 2, 3, 6, 5, 4, agg="lse", attn_scale=60.0, agg_scale=100.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision_inputs(dtype):
+    check("triton", 2, 3, 5, 6, 16, agg="lse", dtype=dtype)
+
+
+def test_native_blocks_cover_every_pair(small_native_blocks):
+    """Ragged block grid (7 reports with blocks of 2) gives the one-block result exactly."""
+    (img, txt, u), img_mask, txt_mask = make_inputs(5, 7, 5, 7, 4)
+    inputs = front.prepare(img, img_mask, txt, txt_mask, "weighted", u, torch.float64)
+    blocked = front.local_matching_blockwise(*inputs, 4.0, 5.0, False)
+    one_block = front._block(*inputs, 4.0, 5.0, False)[-1]
+    assert len(front._block_ranges(5, 7, 7, 5)) > 10
+    assert (blocked - one_block).abs().max().item() < 1e-12
+
+
+def test_reference_closed_form_for_one_region():
+    """With one region the attention is 1, c = v and s_k = cos(v, w_k): the reference's scores
+    follow the formula (an oracle for the oracle)."""
+    img, txt = torch.randn(2, 1, 5, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
+    cos = torch.einsum("ie,jke->ijk", F.normalize(img[:, 0], dim=-1), F.normalize(txt, dim=-1))
+    scores = reference.local_matching(img, None, txt, None, agg="lse", agg_scale=5.0)
+    assert torch.allclose(scores, torch.logsumexp(5.0 * cos, -1) / 5.0, atol=1e-12)
+    scores = reference.local_matching(img, None, txt, None, agg="mean")
+    assert torch.allclose(scores, cos.mean(-1), atol=1e-12)
+    u = torch.rand(3, 4, dtype=torch.float64)
+    scores = reference.local_matching(img, None, txt, None, agg="weighted", word_weights=u)
+    assert torch.allclose(scores, (cos * u).sum(-1) / u.sum(-1), atol=1e-12)
+
+
+def test_empty_rows_score_as_documented():
+    (img, txt, u), img_mask, txt_mask = make_inputs(3, 4, 5, 6, 4)
+    for backend in BACKENDS:
+        with mcr_kernels.use_backend(backend, "local_matching"):
+            lse = mcr_kernels.local_matching(img, img_mask, txt, txt_mask)
+            weighted = mcr_kernels.local_matching(img, img_mask, txt, txt_mask, agg="weighted", word_weights=u)
+        assert lse[:, 0].abs().max() == 0 and weighted[:, :2].abs().max() == 0, backend
+        n_words = txt_mask.sum(1)[1:].double()   # image 0 has no region: every s_k = 0
+        assert torch.allclose(lse[0, 1:], torch.log(n_words) / 5.0), backend
+
+
+class LargestTensor(TorchDispatchMode):
+    """The largest number of elements of any tensor an op creates while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_native_never_creates_the_full_attention(small_native_blocks):
+    """Forward and backward of the native backend create no tensor of B_i·B_t·Lt·Li entries
+    (the eager computation's): the largest is one block's."""
+    (img, txt, _), img_mask, txt_mask = make_inputs(6, 8, 5, 7, 4)
+    with LargestTensor() as mode, mcr_kernels.use_backend("cpu", "local_matching"):
+        scores = mcr_kernels.local_matching(img, img_mask, txt, txt_mask)
+        torch.autograd.grad(scores.sum(), (img, txt))
+    assert mode.largest <= 2 * 7 * 5 * 4 < 6 * 8 * 7 * 5   # one block's [bi, bt, Lt, E]
+
+
+def test_triton_falls_back_to_native_past_one_tile():
+    """Li above the Triton tile limit runs the native path, with the same result."""
+    check("triton", 1, 2, 257, 3, 4, agg="mean", empty_rows=False)
+
+
+# --- torch.library: opcheck and torch.compile ------------------------------------------------
+
+def prepared(lse, dtype=torch.float32):
+    (img, txt, u), img_mask, txt_mask = make_inputs(2, 3, 5, 6, 4)
+    inputs = front.prepare(img, img_mask, txt, txt_mask, "lse" if lse else "weighted", u, dtype)
+    return [t.detach().requires_grad_(i != 1 and (i != 3 or not lse)) for i, t in enumerate(inputs)]
+
+
+@pytest.mark.parametrize("lse", [True, False])
+def test_opcheck_custom_ops(lse):
+    from mcr_kernels.triton import local_matching as tlm
+
+    torch.library.opcheck(front.local_matching_blockwise, (*prepared(lse, torch.float64), 4.0, 5.0, lse))
+    torch.library.opcheck(tlm.local_matching_pairs, (*prepared(lse), 4.0, 5.0, lse, False))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_torch_compile_fullgraph_matches_eager(backend):
+    torch._dynamo.reset()
+    (img, txt, u), img_mask, txt_mask = make_inputs(3, 2, 4, 5, 6)
+    params = [t.detach().float().requires_grad_() for t in (img, txt, u)]
+
+    def loss(img, txt, u):
+        lse = mcr_kernels.local_matching(img, img_mask, txt, txt_mask)
+        weighted = mcr_kernels.local_matching(img, img_mask, txt, txt_mask, agg="weighted", word_weights=u)
+        return (lse * 3.0).logsumexp(1).sum() + weighted.square().sum()
+
+    compile_backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    with mcr_kernels.use_backend(backend, "local_matching"):
+        eager = loss(*params)
+        compiled = torch.compile(loss, fullgraph=True, backend=compile_backend)(*params)
+        got, want = torch.autograd.grad(compiled, params), torch.autograd.grad(eager, params)
+    assert_close(compiled, eager, torch.float32, "compiled loss")
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, torch.float32, "compiled grad")
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+def call(img=None, img_mask=None, txt=None, txt_mask=None, **kw):
+    img = torch.randn(2, 3, 4) if img is None else img
+    txt = torch.randn(5, 6, 4) if txt is None else txt
+    return mcr_kernels.local_matching(img, img_mask, txt, txt_mask, **kw)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(img=torch.randn(2, 3)), "img"),
+    (dict(txt=torch.randn(5, 6, 7)), "txt"),
+    (dict(txt=torch.randn(5, 6, 4, dtype=torch.float64)), "txt"),
+    (dict(img=torch.randn(2, 0, 4)), "img"),
+    (dict(img_mask=torch.ones(2, 4, dtype=torch.bool)), "img_mask"),
+    (dict(txt_mask=torch.ones(5, 6)), "txt_mask"),
+    (dict(txt_mask=torch.ones(4, 6, dtype=torch.bool)), "txt_mask"),
+    (dict(agg="max"), "agg"),
+    (dict(agg_scale=0.0), "agg_scale"),
+    (dict(agg="weighted"), "word_weights"),
+    (dict(agg="weighted", word_weights=torch.rand(5, 7)), "word_weights"),
+    (dict(agg="weighted", word_weights=-torch.rand(5, 6)), "word_weights"),
+    (dict(word_weights=torch.rand(5, 6)), "word_weights"),
+])
+def test_bad_input_raises_value_error_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        call(**kwargs)
+
+
+def test_default_backends():
+    from mcr_kernels import backend
+
+    assert backend.resolve("local_matching", torch.device("cpu"))[0] == "cpu"
+    assert math.isfinite(call().sum().item())

@@ -1,0 +1,95 @@
+"""The mpma and reclf variants: losses, gradients, their modules' behaviour, the CLI."""
+import pytest
+import torch
+from test_model import MASK, PAD, make_batch
+from test_train import run_args
+
+from mcr import checkpoint
+from mcr.models.mpma import MPMA
+from mcr.models.reclf import RECLF
+from mcr.train import main
+
+
+def model_of(tiny_config, variant, **kw):
+    model_class = {"mpma": MPMA, "reclf": RECLF}[variant]
+    return model_class(tiny_config(variant=variant, **kw), pad_token_id=PAD, mask_token_id=MASK)
+
+
+@pytest.mark.parametrize("variant,extra", [
+    ("mpma", ["memory", "memory_read.kv.weight", "fusion_blocks.0.q.weight", "image_to_text.weight"]),
+    ("reclf", ["irm.0.weight", "irm.2.weight"]),
+])
+def test_forward_backward_reaches_every_new_module(tiny_config, variant, extra):
+    model = model_of(tiny_config, variant, local_scale_learnable=True)
+    losses = model(make_batch(model.cfg))
+    assert set(losses) == {"contrastive", "mim", "mrm", "local"}
+    for value in losses.values():
+        assert value.dim() == 0 and torch.isfinite(value)
+    sum(losses.values()).backward()
+    params = dict(model.named_parameters())
+    for name in ["local_alignment.log_scale", "image_head.fc1.weight", "text_head.fc2.weight", *extra]:
+        assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
+
+
+def test_local_loss_gradient_reaches_the_encoders_through_local_matching(tiny_config):
+    model = model_of(tiny_config, "mpma")
+    model(make_batch(model.cfg))["local"].backward()
+    for name in ["vit.blocks.0.attn.qkv.weight", "bert.encoder.layer.0.attention.self.query.weight"]:
+        assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
+
+
+def test_local_loss_is_log_batch_for_identical_pairs(tiny_config):
+    """Every image and report the same: all scores tie, so the local loss is ln B."""
+    model = model_of(tiny_config, "mpma")
+    img, txt = torch.randn(1, 5, 16).expand(6, -1, -1), torch.randn(1, 7, 16).expand(6, -1, -1)
+    loss = model.local_alignment(img, txt, torch.ones(6, 7, dtype=torch.bool))
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(6.0)).item(), abs=1e-5)
+
+
+def test_mpma_reconstruction_reads_the_image_and_the_memory(tiny_config):
+    model = model_of(tiny_config, "mpma", memory_slots=3, memory_depth=2).eval()
+    assert isinstance(model, MPMA) and len(model.fusion_blocks) == 2
+    cfg = model.cfg
+    text, latent = torch.randn(2, 6, cfg.text_width), torch.randn(2, 4, cfg.vit_width)
+    base = model.condition_report(text, latent)
+    assert not torch.allclose(base, model.condition_report(text, latent + 1.0))
+    with torch.no_grad():
+        model.memory.add_(1.0)
+    assert not torch.allclose(base, model.condition_report(text, latent))
+
+
+def test_reclf_word_weights_irm_and_srm(tiny_config):
+    model = model_of(tiny_config, "reclf", srm_mix=0.0)
+    assert isinstance(model, RECLF)
+    tokens = torch.randn(3, 6, model.cfg.text_width)
+    word_mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    importance = model.word_weights(tokens, word_mask)       # IRM alone
+    assert (importance >= 0).all() and (importance[~word_mask] == 0).all()
+    model.cfg.srm_mix = 1.0                                  # SRM alone: R u with R row-stochastic
+    propagated = model.word_weights(tokens, word_mask)
+    assert (propagated[~word_mask] == 0).all() and propagated[2, 2] == 0  # no other word to relate to
+    assert propagated[:2].sum(1).max() <= importance[:2].sum(1).max() * 3
+    # a word's propagated weight is a convex mix of the other valid words' importance
+    for b in range(2):
+        valid = word_mask[b].nonzero().flatten()
+        for k in valid:
+            others = importance[b, valid[valid != k]]
+            assert others.min() - 1e-6 <= propagated[b, k] <= others.max() + 1e-6
+
+
+def test_reclf_unmasked_setting_sees_every_patch(tiny_config):
+    """RECLF's original setting (--unmasked-tuning 1): unmasked inputs, global and local losses."""
+    model = model_of(tiny_config, "reclf")
+    seen = []
+    model.vit.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    losses = model(make_batch(model.cfg), unmasked=True)
+    assert seen == [model.vit.patch_embed.num_patches + 1]
+    assert losses["mim"] == 0 and losses["mrm"] == 0 and losses["local"] > 0
+
+
+@pytest.mark.parametrize("variant,flags", [("mpma", []), ("reclf", []), ("reclf", ["--unmasked-tuning", "1"])])
+def test_cli_trains_each_variant(tmp_path, variant, flags):
+    results = main(run_args(tmp_path, "--max-steps", "2", "--eval-every", "0", "--variant", variant,
+                            "--memory-slots", "4", "--loss-local", "0.5", *flags))
+    assert 0 <= results["i2t"]["R@1"] <= 100
+    assert checkpoint.read_state(checkpoint.latest_checkpoint(tmp_path))["variant"] == variant
