@@ -14,6 +14,7 @@ what MbA claims to help with: the global pooled embedding must keep where and ho
 import torch
 
 from mcr.data.synthetic import ATTRIBUTES, SPLIT_OFFSETS, make_counterfactuals
+from mcr.engine import embed
 
 
 def counterfactual_sets(num_studies, *, split="val", seed=0, image_size=96):
@@ -26,22 +27,6 @@ def counterfactual_sets(num_studies, *, split="val", seed=0, image_size=96):
             sets.append((study, cfs))
         index += 1
     return sets
-
-
-@torch.no_grad()
-def embed_studies(model, studies, collate, device, autocast_dtype=None, batch_size=128):
-    """L2-normalised (image [N, E], text [N, E]) float32 embeddings of Study records."""
-    model.eval()
-    images, texts = [], []
-    for start in range(0, len(studies), batch_size):
-        batch = collate(studies[start:start + batch_size])
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            img, txt = model.embed(batch["image"].to(device), batch["input_ids"].to(device),
-                                   batch["attention_mask"].to(device),
-                                   batch["special_tokens_mask"].to(device))
-        images.append(img.float().cpu())
-        texts.append(txt.float().cpu())
-    return torch.cat(images), torch.cat(texts)
 
 
 def finegrained_metrics(true_scores, cf_scores, attributes):
@@ -64,7 +49,7 @@ def evaluate_finegrained(model, collate, device, *, num_studies=300, split="val"
     """{"i2t": {...}, "t2i": {...}, "queries": Q, "pairs": P} on the embedded corpus."""
     sets = counterfactual_sets(num_studies, split=split, seed=seed, image_size=image_size)
     studies = [s for study, cfs in sets for s in (study, *(c for _, c in cfs))]
-    img, txt = embed_studies(model, studies, collate, device, autocast_dtype)
+    img, txt, _ = embed(model, studies, collate, device, autocast_dtype, batch_size=128)
     start, results = 0, {"i2t": ([], [], []), "t2i": ([], [], [])}
     for _, cfs in sets:
         n = len(cfs)
