@@ -203,9 +203,12 @@ class LossWindow:
         return names, means
 
 
-def fit(cfg, model, runner, optimizer, train_set, val_set, collate, ctx, start_step=0):
+def fit(cfg, model, runner, optimizer, train_set, val_set, collate, ctx, start_step=0, on_validate=None):
     """The training loop from `start_step` to the end of the schedule (or the time limit):
-    logs, validates, checkpoints, and returns the final validation results (every rank)."""
+    logs, validates, checkpoints, and returns the final validation results (every rank).
+    on_validate(writer, model, val_set, collate, device, step, amp_dtype, num_workers): called
+    on every rank after each validation, with the TensorBoard writer on rank 0 and None
+    elsewhere (mcr.plot.log_to_tensorboard)."""
     steps_per_epoch = len(train_set) // cfg.batch_size
     total_steps = math.ceil(cfg.epochs * steps_per_epoch) if cfg.epochs > 0 else cfg.max_steps
     amp_dtype = autocast_dtype(cfg.precision, ctx.device)
@@ -221,11 +224,9 @@ def fit(cfg, model, runner, optimizer, train_set, val_set, collate, ctx, start_s
         if ctx.sharded:
             model.unshard()  # the root unit's weights; the blocks gather their own
         results = evaluate(model, val_set, collate, ctx.device, amp_dtype, num_workers=cfg.num_workers)
-        if cfg.tensorboard:  # every rank: the pictures' embedding (and forward under FSDP) are collectives
-            from mcr import plot
-
-            plot.log_to_tensorboard(log.writer if ctx.is_main else None, model, val_set, collate, ctx.device, step,
-                                    amp_dtype, cfg.num_workers)
+        if on_validate is not None:  # every rank: its embedding (and forward under FSDP) are collectives
+            on_validate(log.writer if ctx.is_main else None, model, val_set, collate, ctx.device, step, amp_dtype,
+                        cfg.num_workers)
         if ctx.sharded:
             model.reshard()
         if ctx.is_main:

@@ -171,9 +171,10 @@ def collate_for(cfg, tokenizer):
 
 # --- training -------------------------------------------------------------------------
 
-def train(cfg):
+def train(cfg, on_validate=None):
     """Train with `cfg` (one process, or one rank under torchrun); returns the final
-    validation results {"i2t": {...}, "t2i": {...}} (on every rank)."""
+    validation results {"i2t": {...}, "t2i": {...}} (on every rank). on_validate: see
+    engine.fit (mcr.train passes mcr.plot's TensorBoard pictures)."""
     resume_path = check_inputs(cfg)
     ctx = distributed.init_distributed(cfg.device)
     if cfg.batch_size % ctx.world:
@@ -219,12 +220,8 @@ def train(cfg):
         runner = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                                          find_unused_parameters=cfg.unmasked_tuning > 0 or cfg.unmasked_every > 0)
     results = engine.fit(cfg, model, runner, optimizer, train_set, val_set, collate_for(cfg, tokenizer), ctx,
-                         start_step)
+                         start_step, on_validate=on_validate)
     distributed.finish(ctx)
-    if cfg.pictures and ctx.is_main:  # once the process group is gone: one process draws
-        from mcr import plot
-
-        plot.after_training(cfg.out_dir)
     return results
 
 

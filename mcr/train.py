@@ -14,18 +14,24 @@ from every rank, so N processes train the same model as one process would (up to
 summation order), and a run resumes on another world size. --fsdp shards parameters,
 gradients and optimizer state over the ranks instead of replicating them (FSDP2).
 """
+import os
+
 from mcr import cli
 
 
 def main(argv=None):
     """Console entry point (mcr-train): parse, check every input, train; final results."""
     cfg = cli.parse_train_args(argv, description=__doc__)
-    from mcr import run  # torch and the model after parsing: --help and bad flags answer at once
+    # torch and the model after parsing: --help and bad flags answer at once
+    from mcr import plot, run
 
     try:
-        return run.train(cfg)
+        results = run.train(cfg, on_validate=plot.log_to_tensorboard if cfg.tensorboard else None)
     except run.InputError as err:
         cli.fail("python -m mcr.train", err)
+    if cfg.pictures and int(os.environ.get("RANK", "0")) == 0:  # one process draws, after training
+        plot.after_training(cfg.out_dir)
+    return results
 
 
 if __name__ == "__main__":

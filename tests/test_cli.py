@@ -12,7 +12,15 @@ import yaml
 
 import mcr
 from mcr import cli, evaluate
-from mcr.config import PRESETS, TRAINING_PRESETS, ModelConfig, TrainConfig, config_from_dict, config_to_dict
+from mcr.config import (
+    PRESETS,
+    TRAINING_PRESETS,
+    VARIANTS,
+    ModelConfig,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+)
 
 
 def test_a_config_built_anywhere_takes_its_preset():
@@ -54,7 +62,8 @@ def test_every_flag_has_help_and_the_default_after_the_preset(capsys):
             if f.type is not ModelConfig:
                 assert f.metadata["help"], f.name
                 assert "--" + f.name.replace("_", "-") in text, f.name
-    assert "{mcr,dual-stream,abm}" in text and "{auto,bf16,fp32}" in text
+    assert "{" + ",".join(VARIANTS) + "}" in text and "{auto,bf16,fp32}" in text
+    assert {"mcr", "dual-stream", "abm", "mpma", "reclf"} <= set(VARIANTS)
     assert "--resume, --no-resume" in text
     paper = " ".join(help_text(capsys, "--preset", "paper").split())
     assert "global batch, split evenly over torchrun's processes (default: 256)" in paper
@@ -71,7 +80,8 @@ def test_evaluate_flags_have_help(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--variant", "nope"], "argument --variant: invalid choice: 'nope' (choose from 'mcr', 'dual-stream', 'abm')"),
+    (["--variant", "nope"],
+     "argument --variant: invalid choice: 'nope' (choose from " + ", ".join(f"'{v}'" for v in VARIANTS) + ")"),
     (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
     (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
     (["--data", "foo"], "argument --data: invalid choice: 'foo'"),
