@@ -169,14 +169,15 @@ def test_unmasked_step_encodes_everything_and_trains_alignment_only(tiny_config)
 def test_unmasked_step_schedule():
     from mcr.config import TrainConfig, is_unmasked_step, unmasked_share
 
-    cfg = TrainConfig(unmasked_tuning=0.1)
+    cfg = TrainConfig(unmasked_tuning=0.1, unmasked_every=0)
     assert [s for s in range(100) if is_unmasked_step(cfg, s, 100)] == list(range(90, 100))
     cfg = TrainConfig(unmasked_every=4)
     assert [s for s in range(12) if is_unmasked_step(cfg, s, 12)] == [3, 7, 11]
     cfg = TrainConfig(unmasked_tuning=0.2, unmasked_every=5)
     counted = sum(is_unmasked_step(cfg, s, 1000) for s in range(1000)) / 1000
     assert counted == pytest.approx(unmasked_share(cfg), abs=1e-3)
-    assert not any(is_unmasked_step(TrainConfig(), s, 50) for s in range(50))
+    assert not any(is_unmasked_step(TrainConfig(preset="paper"), s, 50) for s in range(50))  # the paper's recipe
+    assert sum(is_unmasked_step(TrainConfig(), s, 50) for s in range(50)) == 25  # small: every 2nd step
 
 
 def test_loss_window_averages_reconstruction_over_masked_steps_only():
