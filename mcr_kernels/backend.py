@@ -64,6 +64,21 @@ def register(op, backend, fn, *, devices=None):
     _registry.setdefault(op, {})[backend] = (fn, None if devices is None else tuple(devices))
 
 
+@contextlib.contextmanager
+def wrapped(op, backend, wrapper):
+    """Within the block, `op`'s `backend` implementation fn runs as wrapper(fn) (e.g. a call
+    counter in tests); the registration is restored on exit."""
+    _check_op(op)
+    if backend not in _registry[op]:
+        raise ValueError(f"op {op!r} has no {backend!r} backend; it has {registered_backends(op)}")
+    fn, devices = _registry[op][backend]
+    _registry[op][backend] = (wrapper(fn), devices)
+    try:
+        yield
+    finally:
+        _registry[op][backend] = (fn, devices)
+
+
 def ops():
     """Names of the registered ops."""
     return tuple(sorted(_registry))

@@ -6,6 +6,7 @@ memory (no tensor beyond a block); opcheck and torch.compile.
 Tolerances, relative to max(1, max |reference|): float32 2e-5 (attention, InfoNCE and the
 pooled outputs are O(1)), bfloat16 4e-2.
 """
+import contextlib
 import os
 import socket
 import tempfile
@@ -35,17 +36,22 @@ def leaves(*tensors, dtype):
 
 
 @pytest.fixture
-def cpu_calls(monkeypatch):
+def cpu_calls():
     """Counts the calls that reach each op's registered `cpu` function."""
     calls = dict.fromkeys(CPU_OPS, 0)
-    for op in CPU_OPS:
-        fn, available = backend._registry[op]["cpu"]
 
-        def counted(*args, _op=op, _fn=fn, **kwargs):
-            calls[_op] += 1
-            return _fn(*args, **kwargs)
-        monkeypatch.setitem(backend._registry[op], "cpu", (counted, available))
-    return calls
+    def counter(op):
+        def wrap(fn):
+            def counted(*args, **kwargs):
+                calls[op] += 1
+                return fn(*args, **kwargs)
+            return counted
+        return wrap
+
+    with contextlib.ExitStack() as stack:
+        for op in CPU_OPS:
+            stack.enter_context(backend.wrapped(op, "cpu", counter(op)))
+        yield calls
 
 
 @pytest.fixture

@@ -209,3 +209,20 @@ def test_import_needs_torch_only():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"import mcr_kernels imported {result.stdout.strip()}"
+
+
+def test_wrapped_backend_runs_the_wrapper_and_restores_the_registration():
+    from mcr_kernels import backend
+
+    seen = []
+    x = torch.randn(2, 3, 4)
+    with backend.wrapped("mba_pool", "reference", lambda fn: lambda *a, **k: seen.append(1) or fn(*a, **k)):
+        with mcr_kernels.use_backend("reference", "mba_pool"):
+            mcr_kernels.mba_pool(x, None, torch.randn(5, 4), None)
+    assert seen == [1]
+    with mcr_kernels.use_backend("reference", "mba_pool"):
+        mcr_kernels.mba_pool(x, None, torch.randn(5, 4), None)
+    assert seen == [1]  # restored
+    with pytest.raises(ValueError, match="no 'native' backend"):
+        with backend.wrapped("mba_pool", "native", lambda fn: fn):
+            pass
