@@ -3,8 +3,8 @@
     loss = linear_cross_entropy(hidden, weight, bias, labels)   # hidden [N, D], weight [V, D]
 
 Equals F.cross_entropy(F.linear(hidden, weight, bias).float(), labels, ...) but holds one
-chunk of rows' float32 logits at a time (the gradient is computed chunk by chunk in the
-forward pass). Signature, backends, limits and how it works: docs/linear_cross_entropy.md.
+chunk of rows' float32 logits at a time, and only a log-sum-exp per row from forward to
+backward (which recomputes each chunk's logits). Signature, backends, limits and how it works: docs/linear_cross_entropy.md.
 """
 import torch
 

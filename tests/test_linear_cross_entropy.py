@@ -104,14 +104,13 @@ def test_chunked_default_on_cpu_and_it_runs():
     assert calls == [1]
 
 
-def test_no_grad_mode_computes_no_gradients():
+def test_no_grad_mode_keeps_only_the_row_log_sum_exp():
     hidden, weight = torch.randn(7, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
     labels = torch.randint(0, 9, (7,))
     with torch.no_grad():
-        _, d_hidden, d_weight, d_bias = chunked.linear_cross_entropy_chunked(hidden, weight, None, labels,
-                                                                            -100, True, False)
-        loss = mcr_kernels.linear_cross_entropy(hidden, weight, None, labels)
-    assert d_hidden.numel() == d_weight.numel() == d_bias.numel() == 0 and not loss.requires_grad
+        loss, lse = chunked.linear_cross_entropy_chunked(hidden, weight, None, labels, -100, True)
+    assert not loss.requires_grad and lse.shape == (7,)
+    assert_close(lse, torch.logsumexp(hidden.double() @ weight.double().T, 1), torch.float32, "lse")
     assert_close(loss, reference.linear_cross_entropy(hidden, weight, None, labels), torch.float32, "loss")
 
 
@@ -120,18 +119,40 @@ def test_chunks_never_hold_the_rows_by_vocabulary_logits(small_chunks):
     hidden, weight, bias = torch.randn(N, D), torch.randn(V, D), torch.randn(V)
     labels = torch.randint(0, V, (N,))
     with LargestTensor() as largest:
-        chunked.chunked_forward(hidden, weight, bias, labels, -100, True, True, chunked.ce_rows_torch)
+        _, lse = chunked.chunked_forward(hidden, weight, bias, labels, -100, True, chunked.ce_rows_torch)
+    assert largest.numel <= V * chunked.chunk_rows(N, V, D) < N * V // 4, largest.numel
+    with LargestTensor() as largest:
+        chunked.chunked_backward(torch.tensor(1.0), hidden, weight, bias, labels, lse, -100, True,
+                                 chunked.ce_grad_rows_torch)
     assert largest.numel <= max(V * chunked.chunk_rows(N, V, D), V * D) < N * V // 4, largest.numel
 
 
-@pytest.mark.parametrize("op", [chunked.linear_cross_entropy_chunked, "triton"])
-def test_opcheck(op):
-    if op == "triton":
-        from mcr_kernels.triton.linear_cross_entropy import linear_cross_entropy_triton as op
+def test_forward_holds_no_weight_sized_gradient():
+    """Between forward and backward only the rows' log-sum-exp is kept (not d W [V, D])."""
+    hidden, weight = torch.randn(5, 8, requires_grad=True), torch.randn(300, 8, requires_grad=True)
+    labels = torch.randint(0, 300, (5,))
+    with mcr_kernels.use_backend("cpu", "linear_cross_entropy"):
+        loss = mcr_kernels.linear_cross_entropy(hidden, weight, None, labels)
+    saved = [t for t in loss.grad_fn.saved_tensors if t is not None]  # custom op's autograd node
+    assert {tuple(t.shape) for t in saved} <= {(5, 8), (300, 8), (5,)}
+    assert all(t.data_ptr() in (hidden.data_ptr(), weight.data_ptr(), labels.data_ptr()) or t.shape == (5,)
+               for t in saved)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_opcheck(name):
+    if name == "triton":
+        from mcr_kernels.triton import linear_cross_entropy as module
+        forward, backward = module.linear_cross_entropy_triton, module.linear_cross_entropy_triton_backward
+    else:
+        forward, backward = chunked.linear_cross_entropy_chunked, chunked.linear_cross_entropy_chunked_backward
     hidden, weight, bias = (torch.randn(*s, requires_grad=True) for s in ((6, 5), (7, 5), (7,)))
     labels = torch.tensor([0, 6, -100, 3, 3, 1])
-    torch.library.opcheck(op, (hidden, weight, bias, labels, -100, True, True))
-    torch.library.opcheck(op, (hidden, weight, None, labels, -100, False, True))
+    torch.library.opcheck(forward, (hidden, weight, bias, labels, -100, True))
+    torch.library.opcheck(forward, (hidden, weight, None, labels, -100, False))
+    hidden, weight, bias = hidden.detach(), weight.detach(), bias.detach()  # no double backward
+    lse = torch.logsumexp(hidden @ weight.T + bias, 1)
+    torch.library.opcheck(backward, (torch.tensor(1.3), hidden, weight, bias, labels, lse, -100, True))
 
 
 @pytest.mark.parametrize("name", BACKENDS)

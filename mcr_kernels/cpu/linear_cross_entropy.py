@@ -1,14 +1,14 @@
 """Chunked fused linear + cross-entropy: the `cpu` backend of linear_cross_entropy (any
-device) and the chunk loop the Triton backend shares.
+device) and the chunk loops the Triton backend shares.
 
-Liger-Kernel's design: the gradient is computed in the forward pass, chunk of rows by chunk
-of rows, so that only one chunk's logits [rows, V] (float32) exist at a time:
-    logits = hidden[chunk] Wᵀ + b                  (float32)
-    loss  += CE(logits, labels[chunk])              (ce_rows, which also overwrites logits with
-                                                     d loss / d logits)
-    d hidden[chunk] = d logits W ;  d W += d logitsᵀ hidden[chunk] ;  d b += Σ d logits
-The backward pass only scales the stored gradients by the incoming gradient. Without grad
-mode (evaluation) the gradients are skipped. d W and d b accumulate in float32.
+Only one chunk of rows' logits [rows, V] (float32) exists at a time. The forward pass keeps
+each row's log-sum-exp and nothing else; the backward pass recomputes the chunk's logits
+(one more GEMM than Liger-Kernel's gradient-in-forward design, which holds d W [V, D] from
+forward to backward and outweighs the logits it saves when rows < D):
+    forward:   logits = hidden[c] Wᵀ + b ;  lse[c] = logsumexp(logits) ;  loss += CE(logits, labels[c])
+    backward:  logits = hidden[c] Wᵀ + b ;  g = (exp(logits - lse[c]) - onehot) * scale * grad
+               d hidden[c] = g W ;  d W += gᵀ hidden[c] ;  d b += Σ g
+d W and d b accumulate in float32.
 """
 import math
 
@@ -24,95 +24,117 @@ def chunk_rows(num_rows, vocab, width):
     return max(1, min(num_rows, max(liger, _MIN_CHUNK_ELEMENTS // vocab)))
 
 
-def ce_rows_torch(logits, labels, ignore_index, scale, compute_grads):
-    """Sum over the rows of scale * CE(logits [c, V] float32, labels [c]) (ignored rows count 0);
-    with compute_grads, logits is overwritten by the gradient of that sum."""
+def ce_rows_torch(logits, labels, ignore_index):
+    """(per-row CE float32 [c] (0 for ignored rows), per-row log-sum-exp [c]) of logits [c, V]."""
     valid = labels != ignore_index
-    target = torch.where(valid, labels, 0)
     lse = torch.logsumexp(logits, dim=1)
-    loss = ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum() * scale
-    if compute_grads:
-        logits.sub_(lse[:, None]).exp_()
-        logits.scatter_add_(1, target[:, None], -valid.to(logits.dtype)[:, None])
-        logits.mul_((valid * scale)[:, None])
-    return loss
+    target = logits.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1)
+    return (lse - target) * valid, lse
 
 
-def chunked_forward(hidden, weight, bias, labels, ignore_index, mean, compute_grads, ce_rows):
-    """(loss float32 scalar, d hidden, d weight, d bias) of sum (or mean over the non-ignored
-    rows) of CE(hidden Wᵀ + b, labels); the gradients are empty tensors without compute_grads
-    (d bias also without bias)."""
+def ce_grad_rows_torch(logits, labels, lse, ignore_index, scale):
+    """Overwrite logits [c, V] float32 with scale * d CE / d logits (0 on ignored rows)."""
+    valid = labels != ignore_index
+    logits.sub_(lse[:, None]).exp_()
+    logits.scatter_add_(1, torch.where(valid, labels, 0)[:, None], -valid.to(logits.dtype)[:, None])
+    logits.mul_((valid * scale)[:, None])
+
+
+def chunk_logits(h, weight, bias):
+    logits = (h @ weight.T).float()
+    if bias is not None:
+        logits += bias.float()
+    return logits
+
+
+def loss_scale(labels, ignore_index, mean):
+    """1 / (non-ignored rows) for "mean", 1 for "sum" (a float32 0-dim tensor)."""
+    if mean:
+        return 1.0 / (labels != ignore_index).sum().clamp(min=1).float()
+    return torch.ones((), dtype=torch.float32, device=labels.device)
+
+
+def chunked_forward(hidden, weight, bias, labels, ignore_index, mean, ce_rows):
+    """(loss float32 scalar, lse float32 [N]): sum (or mean over the non-ignored rows) of
+    CE(hidden Wᵀ + b, labels), and each row's log-sum-exp for the backward pass."""
+    N, D = hidden.shape
+    lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    rows = chunk_rows(N, weight.shape[0], D)
+    for start in range(0, N, rows):
+        row_loss, lse[start:start + rows] = ce_rows(chunk_logits(hidden[start:start + rows], weight, bias),
+                                                   labels[start:start + rows], ignore_index)
+        loss += row_loss.sum()
+    return loss * loss_scale(labels, ignore_index, mean), lse
+
+
+def chunked_backward(grad, hidden, weight, bias, labels, lse, ignore_index, mean, ce_grad_rows):
+    """(d hidden, d weight, d bias) of grad * chunked_forward's loss; d bias is empty without bias."""
     N, D = hidden.shape
     V = weight.shape[0]
-    valid_count = (labels != ignore_index).sum()
-    scale = 1.0 / valid_count.clamp(min=1).float() if mean else torch.ones((), device=hidden.device)
-    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    d_hidden = torch.empty_like(hidden) if compute_grads else hidden.new_empty(0)
-    d_weight = torch.zeros(V, D, dtype=torch.float32, device=hidden.device) if compute_grads \
-        else hidden.new_empty(0)
-    d_bias = torch.zeros(V, dtype=torch.float32, device=hidden.device) if compute_grads and bias is not None \
-        else hidden.new_empty(0)
+    scale = grad.float() * loss_scale(labels, ignore_index, mean)
+    d_hidden = torch.empty_like(hidden)
+    d_weight = torch.zeros(V, D, dtype=torch.float32, device=hidden.device)
+    d_bias = torch.zeros(V, dtype=torch.float32, device=hidden.device) if bias is not None else hidden.new_empty(0)
     rows = chunk_rows(N, V, D)
     for start in range(0, N, rows):
         h = hidden[start:start + rows]
-        logits = (h @ weight.T).float()
+        logits = chunk_logits(h, weight, bias)
+        ce_grad_rows(logits, labels[start:start + rows], lse[start:start + rows], ignore_index, scale)
+        d_hidden[start:start + rows] = logits.to(weight.dtype) @ weight
+        d_weight.addmm_(logits.T, h.float())
         if bias is not None:
-            logits += bias.float()
-        loss += ce_rows(logits, labels[start:start + rows], ignore_index, scale, compute_grads)
-        if compute_grads:  # logits now holds d loss / d logits
-            d_hidden[start:start + rows] = logits.to(weight.dtype) @ weight
-            d_weight.addmm_(logits.T, h.float())
-            if bias is not None:
-                d_bias += logits.sum(0)
-    if compute_grads:
-        d_weight = d_weight.to(weight.dtype)
-        d_bias = d_bias.to(bias.dtype) if bias is not None else d_bias
-    return loss, d_hidden, d_weight, d_bias
+            d_bias += logits.sum(0)
+    return d_hidden, d_weight.to(weight.dtype), d_bias.to(bias.dtype) if bias is not None else d_bias
 
 
-def fake_forward(hidden, weight, bias, labels, ignore_index, mean, compute_grads):
-    """Output shapes of chunked_forward (the custom ops' register_fake)."""
-    loss = hidden.new_empty((), dtype=torch.float32)
-    if not compute_grads:
-        return loss, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
-    return (loss, torch.empty_like(hidden), torch.empty_like(weight),
+def fake_forward(hidden, weight, bias, labels, ignore_index, mean):
+    return hidden.new_empty((), dtype=torch.float32), hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+
+
+def fake_backward(grad, hidden, weight, bias, labels, lse, ignore_index, mean):
+    return (torch.empty_like(hidden), torch.empty_like(weight),
             torch.empty_like(bias) if bias is not None else hidden.new_empty(0))
 
 
-def register_autograd(op):
-    """The backward of a chunked op: its stored gradients times the incoming gradient."""
+def register(forward_op, backward_op):
+    """Fakes of a chunked forward / backward op pair, and the forward's autograd through the backward op."""
+    forward_op.register_fake(fake_forward)
+    backward_op.register_fake(fake_backward)
+
     def setup_context(ctx, inputs, output):
-        hidden, weight, bias = inputs[:3]
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(*output[1:])
+        hidden, weight, bias, labels, ignore_index, mean = inputs
+        ctx.save_for_backward(hidden, weight, bias, labels, output[1])
+        ctx.ignore_index, ctx.mean = ignore_index, mean
 
-    def backward(ctx, grad, *_):
-        d_hidden, d_weight, d_bias = ctx.saved_tensors
-        return grad * d_hidden, grad * d_weight, grad * d_bias if ctx.has_bias else None, None, None, None, None
+    def backward(ctx, grad, _grad_lse):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        d_hidden, d_weight, d_bias = backward_op(grad, hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.mean)
+        return d_hidden, d_weight, d_bias if bias is not None else None, None, None, None
 
-    op.register_autograd(backward, setup_context=setup_context)
+    forward_op.register_autograd(backward, setup_context=setup_context)
 
 
 @torch.library.custom_op("mcr_kernels::linear_cross_entropy_chunked", mutates_args=())
 def linear_cross_entropy_chunked(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                 labels: torch.Tensor, ignore_index: int, mean: bool,
-                                 compute_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                               torch.Tensor]:
-    """(loss, d hidden, d weight, d bias) of the chunked linear cross-entropy (torch ops)."""
-    return chunked_forward(hidden, weight, bias, labels, ignore_index, mean, compute_grads, ce_rows_torch)
+                                 labels: torch.Tensor, ignore_index: int,
+                                 mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, per-row log-sum-exp) of the chunked linear cross-entropy (torch ops)."""
+    return chunked_forward(hidden, weight, bias, labels, ignore_index, mean, ce_rows_torch)
 
 
-linear_cross_entropy_chunked.register_fake(fake_forward)
-register_autograd(linear_cross_entropy_chunked)
+@torch.library.custom_op("mcr_kernels::linear_cross_entropy_chunked_backward", mutates_args=())
+def linear_cross_entropy_chunked_backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                                          bias: torch.Tensor | None, labels: torch.Tensor, lse: torch.Tensor,
+                                          ignore_index: int,
+                                          mean: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d hidden, d weight, d bias) of the chunked linear cross-entropy (torch ops)."""
+    return chunked_backward(grad, hidden, weight, bias, labels, lse, ignore_index, mean, ce_grad_rows_torch)
+
+
+register(linear_cross_entropy_chunked, linear_cross_entropy_chunked_backward)
 
 
 def linear_cross_entropy(hidden, weight, bias, labels, *, ignore_index=-100, reduction="mean"):
     """`cpu` backend of mcr_kernels.linear_cross_entropy (same arguments, float32 scalar)."""
-    return run(linear_cross_entropy_chunked, hidden, weight, bias, labels, ignore_index, reduction)
-
-
-def run(op, hidden, weight, bias, labels, ignore_index, reduction):
-    """Call a chunked op, computing gradients only when autograd will ask for them."""
-    compute_grads = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
-    return op(hidden, weight, bias, labels, ignore_index, reduction == "mean", compute_grads)[0]
+    return linear_cross_entropy_chunked(hidden, weight, bias, labels, ignore_index, reduction == "mean")[0]
