@@ -39,13 +39,19 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
-    """Head dims of 128 and above: small tiles only (registers and shared memory: at 128 in
-    bf16 the 128-row tiles with 3 stages need 192 KiB, over sm_80's 163 KiB per block)."""
+    """Tiles by the bytes of one head-dim row (BLOCK_D x element size), from the compile check's
+    registers and spills: up to 128 bytes (bf16 Dh <= 64, fp32 Dh <= 32) every config; 256
+    (bf16 Dh 128, fp32 Dh 64) the small tiles (at bf16 Dh 128 the 128-row tiles with 3 stages
+    need 192 KiB, over sm_80's 163 KiB per block); from 512 (bf16 Dh 256, fp32 Dh >= 128) the
+    32 x 32 tile alone: every larger one spilled kilobytes per thread (fp32 Dh 128: 3-37 KiB)."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    if block_d is None or block_d < 128:
+    if block_d is None:
         return configs
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in ((32, 32, 4, 1), (64, 32, 4, 2), (64, 64, 8, 1))]
+    row_bytes = block_d * named_args["Q"].element_size()
+    if row_bytes < 256:
+        return configs
+    shapes = ((32, 32, 4, 1), (64, 32, 4, 2), (64, 64, 8, 1)) if row_bytes < 512 else ((32, 32, 4, 1),)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
 def _backward_prune(streamed):
