@@ -137,6 +137,8 @@ class TrainConfig:
     unmasked_tuning: float = option(0.0, "share of the last steps trained on unmasked inputs, contrastive loss "
                                     "only (FLIP)", minimum=0, maximum=1)
     unmasked_every: int = from_preset("also every k-th step unmasked, contrastive loss only; 0 = never", minimum=0)
+    unmasked_until: float = option(1.0, "--unmasked-every applies to the first this share of the steps only "
+                                   "(the take-off); masked-only after it", minimum=0, maximum=1)
     eval_every: int = from_preset("validate every N steps; 0 = only at the end", minimum=0)
     save_every: int = from_preset("checkpoint every N steps; 0 = only at the end", minimum=0)
     keep_checkpoints: int = option(2, "newest checkpoints kept", minimum=1)
@@ -273,13 +275,15 @@ def config_from_dict(values):
 
 def is_unmasked_step(cfg, step, total_steps):
     """Whether training step `step` (0-based) of `total_steps` is an unmasked, contrastive-only
-    step: the last `unmasked_tuning` share of the steps, and every `unmasked_every`-th step."""
+    step: the last `unmasked_tuning` share of the steps, and every `unmasked_every`-th step of
+    the first `unmasked_until` share."""
     if step >= total_steps - round(cfg.unmasked_tuning * total_steps):
         return True
-    return cfg.unmasked_every > 0 and step % cfg.unmasked_every == cfg.unmasked_every - 1
+    early = step < round(cfg.unmasked_until * total_steps)
+    return early and cfg.unmasked_every > 0 and step % cfg.unmasked_every == cfg.unmasked_every - 1
 
 
 def unmasked_share(cfg):
     """The share of training steps that are unmasked (is_unmasked_step), for cost accounting."""
     every = 1 / cfg.unmasked_every if cfg.unmasked_every > 0 else 0.0
-    return cfg.unmasked_tuning + (1 - cfg.unmasked_tuning) * every
+    return cfg.unmasked_tuning + min(cfg.unmasked_until, 1 - cfg.unmasked_tuning) * every

@@ -176,6 +176,12 @@ def test_unmasked_step_schedule():
     cfg = TrainConfig(unmasked_tuning=0.2, unmasked_every=5)
     counted = sum(is_unmasked_step(cfg, s, 1000) for s in range(1000)) / 1000
     assert counted == pytest.approx(unmasked_share(cfg), abs=1e-3)
+    cfg = TrainConfig(unmasked_every=2, unmasked_until=0.5)  # the take-off only: steps 1, 3, ..., 49 of 100
+    assert [s for s in range(100) if is_unmasked_step(cfg, s, 100)] == list(range(1, 50, 2))
+    assert unmasked_share(cfg) == pytest.approx(0.25)
+    cfg = TrainConfig(unmasked_tuning=0.1, unmasked_every=3, unmasked_until=0.6)
+    counted = sum(is_unmasked_step(cfg, s, 3000) for s in range(3000)) / 3000
+    assert counted == pytest.approx(unmasked_share(cfg), abs=1e-3)
     assert not any(is_unmasked_step(TrainConfig(preset="paper"), s, 50) for s in range(50))  # the paper's recipe
     assert sum(is_unmasked_step(TrainConfig(), s, 50) for s in range(50)) == 25  # small: every 2nd step
 
