@@ -29,17 +29,20 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import functools
 import glob
 import importlib
 import io
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import pathlib
 import pkgutil
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -405,17 +408,21 @@ def _compile_in_worker(selection, index):
     return compile_job(_WORKER_JOBS[selection][index])
 
 
+def _ignore_interrupts():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent alone stops
+
+
 def run(selection, jobs, processes=1, progress=True, rows=None):
     """Compile all jobs (built from selection = build_jobs' arguments), appending each Row to
-    `rows` as it completes; an interrupt (Ctrl-C, timeout -s INT) stops early and keeps them."""
+    `rows` as it completes; an interrupt (Ctrl-C, timeout -s INT) stops early and keeps them
+    (with --jobs N the workers are terminated, not waited for)."""
     rows = [] if rows is None else rows
     pool = None
     if processes <= 1:
         results = map(compile_job, jobs)
     else:  # JIT functions do not pickle: each worker rebuilds the job list and compiles by index
-        from concurrent.futures import ProcessPoolExecutor
-        pool = ProcessPoolExecutor(processes)
-        results = pool.map(_compile_in_worker, itertools.repeat(selection), range(len(jobs)))
+        pool = multiprocessing.Pool(processes, initializer=_ignore_interrupts)
+        results = pool.imap(functools.partial(_compile_in_worker, selection), range(len(jobs)))
     try:
         for row in results:
             rows.append(row)
@@ -425,7 +432,8 @@ def run(selection, jobs, processes=1, progress=True, rows=None):
         print(f"interrupted after {len(rows)} of {len(jobs)} configurations", flush=True)
     finally:
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.terminate()
+            pool.join()
     return rows
 
 

@@ -4,7 +4,8 @@
 
 Equals F.cross_entropy(F.linear(hidden, weight, bias).float(), labels, ...) but holds one
 chunk of rows' float32 logits at a time, and only a log-sum-exp per row from forward to
-backward (which recomputes each chunk's logits). Signature, backends, limits and how it works: docs/linear_cross_entropy.md.
+backward (which recomputes each chunk's logits). Signature, backends, limits and how it
+works: docs/linear_cross_entropy.md.
 """
 import torch
 

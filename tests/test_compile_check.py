@@ -6,8 +6,10 @@ and the kernel modules pick interpreter-only configs under it).
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -102,3 +104,24 @@ def test_refuses_the_interpreter():
     result = subprocess.run([sys.executable, "-m", "mcr_kernels.compile_check", "--list"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "unset TRITON_INTERPRET" in result.stderr
+
+
+def test_interrupt_with_jobs_stops_promptly_and_reports_incomplete(tmp_path):
+    """SIGINT to the parent (timeout -s INT) during a --jobs 2 run: the workers are terminated,
+    the rows so far are kept, exit 1 (incomplete) within seconds; it used to hang."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # cold: the attention compiles take seconds each
+    args = ["--kernel", "_attn_fwd", "--dtype", "fp32", "--jobs", "2", "--no-cuda"]
+    proc = subprocess.Popen([sys.executable, "-m", "mcr_kernels.compile_check", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = proc.stdout.readline()  # one configuration compiled: the pool is busy
+    assert first.startswith("[1/"), first
+    proc.send_signal(signal.SIGINT)  # the parent alone, as `timeout -s INT` does
+    start = time.perf_counter()
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("compile_check --jobs 2 did not stop within 60 s of SIGINT") from None
+    assert time.perf_counter() - start < 5, "the workers' compiles were waited for"
+    assert proc.returncode == 1 and "interrupted after" in out and "INCOMPLETE" in out, out[-2000:]
