@@ -248,3 +248,32 @@ def test_default_backends():
 
     assert backend.resolve("local_matching", torch.device("cpu"))[0] == "cpu"
     assert math.isfinite(call().sum().item())
+
+
+def test_triton_tiles_that_cannot_launch_take_the_blockwise_path(monkeypatch):
+    """tile_fits: over 128 x 128 never; at 128 x 128 only where the backward's shared memory
+    (compile check: 216 KiB with tensor cores, 145 KiB exact) fits the device's opt-in limit;
+    and a too-large image really goes blockwise (same result, no kernel launch)."""
+    pytest.importorskip("triton")
+    triton_lm = importlib.import_module("mcr_kernels.triton.local_matching")
+
+    class Props:
+        shared_memory_per_block_optin = 0
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    cuda = torch.device("cuda")
+    for optin, tensor_cores, fits in [(163 * 1024, True, False), (163 * 1024, False, True),
+                                      (227 * 1024, True, True), (227 * 1024, False, True)]:
+        Props.shared_memory_per_block_optin = optin
+        assert triton_lm.tile_fits(128, 128, tensor_cores, cuda) is fits, (optin, tensor_cores)
+        assert triton_lm.tile_fits(64, 128, tensor_cores, cuda)
+        assert not triton_lm.tile_fits(256, 128, tensor_cores, cuda)
+    assert not triton_lm.tile_fits(128, 256, False, torch.device("cpu"))
+
+    launched = []
+    monkeypatch.setattr(triton_lm, "local_matching_pairs", lambda *a: launched.append(1))
+    (img, txt, _), img_mask, txt_mask = make_inputs(2, 3, 130, 5, 72)  # a 256 x 128 tile
+    got = triton_lm.local_matching(img.detach().float(), img_mask, txt.detach().float(), txt_mask)
+    expected = reference.local_matching(img.detach(), img_mask, txt.detach(), txt_mask)
+    assert not launched
+    assert_close(got, expected, torch.float32, "scores")

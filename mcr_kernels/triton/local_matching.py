@@ -7,8 +7,8 @@ s = (c·w) / |c|, folded into the pair's aggregate (an online log-sum-exp per wo
 the weighted sum). Backward recomputes the same blocks in two kernels without atomics:
 grid (B_t, word blocks) loops over every image for d w and d weights; grid (B_i,) loops over
 every (report, word block) for d v. Saved for backward: the inputs and scores [B_i, B_t].
-Li and E must fit one tile (<= MAX_TILE); larger inputs take the `cpu` blockwise path, as
-do float64 inputs (the kernels compute in float32).
+Li and E must fit one tile that fits the device (tile_fits); larger inputs take the `cpu`
+blockwise path, as do float64 inputs (the kernels compute in float32).
 """
 import os
 
@@ -19,9 +19,25 @@ import triton.language as tl
 from mcr_kernels.local_matching import blockwise, prepare
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-MAX_TILE = 256
 BLOCK_T = 16
 NUM_WARPS = 8
+MAX_TILE_AREA = 128 * 128  # BLOCK_L x BLOCK_E; 256 x 128 needs 272 KiB of shared memory in forward already
+# shared memory per block of the larger backward kernel at a 128 x 128 tile, from the compile
+# check (sm_80 and sm_90 alike): tensor-core (tf32) products, exact ones; at 64 x 128 it is
+# 120 / 81 KiB, within every sm_80+ device's opt-in limit
+_BACKWARD_SHARED_128 = {True: 221_312, False: 148_504}
+
+
+def tile_fits(block_l, block_e, tensor_cores, device):
+    """Whether the kernels can launch with one [block_l, block_e] image tile on `device`: at
+    most MAX_TILE_AREA, and at 128 x 128 the backward's shared memory within the device's
+    per-block opt-in limit (an A100's 163 KiB holds the exact one only, an H100's 227 KiB both)."""
+    area = block_l * block_e
+    if area > MAX_TILE_AREA:
+        return False
+    if area < MAX_TILE_AREA or device.type != "cuda":
+        return True
+    return _BACKWARD_SHARED_128[tensor_cores] <= torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
 @triton.jit
@@ -235,7 +251,9 @@ local_matching_pairs.register_autograd(_pairs_grads, setup_context=_pairs_setup)
 def local_matching(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", agg_scale=5.0,
                    word_weights=None):
     """`triton` backend of mcr_kernels.local_matching (same arguments and result)."""
-    if img.dtype == torch.float64 or img.shape[1] > MAX_TILE or img.shape[2] > MAX_TILE:
+    tiles = _tiles(img)
+    if img.dtype == torch.float64 or not tile_fits(tiles["BLOCK_L"], tiles["BLOCK_E"], img.dtype != torch.float32,
+                                                   img.device):
         return blockwise(img, img_mask, txt, txt_mask, attn_scale=attn_scale, agg=agg,
                          agg_scale=agg_scale, word_weights=word_weights)
     v, region, w, weights = prepare(img, img_mask, txt, txt_mask, agg, word_weights, torch.float32)
