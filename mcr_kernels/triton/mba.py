@@ -34,9 +34,12 @@ _DPRE_CHUNK_ELEMENTS = 1 << 25  # dpre [rows, L, H] per backward chunk: 64 MiB i
 _UPCAST_DOT = tl.constexpr(_INTERPRET)  # the interpreter's bf16 tl.dot is wrong (triton 3.8)
 
 
-def _tuned(kernel, configs, key):
+def _tuned(kernel, configs, key, prune=None):
     """The autotuned kernel on a GPU; the plain one (explicit small blocks) in the interpreter."""
-    return kernel if _INTERPRET else triton.autotune(configs=configs, key=key)(kernel)
+    if _INTERPRET:
+        return kernel
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)(
+        kernel)
 
 
 # --- activations ------------------------------------------------------------------------
@@ -140,8 +143,19 @@ def _pool_bwd_kernel(X, WTS, W1, B1, G, DPRE, row0, L, D, H, sxb, sxl, sxd, swtb
 _POOL_CONFIGS = [triton.Config({"BLOCK_L": bl, "BLOCK_H": bh, "BLOCK_D": bd}, num_warps=w, num_stages=s)
                  for bl, bh, bd, w, s in [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (32, 128, 64, 4, 3),
                                           (64, 64, 64, 4, 4), (128, 64, 64, 4, 3), (128, 256, 64, 8, 3)]]
-_pool_fwd = _tuned(_pool_fwd_kernel, _POOL_CONFIGS, ["L", "D", "H"])
-_pool_bwd = _tuned(_pool_bwd_kernel, _POOL_CONFIGS, ["L", "D", "H"])
+
+
+def _pool_prune(configs, named_args, **kwargs):
+    """float32 tokens: the 32 x 128 and 64 x 64 tiles only. In the compile check every larger
+    (BLOCK_L, BLOCK_H) tile spilled kilobytes per thread on sm_80, and 128 x 256 needs 192 KiB
+    of shared memory there (over its 163 KiB per block); 16-bit tokens keep every config."""
+    if named_args["X"].element_size() < 4:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_L"] * c.kwargs["BLOCK_H"] <= 4096]
+
+
+_pool_fwd = _tuned(_pool_fwd_kernel, _POOL_CONFIGS, ["L", "D", "H"], _pool_prune)
+_pool_bwd = _tuned(_pool_bwd_kernel, _POOL_CONFIGS, ["L", "D", "H"], _pool_prune)
 _POOL_INTERPRET_BLOCKS = {"BLOCK_L": 16, "BLOCK_H": 16, "BLOCK_D": 32}
 
 
