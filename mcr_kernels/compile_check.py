@@ -15,7 +15,8 @@ list of dicts, next to the kernels (the check finds them; nothing to register he
                 specialization sees them; pointers are always 16-byte aligned)
     variants    list of dicts, or dtype -> list: constexpr values (and integer arguments the
                 launcher passes as 1, which Triton turns into constants); optional keys
-                "signature" (overrides), "num_warps" / "num_stages" (kernels without autotune)
+                "signature" (overrides), "num_warps" / "num_stages" (kernels without autotune),
+                "archs" (the archs the launcher uses this variant on; default both)
 
 Every autotune config that the kernel's early_config_prune keeps for a variant is compiled
 with triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)); ptxas -v on the PTX
@@ -158,6 +159,8 @@ def expand(module, spec, *, subset=False, archs=ARCHS, dtypes=None):
             variant = dict(variant)
             overrides = variant.pop("signature", {})
             options = {k: variant.pop(k) for k in ("num_warps", "num_stages") if k in variant}
+            launched_on = variant.pop("archs", archs)
+            variant_archs = [arch for arch in archs if arch in launched_on]
             signature = {**spec.get("signature", {}), **overrides}
             if configs is None:
                 launches = [({"num_warps": 4, "num_stages": 3, **options}, {})]
@@ -166,7 +169,7 @@ def expand(module, spec, *, subset=False, archs=ARCHS, dtypes=None):
                 launches = [(dict(num_warps=c.num_warps, num_stages=c.num_stages), dict(c.kwargs)) for c in kept]
                 if subset:  # the largest tile: the config most likely to spill or run out of shared memory
                     launches = [max(launches, key=lambda lc: (math.prod(lc[1].values()), lc[0]["num_stages"]))]
-            for (opts, block), arch in itertools.product(launches, archs):
+            for (opts, block), arch in itertools.product(launches, variant_archs):
                 jobs.append(dict(fn=fn, module=module, arch=arch, dtype=dtype, options=opts,
                                  constexprs={**variant, **block}, block=block, signature=signature,
                                  divisible=spec.get("divisible", ()), variant=_label(variant),

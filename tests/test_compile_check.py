@@ -125,3 +125,14 @@ def test_interrupt_with_jobs_stops_promptly_and_reports_incomplete(tmp_path):
         raise AssertionError("compile_check --jobs 2 did not stop within 60 s of SIGINT") from None
     assert time.perf_counter() - start < 5, "the workers' compiles were waited for"
     assert proc.returncode == 1 and "interrupted after" in out and "INCOMPLETE" in out, out[-2000:]
+
+
+def test_a_variant_compiles_only_for_the_archs_its_launcher_uses_it_on():
+    from mcr_kernels.triton import local_matching as lm
+
+    jobs = [job for spec in lm.COMPILE_SPECS if spec["kernel"] is lm._bwd_img_kernel
+            for job in compile_check.expand("local_matching", spec)]
+    tensor_core = {(job["arch"], job["constexprs"]["BLOCK_L"]) for job in jobs if job["constexprs"]["PREC"] == "tf32"}
+    assert tensor_core == {(90, 128), (80, 64)}  # sm_80 cannot hold the 128 x 128 backward with tf32
+    exact = {(job["arch"], job["constexprs"]["BLOCK_L"]) for job in jobs if job["constexprs"]["PREC"] == "ieee"}
+    assert exact == {(80, 128), (90, 128)}

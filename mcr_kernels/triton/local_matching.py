@@ -263,12 +263,15 @@ def local_matching(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", a
 
 # --- compile check ------------------------------------------------------------------------
 # What the launchers above pass, for python -m mcr_kernels.compile_check: float32 prepared
-# inputs (contiguous, so the innermost strides are 1), the benchmark's Li = 98 and E = 128
-# (one 128 x 128 tile each), both aggregates, exact and tensor-core products.
+# inputs (contiguous, so the innermost strides are 1), both aggregates, exact and tensor-core
+# products, at the largest tile each arch launches (tile_fits): 128 x 128 (the benchmark's
+# Li = 98, E = 128), except tensor-core products on sm_80, whose largest is 64 x 128.
 _SIGNATURE = dict(V="*fp32", REGION="*fp32", W="*fp32", WTS="*fp32", OUT="*fp32", GRAD="*fp32",
                   SCORES="*fp32", DW="*fp32", DU="*fp32", DV="*fp32", attn_scale="fp32", agg_scale="fp32")
-_VARIANTS = [dict(sve=1, srl=1, swe=1, sut=1, LSE=lse, PREC=prec, BLOCK_T=BLOCK_T, BLOCK_L=128, BLOCK_E=128,
-                  num_warps=NUM_WARPS) for lse in (True, False) for prec in ("ieee", "tf32")]
+_VARIANTS = [dict(sve=1, srl=1, swe=1, sut=1, LSE=lse, PREC=prec, BLOCK_T=BLOCK_T, BLOCK_L=block_l, BLOCK_E=128,
+                  num_warps=NUM_WARPS, archs=archs)
+             for lse in (True, False)
+             for prec, block_l, archs in (("ieee", 128, (80, 90)), ("tf32", 128, (90,)), ("tf32", 64, (80,)))]
 COMPILE_SPECS = [
     dict(kernel=_fwd_kernel, dtypes=("fp32",), signature=_SIGNATURE, divisible=("E", "svl", "swt"),
          variants=[dict(v, soj=1) for v in _VARIANTS]),
