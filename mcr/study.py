@@ -59,11 +59,14 @@ def train_config(flags):
 
 
 def row_model(cfg, vocab_size):
-    from mcr.models.mcr import MCR
+    """The row's model (its variant's class, as mcr.run builds it), seeded."""
+    from types import SimpleNamespace
+
+    from mcr.run import build_model
 
     cfg.model = dataclasses.replace(cfg.model, vocab_size=vocab_size)
     torch.manual_seed(0)
-    return MCR(cfg.model, pad_token_id=0, mask_token_id=4)
+    return build_model(cfg.model, SimpleNamespace(pad_token_id=0, mask_token_id=4))
 
 
 def step_costs(rows, common, vocab_size, batch_size, repeats=12):

@@ -52,3 +52,12 @@ def test_study_trains_tabulates_and_resumes(tmp_path):
     assert os.stat(keep).st_mtime_ns == kept_mtime          # finished runs are kept
     assert "--resume" in (killed / "train.log").read_text()  # the interrupted one continued
     assert json.load(open(killed / "final.json"))["step"] == 3
+
+
+def test_step_costs_time_each_rows_own_variant_model():
+    """mpma and reclf rows are costed with their own classes (they add local alignment), not MCR."""
+    from mcr.study import row_model, train_config
+
+    names = {variant: type(row_model(train_config(["--variant", variant]), 64)).__name__
+             for variant in ("mcr", "mpma", "reclf", "abm")}
+    assert names == {"mcr": "MCR", "mpma": "MPMA", "reclf": "RECLF", "abm": "MCR"}
