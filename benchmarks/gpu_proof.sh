@@ -5,7 +5,8 @@
 # each step stops at its own time limit or at the budget's end, and the next one still runs.
 #
 #   benchmarks/gpu_proof.sh              # on the GPU machine (torch + triton installed, no network)
-#   benchmarks/gpu_proof.sh --dry-run    # anywhere: list the steps, check every script exists and parses
+#   benchmarks/gpu_proof.sh --dry-run    # anywhere: list the steps, check every script exists, compiles
+#                                        # and takes the step's arguments (benchmarks/parse_only.py)
 #   benchmarks/gpu_proof.sh --no-install # skip `pip install --no-build-isolation --no-deps -e .`
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +35,7 @@ STEPS=(
   "patch_drop|50|python benchmarks/bench_patch_drop.py"
   "attention|130|python benchmarks/bench_attention.py"
   "mba_infonce|100|python benchmarks/bench_mba_infonce.py"
-  "train_step|70|python benchmarks/bench_train_step.py --presets paper --batches 64"
+  "train_step|70|python benchmarks/bench_train_step.py --shapes paper:64"
 )
 for optional in local_matching linear_cross_entropy; do
   [[ -f benchmarks/bench_$optional.py ]] && STEPS+=("$optional|40|python benchmarks/bench_$optional.py")
@@ -53,10 +54,12 @@ if [[ $DRY_RUN == 1 ]]; then
       python -m pytest --collect-only -q -p no:cacheprovider $KERNEL_TESTS > /dev/null \
         || { echo "  tests do not collect"; status=1; }
     else
-      script=$(echo "$cmd" | awk '{print $2}')
+      read -r _ script args <<< "$cmd"
       if [[ ! -f $script ]]; then echo "  MISSING $script"; status=1; continue; fi
       python -m py_compile "$script" || { echo "  $script does not compile"; status=1; }
-      python "$script" --help > /dev/null || { echo "  $script --help fails"; status=1; }
+      # shellcheck disable=SC2086  # the step's arguments, word-split as the run splits them
+      python benchmarks/parse_only.py "$script" $args > /dev/null \
+        || { echo "  $script does not take: $args"; status=1; }
     fi
   done
   echo "dry run: $([[ $status == 0 ]] && echo "every step's script exists and parses" || echo FAILED)"
