@@ -34,7 +34,6 @@ import functools
 import glob
 import importlib
 import io
-import itertools
 import json
 import math
 import multiprocessing
@@ -162,18 +161,20 @@ def expand(module, spec, *, subset=False, archs=ARCHS, dtypes=None):
             launched_on = variant.pop("archs", archs)
             variant_archs = [arch for arch in archs if arch in launched_on]
             signature = {**spec.get("signature", {}), **overrides}
-            if configs is None:
-                launches = [({"num_warps": 4, "num_stages": 3, **options}, {})]
-            else:
-                kept = prune(configs, _stand_ins(signature, dtype, variant), **variant) if prune else configs
-                launches = [(dict(num_warps=c.num_warps, num_stages=c.num_stages), dict(c.kwargs)) for c in kept]
-                if subset:  # the largest tile: the config most likely to spill or run out of shared memory
-                    launches = [max(launches, key=lambda lc: (math.prod(lc[1].values()), lc[0]["num_stages"]))]
-            for (opts, block), arch in itertools.product(launches, variant_archs):
-                jobs.append(dict(fn=fn, module=module, arch=arch, dtype=dtype, options=opts,
-                                 constexprs={**variant, **block}, block=block, signature=signature,
-                                 divisible=spec.get("divisible", ()), variant=_label(variant),
-                                 variant_index=index, only_dtype=len(spec.get("dtypes", ())) <= 1))
+            for arch in variant_archs:
+                if configs is None:
+                    launches = [({"num_warps": 4, "num_stages": 3, **options}, {})]
+                else:  # the prune sees the arch's shared memory limit, as it sees the device's at launch
+                    stand_ins = {**_stand_ins(signature, dtype, variant), "SHARED_LIMIT": SHARED_PER_BLOCK[arch]}
+                    kept = prune(configs, stand_ins, **variant) if prune else configs
+                    launches = [(dict(num_warps=c.num_warps, num_stages=c.num_stages), dict(c.kwargs)) for c in kept]
+                    if subset and launches:  # the largest tile: most likely to spill or run out of shared memory
+                        launches = [max(launches, key=lambda lc: (math.prod(lc[1].values()), lc[0]["num_stages"]))]
+                for opts, block in launches:
+                    jobs.append(dict(fn=fn, module=module, arch=arch, dtype=dtype, options=opts,
+                                     constexprs={**variant, **block}, block=block, signature=signature,
+                                     divisible=spec.get("divisible", ()), variant=_label(variant),
+                                     variant_index=index, only_dtype=len(spec.get("dtypes", ())) <= 1))
     return jobs
 
 

@@ -275,3 +275,33 @@ def test_gpu_autotuned_uneven_lengths(dtype):
 def test_gpu_float32_and_long_sequence():
     check_against_reference(2, 2, 1000, 1000, 64, "prefix", dtype=torch.float32)
     check_against_reference(1, 2, 2048, 2048, 64, None, True, dtype=torch.bfloat16)
+
+
+def test_backward_tiles_follow_the_device_shared_memory_and_else_the_reference_runs(monkeypatch):
+    """The backward prune keeps only tiles whose shared memory fits the device's limit (fp32 at
+    head dim 256: none on an A100's 163 KiB, the 32 x 32 tile on an H100's 227 KiB); when none
+    fits and a gradient is needed, flash_attention runs the reference instead of a kernel that
+    cannot launch."""
+    pytest.importorskip("triton")
+    from mcr_kernels.triton import attention as tri
+
+    def fits(dtype, dh, limit):
+        named = {"Q": torch.empty(0, dtype=dtype), "SHARED_LIMIT": limit}
+        block_d = max(16, 1 << (dh - 1).bit_length())
+        return [len(tri._backward_prune(s)(tri._configs(), named, BLOCK_D=block_d)) for s in ("BLOCK_M", "BLOCK_N")]
+
+    a100, h100 = 163 * 1024, 227 * 1024
+    assert fits(torch.float32, 256, a100) == [0, 0]
+    assert min(fits(torch.float32, 256, h100)) >= 1 and min(fits(torch.bfloat16, 128, a100)) >= 1
+
+    monkeypatch.setattr(tri, "backward_fits", lambda q, block_d: False)
+    calls = []
+    counted = tri.reference.flash_attention
+    monkeypatch.setattr(tri.reference, "flash_attention", lambda *a, **k: calls.append(1) or counted(*a, **k))
+    q, k, v = (torch.randn(2, 3, 5, 16, requires_grad=True) for _ in range(3))
+    out = tri.flash_attention(q, k, v)
+    assert calls == [1]
+    out.sum().backward()
+    with torch.no_grad():  # no gradient asked for: the kernel runs whatever the backward's tiles
+        tri.flash_attention(q, k, v)
+    assert calls == [1]

@@ -54,26 +54,43 @@ def _prune(configs, named_args, **kwargs):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
+def shared_memory_limit(named_args):
+    """Shared memory per block (bytes) the launch may use: the device's opt-in limit for CUDA
+    tensors, the compile check's target arch ("SHARED_LIMIT" among its stand-ins), else None
+    (the interpreter: no limit)."""
+    if "SHARED_LIMIT" in named_args:
+        return named_args["SHARED_LIMIT"]
+    q = named_args["Q"]
+    return torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin if q.is_cuda else None
+
+
 def _backward_prune(streamed):
     """early_config_prune of a backward kernel whose loop streams BLOCK_<streamed> rows of two
-    tensors (dK/dV: q and dO; dQ: k and v). Its shared memory is about num_stages x 2 x rows x
-    BLOCK_D x element size + 2 KiB, plus on sm_90 the two resident tiles that wgmma reads from
-    shared memory (within 8 KiB of the compile check's figures, no config near a limit); tiles
-    over sm_80's 163 KiB or sm_90's 227 KiB per block could never launch (e.g. 128 x 128 at
-    Dh = 128 in bf16, or at Dh = 64 in fp32), so they are dropped here, not left to fail at run time."""
+    tensors (dK/dV: q and dO; dQ: k and v). Its shared memory is at most 1.5 x (num_stages x 2
+    x streamed rows + 2 x resident rows) x BLOCK_D x element size + 2 KiB: the factor bounds
+    every one of the 400 backward configs of the compile check (fp32 and tf32 products need
+    the most). Tiles over the device's limit could never launch (e.g. the dQ kernel in fp32 at
+    Dh 32 with 128 x 128 tiles on sm_80, 176 KiB; at Dh 256 every fp32 tile on sm_80), so they
+    are dropped here, not left to fail at run time."""
     resident = "BLOCK_N" if streamed == "BLOCK_M" else "BLOCK_M"
 
     def prune(configs, named_args, **kwargs):
+        limit = shared_memory_limit(named_args)
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
         size = named_args["Q"].element_size()
         kept = []
         for config in _prune(configs, named_args, **kwargs):
-            stream = config.num_stages * 2 * config.kwargs[streamed] * block_d * size + 2048
-            tiles = 2 * config.kwargs[resident] * block_d * size
-            if stream <= 163 * 1024 and stream + tiles <= 227 * 1024:
+            rows = max(1, config.num_stages) * 2 * config.kwargs[streamed] + 2 * config.kwargs[resident]
+            if limit is None or 1.5 * rows * block_d * size + 2048 <= limit:
                 kept.append(config)
         return kept
     return prune
+
+
+def backward_fits(q, block_d):
+    """Whether both backward kernels keep a config for q's dtype and head dim on q's device."""
+    named_args = {"Q": q, "BLOCK_D": block_d}
+    return all(_backward_prune(s)(_configs(), named_args, BLOCK_D=block_d) for s in ("BLOCK_M", "BLOCK_N"))
 
 
 # tuned per power-of-two length bucket: padded report batches have many distinct Lmax
@@ -660,9 +677,16 @@ flash_attn_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_
 
 # --- backend functions --------------------------------------------------------------------
 
+def _backward_launches(q):
+    """False when a gradient will be asked for and no backward tile fits the device (fp32 at
+    head dim 256 on an A100): then the op runs the reference, not a kernel that cannot launch."""
+    needs_grad = torch.is_grad_enabled() and q.requires_grad
+    return not needs_grad or backward_fits(q, max(16, triton.next_power_of_2(q.shape[-1])))
+
+
 def flash_attention(q, k, v, *, key_padding_mask=None, softmax_scale=None, causal=False, return_lse=False):
     """Triton backend of mcr_kernels.flash_attention (float64 goes to the reference)."""
-    if q.dtype == torch.float64:
+    if q.dtype == torch.float64 or not _backward_launches(q):
         return reference.flash_attention(q, k, v, key_padding_mask=key_padding_mask,
                                          softmax_scale=softmax_scale, causal=causal, return_lse=return_lse)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
@@ -673,7 +697,7 @@ def flash_attention(q, k, v, *, key_padding_mask=None, softmax_scale=None, causa
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                            softmax_scale=None, causal=False):
     """Triton backend of mcr_kernels.flash_attention_varlen (float64 goes to the reference)."""
-    if q.dtype == torch.float64:
+    if q.dtype == torch.float64 or not _backward_launches(q):
         return reference.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                 softmax_scale=softmax_scale, causal=causal)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
