@@ -166,8 +166,9 @@ class TrainConfig:
 #     late for a 10-minute CPU run (measured with the whole default run: image->report R@1 0.6%
 #     at 0.1 vs 1.2-1.3% at 1, same tokenizer; P@5 6.3% vs 16.6-18.4%); every 2nd step
 #     unmasked and contrastive-only (with 25% image masking, PRESETS): masked-only training sits
-#     on the ln(B) plateau far longer than dual-stream here, and this closes the gap at 0.53x
-#     its step time (the study in the README); the rest as the paper.
+#     on the ln(B) plateau far longer than dual-stream here, and this closes most of the gap at
+#     0.68x its step time; fewer unmasked steps (--unmasked-until, every 4th) lose 40% of R@1
+#     (the study in the README); the rest as the paper.
 TRAINING_PRESETS = {
     "small": dict(batch_size=32, epochs=0.0, max_steps=1500, max_minutes=8.5, lr=5e-4, warmup_steps=50,
                   loss_contrastive=1.0, unmasked_every=2, eval_every=500, save_every=500, val_size=1000),
