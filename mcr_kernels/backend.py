@@ -164,6 +164,12 @@ def dot_precision(dtype):
     return "tf32"
 
 
+def shared_memory_per_block(device):
+    """The most shared memory (bytes) one Triton program may use on a CUDA device (the opt-in
+    limit: 163 KiB on an A100, 227 KiB on an H100); the kernels' tile choices check it."""
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
 def _load_environment():
     spec = os.environ.get("MCR_KERNELS_BACKEND", "").strip()
     for item in filter(None, (part.strip() for part in spec.split(","))):

@@ -17,6 +17,7 @@ padding prefix. Key blocks past a sequence's length and query blocks that are al
 length run without any masking, and only the last partial block reads the mask. Any other
 mask pattern goes through the masked loop, which loads the mask vector of each key block.
 """
+import functools
 import os
 
 import torch
@@ -61,7 +62,7 @@ def shared_memory_limit(named_args):
     if "SHARED_LIMIT" in named_args:
         return named_args["SHARED_LIMIT"]
     q = named_args["Q"]
-    return torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin if q.is_cuda else None
+    return backend.shared_memory_per_block(q.device) if q.is_cuda else None
 
 
 def _backward_prune(streamed):
@@ -89,7 +90,12 @@ def _backward_prune(streamed):
 
 def backward_fits(q, block_d):
     """Whether both backward kernels keep a config for q's dtype and head dim on q's device."""
-    named_args = {"Q": q, "BLOCK_D": block_d}
+    return _backward_fits(q.dtype, block_d, q.device)
+
+
+@functools.cache
+def _backward_fits(dtype, block_d, device):  # once per (dtype, head dim, device), not per attention call
+    named_args = {"Q": torch.empty(0, dtype=dtype, device=device), "BLOCK_D": block_d}
     return all(_backward_prune(s)(_configs(), named_args, BLOCK_D=block_d) for s in ("BLOCK_M", "BLOCK_N"))
 
 

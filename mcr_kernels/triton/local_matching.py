@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mcr_kernels import backend
 from mcr_kernels.local_matching import blockwise, prepare
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -37,7 +38,7 @@ def tile_fits(block_l, block_e, tensor_cores, device):
         return False
     if area < MAX_TILE_AREA or device.type != "cuda":
         return True
-    return _BACKWARD_SHARED_128[tensor_cores] <= torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    return _BACKWARD_SHARED_128[tensor_cores] <= backend.shared_memory_per_block(device)
 
 
 @triton.jit

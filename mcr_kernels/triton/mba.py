@@ -38,8 +38,8 @@ def _tuned(kernel, configs, key, prune=None):
     """The autotuned kernel on a GPU; the plain one (explicit small blocks) in the interpreter."""
     if _INTERPRET:
         return kernel
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)(
-        kernel)
+    prune_by = {"early_config_prune": prune} if prune else None
+    return triton.autotune(configs=configs, key=key, prune_configs_by=prune_by)(kernel)
 
 
 # --- activations ------------------------------------------------------------------------
