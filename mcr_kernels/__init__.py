@@ -7,6 +7,7 @@ how one is chosen. This package never imports `mcr`; it needs torch (and triton 
 """
 from mcr_kernels.attention import flash_attention, flash_attention_varlen, pad_input, unpad_input
 from mcr_kernels.backend import available_backends, get_backend, registered_backends, set_backend, use_backend
+from mcr_kernels.gelu_mlp import gelu_mlp
 from mcr_kernels.integrations import ClipLoss, PatchDropout  # noqa: E402  (after the ops they use)
 from mcr_kernels.linear_cross_entropy import linear_cross_entropy
 from mcr_kernels.local_matching import local_matching
@@ -19,7 +20,7 @@ __all__ = [
     "random_keep_indices", "gather_tokens", "restore_tokens", "random_masking",
     "flash_attention", "flash_attention_varlen", "unpad_input", "pad_input",
     "mba_pool", "masked_mean", "infonce_loss", "mba_infonce", "ProjectionHead", "linear_cross_entropy",
-    "local_matching",
+    "local_matching", "gelu_mlp",
     "set_backend", "get_backend", "use_backend", "available_backends", "registered_backends",
     "PatchDropout", "ClipLoss",
 ]

@@ -246,3 +246,10 @@ def local_matching(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", a
                 if u.sum() > 0:
                     scores[i, j] = (u * s).sum() / u.sum()
     return scores
+
+
+# --- GELU MLP -------------------------------------------------------------------------
+
+def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none"):
+    """x [..., D] -> fc2(gelu(fc1(x))) [..., D_out]; autograd saves x, fc1(x) and gelu(fc1(x))."""
+    return F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias), approximate=approximate), fc2_weight, fc2_bias)

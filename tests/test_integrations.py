@@ -214,7 +214,7 @@ def test_stock_bert_matches_sdpa_and_trains_with_dropout(attention_calls):
     ref = BertModel(config).eval()
     assert ref.config._attn_implementation == "sdpa"
     ours = copy.deepcopy(ref)
-    assert apply_to_hf(ours) == {"BertSelfAttention": 2}
+    assert apply_to_hf(ours) == {"BertSelfAttention": 2, "BertLayer": 2}
     assert apply_to_hf(ours) == {}  # idempotent
     ids = torch.randint(1, config.vocab_size, (3, 11))
     real = right_padded([11, 6, 1], 11)
@@ -228,7 +228,7 @@ def test_stock_bert_matches_sdpa_and_trains_with_dropout(attention_calls):
         warnings.simplefilter("error")  # once per model
         ours(**batch).last_hidden_state.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)
-    assert revert(ours) == {"BertModel": 1} and ours.config._attn_implementation == "sdpa"
+    assert revert(ours) == {"BertModel": 1, "BertLayer": 2} and ours.config._attn_implementation == "sdpa"
 
 
 def test_roberta_and_causal_bert_match_sdpa():
@@ -238,7 +238,7 @@ def test_roberta_and_causal_bert_match_sdpa():
              "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     roberta = RobertaModel(RobertaConfig(vocab_size=100, **small)).eval()
     ours = copy.deepcopy(roberta)
-    assert apply_to_hf(ours) == {"RobertaSelfAttention": 2}
+    assert apply_to_hf(ours) == {"RobertaSelfAttention": 2, "RobertaLayer": 2}
     real = right_padded([9, 5], 9)
     ids = torch.randint(3, 100, (2, 9)).masked_fill(~real, 1)
     assert_same_model(ours, roberta, {"input_ids": ids, "attention_mask": real.long()}, real)
@@ -275,7 +275,7 @@ def test_timm_vit_small_matches_and_patch_dropout_trains(attention_calls):
     ref = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=64, depth=3,
                             patch_drop_rate=0.5).eval()
     ours = copy.deepcopy(ref)
-    assert apply_to_timm(ours) == {"Attention": 3, "PatchDropout": 1}
+    assert apply_to_timm(ours) == {"Attention": 3, "Mlp": 3, "PatchDropout": 1}
     assert apply_to_timm(ours) == {}
     images = torch.randn(2, 3, 64, 64)
     outs, grads = [], []
@@ -291,7 +291,7 @@ def test_timm_vit_small_matches_and_patch_dropout_trains(attention_calls):
     tokens = ours.forward_features(images)
     assert tokens.shape == (2, 1 + 8, 384)  # CLS + half of the 16 patches
     tokens.sum().backward()
-    assert revert(ours) == {"Attention": 3, "PatchDropout": 1}
+    assert revert(ours) == {"Attention": 3, "Mlp": 3, "PatchDropout": 1}
     assert "forward" not in ours.blocks[0].attn.__dict__
 
 
@@ -324,7 +324,7 @@ def test_open_clip_vit_b_32_matches_with_our_loss_and_patch_dropout(attention_ca
         ref = open_clip.create_model("ViT-B-32", pretrained=None, force_image_size=64,
                                      force_context_length=16, force_patch_dropout=0.5).eval()
     ours = copy.deepcopy(ref)
-    assert apply_to_open_clip(ours) == {"MultiheadAttention": 24, "PatchDropout": 1}
+    assert apply_to_open_clip(ours) == {"MultiheadAttention": 24, "Sequential": 24, "PatchDropout": 1}
     assert apply_to_open_clip(ours) == {}
     images, texts = torch.randn(2, 3, 64, 64), torch.randint(1, 49000, (2, 16))
     results = []
@@ -340,7 +340,7 @@ def test_open_clip_vit_b_32_matches_with_our_loss_and_patch_dropout(attention_ca
     assert attention_calls.count("flash_attention") == 24  # the text tower's mask ran as causal
     ours.train()
     ClipLoss()(*ours(images, texts)).backward()
-    assert revert(ours) == {"MultiheadAttention": 24, "PatchDropout": 1}
+    assert revert(ours) == {"MultiheadAttention": 24, "Sequential": 24, "PatchDropout": 1}
 
 
 def test_multihead_attention_masks_match_torch():

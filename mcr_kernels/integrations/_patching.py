@@ -1,13 +1,15 @@
 """Shared machinery of the apply_* functions: bind a forward on a module instance (and
-undo it), warn once per model when attention dropout sends a call to torch's SDPA, and
-recognise a causal mask by its values."""
+undo it), warn once per model when attention dropout sends a call to torch's SDPA,
+recognise a causal mask by its values and a GELU module by what it computes."""
 import functools
 import warnings
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 PATCHED_FORWARDS = set()  # the functions apply_* bind as `forward`; revert() removes them
+PATCHED_METHODS = ("forward", "feed_forward_chunk")  # the method names they are bound as
 
 
 def patched_forward(fn):
@@ -16,33 +18,53 @@ def patched_forward(fn):
     return fn
 
 
-def is_patched(module):
-    forward = module.__dict__.get("forward")
-    return isinstance(forward, functools.partial) and forward.func in PATCHED_FORWARDS
+def is_patched(module, name="forward"):
+    method = module.__dict__.get(name)
+    return isinstance(method, functools.partial) and method.func in PATCHED_FORWARDS
 
 
 class ModelToken:
     """Shared by the modules one apply_* call patched: 'once per model' warnings key on it."""
 
 
-def patch_forward(module, fn, token):
-    """Bind fn as module.forward (an instance attribute, a partial so that the model still
+def patch_forward(module, fn, token, name="forward"):
+    """Bind fn as module.<name> (an instance attribute, a partial so that the model still
     pickles and deep-copies; the class is untouched). False when already patched, or when
-    something else (e.g. an accelerate hook) replaced forward."""
-    if "forward" in module.__dict__:
+    something else (e.g. an accelerate hook) replaced it."""
+    if name in module.__dict__:
         return False
-    module.forward = functools.partial(fn, module)
+    setattr(module, name, functools.partial(fn, module))
     module._mcr_kernels_token = token
     return True
 
 
 def unpatch_forward(module):
-    """Undo patch_forward; True when module was patched."""
-    if not is_patched(module):
-        return False
-    del module.forward
-    module.__dict__.pop("_mcr_kernels_token", None)
-    return True
+    """Undo patch_forward (every method name); True when module was patched."""
+    names = [name for name in PATCHED_METHODS if is_patched(module, name)]
+    for name in names:
+        delattr(module, name)
+    if names:
+        module.__dict__.pop("_mcr_kernels_token", None)
+    return bool(names)
+
+
+def gelu_approximation(act):
+    """F.gelu's `approximate` ("none" or "tanh") when the module `act` computes exactly
+    F.gelu: torch's nn.GELU, timm's GELU / GELUTanh, transformers' GELUActivation /
+    GELUTanh / PytorchGELUTanh; None for anything else (python GELUs, QuickGELU, ...)."""
+    cls = type(act)
+    if cls is torch.nn.GELU:
+        return act.approximate
+    if cls.__module__ == "timm.layers.activations" and cls.__name__ in ("GELU", "GELUTanh"):
+        return "none" if cls.__name__ == "GELU" else "tanh"
+    if cls.__module__ == "transformers.activations":
+        fn = getattr(act, "act", None)
+        if cls.__name__ == "GELUActivation" and fn is F.gelu:
+            return "none"
+        if cls.__name__ in ("GELUTanh", "PytorchGELUTanh") and isinstance(fn, functools.partial) \
+                and fn.func is F.gelu and not fn.args and fn.keywords == {"approximate": "tanh"}:
+            return "tanh"
+    return None
 
 
 _dropout_warned = weakref.WeakValueDictionary()  # id(owner) -> owner

@@ -1,7 +1,9 @@
-"""transformers: attention through flash_attention, as the "mcr" attention implementation.
+"""transformers: attention through flash_attention, as the "mcr" attention implementation,
+and BERT-style feed-forward blocks through gelu_mlp.
 
     apply_to_hf()        # register "mcr": from_pretrained(..., attn_implementation="mcr")
-    apply_to_hf(model)   # and switch a built model to it (model.set_attn_implementation)
+    apply_to_hf(model)   # and switch a built model to it (model.set_attn_implementation),
+                         # and its GELU feed-forward blocks to gelu_mlp
 
 Works for every model whose attention calls transformers' AttentionInterface (BERT,
 RoBERTa, Llama, ...). Padding masks reach the kernel as key padding masks and causal
@@ -13,7 +15,14 @@ import inspect
 from collections import Counter
 
 from mcr_kernels.attention import flash_attention
-from mcr_kernels.integrations._patching import warn_dropout_once
+from mcr_kernels.gelu_mlp import gelu_mlp
+from mcr_kernels.integrations._patching import (
+    ModelToken,
+    gelu_approximation,
+    patch_forward,
+    patched_forward,
+    warn_dropout_once,
+)
 
 ATTN_IMPLEMENTATION = "mcr"
 UNSUPPORTED_KWARGS = ("softcap", "s_aux", "position_bias")
@@ -63,22 +72,57 @@ def hf_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, 
 
 def apply_to_hf(model=None):
     """Register the "mcr" attention with transformers and, given a model, switch it (and its
-    sub-models) to it. Returns {attention module class: count} of the modules switched
-    (empty when there was nothing to change). Undo with revert(model)."""
+    sub-models) to it, and run its BERT-style GELU feed-forward blocks through gelu_mlp.
+    Returns {module class: count} of the attention modules switched and the layers whose
+    feed-forward was patched (empty when there was nothing to change). Undo with revert(model)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, hf_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, hf_attention_mask)
-    if model is None or model.config._attn_implementation == ATTN_IMPLEMENTATION:
+    if model is None:
         return {}
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    changed = Counter()
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
-        raise ValueError(f"{type(model).__name__} does not route its attention through transformers' "
-                         "AttentionInterface, so apply_to_hf cannot switch it")
-    model._mcr_kernels_previous_attn = previous
-    return dict(Counter(type(m).__name__ for m in model.modules() if _calls_attention_interface(m)))
+        previous = model.config._attn_implementation
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+            raise ValueError(f"{type(model).__name__} does not route its attention through transformers' "
+                             "AttentionInterface, so apply_to_hf cannot switch it")
+        model._mcr_kernels_previous_attn = previous
+        changed.update(type(m).__name__ for m in model.modules() if _calls_attention_interface(m))
+    token = ModelToken()
+    for module in model.modules():
+        if _bert_feed_forward(module) and patch_forward(module, hf_feed_forward_chunk, token, "feed_forward_chunk"):
+            changed[type(module).__name__] += 1
+    return dict(changed)
+
+
+@patched_forward
+def hf_feed_forward_chunk(self, attention_output):
+    """BertLayer.feed_forward_chunk with intermediate.dense -> GELU -> output.dense as gelu_mlp."""
+    intermediate, output = self.intermediate, self.output
+    h = gelu_mlp(attention_output, intermediate.dense.weight, intermediate.dense.bias, output.dense.weight,
+                 output.dense.bias, approximate=gelu_approximation(intermediate.intermediate_act_fn))
+    return output.LayerNorm(output.dropout(h) + attention_output)
+
+
+def _same_code(method, reference):
+    a, b = getattr(method, "__code__", None), reference.__code__
+    return a is not None and a.co_code == b.co_code and a.co_names == b.co_names
+
+
+def _bert_feed_forward(layer):
+    """A layer whose feed_forward_chunk, intermediate and output compute what BERT's do (the
+    same bytecode: BERT's and the many "Copied from Bert" classes), with a GELU."""
+    from transformers.models.bert import modeling_bert as bert
+
+    intermediate, output = getattr(layer, "intermediate", None), getattr(layer, "output", None)
+    return (intermediate is not None and output is not None
+            and _same_code(getattr(type(layer), "feed_forward_chunk", None), bert.BertLayer.feed_forward_chunk)
+            and _same_code(type(intermediate).forward, bert.BertIntermediate.forward)
+            and _same_code(type(output).forward, bert.BertOutput.forward)
+            and gelu_approximation(intermediate.intermediate_act_fn) is not None)
 
 
 def revert_hf(model):

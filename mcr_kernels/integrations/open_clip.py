@@ -1,4 +1,4 @@
-"""open_clip: the towers' self-attention and patch dropout through mcr_kernels' ops.
+"""open_clip: the towers' self-attention, GELU MLPs and patch dropout through mcr_kernels' ops.
 
     apply_to_open_clip(model)   # vision + text transformer blocks, PatchDropout, and any
                                 # timm / transformers tower inside (apply_to_timm / apply_to_hf)
@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcr_kernels.attention import flash_attention
+from mcr_kernels.gelu_mlp import gelu_mlp
 from mcr_kernels.integrations._patching import (
     ModelToken,
+    gelu_approximation,
     is_causal_mask,
     patch_forward,
     patched_forward,
@@ -78,10 +80,26 @@ def _supported(mha):
             and not mha.add_zero_attn and mha.in_proj_weight is not None)
 
 
+@patched_forward
+def residual_block_mlp_forward(self, x):
+    """open_clip's block MLP, Sequential(c_fc, gelu, c_proj), as gelu_mlp."""
+    return gelu_mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias,
+                    approximate=gelu_approximation(self.gelu))
+
+
+def _gelu_block_mlp(module):
+    """Sequential(c_fc=Linear, gelu=GELU, c_proj=Linear) exactly (open_clip's
+    ResidualAttentionBlock.mlp; QuickGELU and scaled-cosine blocks' extra norms do not qualify)."""
+    return (type(module) is nn.Sequential and list(module._modules) == ["c_fc", "gelu", "c_proj"]
+            and type(module.c_fc) is nn.Linear and type(module.c_proj) is nn.Linear
+            and gelu_approximation(module.gelu) is not None)
+
+
 def apply_to_open_clip(model):
     """Patch, in place, an open_clip model (or any module holding open_clip towers):
     batch-first nn.MultiheadAttention self-attention (open_clip's ResidualAttentionBlock,
-    vision and text, the text tower staying causal) and open_clip's PatchDropout; timm and
+    vision and text, the text tower staying causal), the blocks' GELU MLPs (gelu_mlp) and
+    open_clip's PatchDropout; timm and
     transformers towers inside go through apply_to_timm / apply_to_hf. Same parameters and
     state dict; outputs unchanged in eval. Returns {class name: count} of what this call
     changed; a second call changes nothing. Undo with revert(model)."""
@@ -93,6 +111,8 @@ def apply_to_open_clip(model):
             forward = self_attention_forward
         elif isinstance(module, PatchDropout) and type(module).forward is PatchDropout.forward:
             forward = open_clip_patch_dropout_forward
+        elif _gelu_block_mlp(module):
+            forward = residual_block_mlp_forward
         else:
             continue
         if patch_forward(module, forward, token):
