@@ -22,6 +22,11 @@ both come from torch.cuda.max_memory_allocated.
 
     python benchmarks/bench_train_step.py                          # CPU: small at 32, paper at 4
     python benchmarks/bench_train_step.py --shapes small:8 --repeats 2 --no-write   # smoke run
+    python benchmarks/bench_train_step.py --flops   # FLOPs of one forward + backward instead
+
+FLOPs (--flops): torch.utils.flop_counter over one forward + backward of each configuration,
+every mcr_kernels op on its reference backend (the counter cannot see inside custom ops; the
+default backends do the same matmuls, plus gelu_mlp's elementwise recompute).
 """
 import argparse
 import json
@@ -124,8 +129,10 @@ class Bench:
                 return peer_losses(self.model, self.batch, self.masks, self.clip_loss)
             finally:
                 self.peer_mode(False)
-        with mcr_kernels.use_backend("reference" if config == "mcr-reference" else None):
-            return self.model(self.batch, self.masks)
+        if config == "mcr-reference":
+            with mcr_kernels.use_backend("reference"):
+                return self.model(self.batch, self.masks)
+        return self.model(self.batch, self.masks)
 
     def step(self, config):
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -154,6 +161,19 @@ def time_configs(preset_name, batch_size, configs, repeats, warmup, device, amp_
             bench.step(config)
             times[config].append(time.perf_counter() - t0)
     return {c: (1e3 * statistics.median(t), 1e3 * min(t), 1e3 * max(t), first[c]) for c, t in times.items()}
+
+
+def step_flops(preset_name, batch_size, configs, device, amp_dtype):
+    """{config: FLOPs of one forward + backward}, through the reference ops (which the counter sees)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bench, flops = Bench(preset_name, batch_size, device, amp_dtype), {}
+    for config in configs:
+        with FlopCounterMode(display=False) as counter, mcr_kernels.use_backend("reference"):
+            losses = bench.losses(config)
+            sum(WEIGHTS[k] * v for k, v in losses.items()).backward()
+        flops[config] = counter.get_total_flops()
+    return flops
 
 
 def peak_memory(preset_name, batch_size, config, warmup, device, amp_dtype):
@@ -192,6 +212,7 @@ def main():
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads in every process (0 = torch's default)")
     parser.add_argument("--no-write", action="store_true", help="print only; write no results file")
+    parser.add_argument("--flops", action="store_true", help="count FLOPs per configuration; time nothing")
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -209,6 +230,16 @@ def main():
     print(env, flush=True)
     configs = args.configs.split(",")
     rows = []
+    if args.flops:
+        for shape in args.shapes.split(","):
+            preset_name, batch_size = shape.split(":")
+            flops = step_flops(preset_name, int(batch_size), configs, device, amp_dtype)
+            rows += [{"preset": preset_name, "batch": int(batch_size), "config": c, "gflops": f / 1e9,
+                      "flops_vs_peer": f / flops["peer"] if "peer" in flops else None} for c, f in flops.items()]
+        print_table(rows)
+        if not args.no_write:
+            print("wrote", *write_results("train_step_flops", rows))
+        return
     for shape in args.shapes.split(","):
         preset_name, batch_size = shape.split(":")
         batch_size = int(batch_size)
