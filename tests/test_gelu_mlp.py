@@ -71,6 +71,19 @@ def test_bfloat16_inputs():
     check((4, 13), 24, 96, 24, dtype=torch.bfloat16, seed=5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_float64_reference(dtype):
+    low = [t.detach().cuda().requires_grad_() for t in inputs((3, 37), 64, 200, 48, dtype=dtype, seed=7)]
+    ref_in = [t.detach().cpu().double().requires_grad_() for t in low]
+    expected = reference.gelu_mlp(*ref_in)
+    out = mcr_kernels.gelu_mlp(*low)
+    assert_close(out.cpu(), expected, dtype, "out")
+    for a, b in zip(torch.autograd.grad(out.float().sum(), low), torch.autograd.grad(expected.sum(), ref_in),
+                    strict=True):
+        assert_close(a.cpu(), b, dtype, "grad")
+
+
 def test_backward_keeps_the_pre_activation_not_the_activation():
     """Between forward and backward: x, both weights and fc1(x); no second [N, hidden] tensor."""
     x, w1, b1, w2, b2 = inputs((10,), 8, 32, 8)
