@@ -9,6 +9,7 @@ this package, side by side in one run, on the same device, data, masks and prese
     dual-stream    (c) the baseline method (an unmasked second pass per modality for the
                    contrastive loss), with mcr_kernels' default backends
     mcr-reference  MCR with every op forced to the `reference` backend (the unfused ops)
+    mcr-gelu-autograd  MCR with only gelu_mlp on `reference` (autograd keeps the GELU output)
 
 Step time: one model and one optimizer serve every configuration (the peer reverts
 mcr_kernels.integrations around its step: timm's own attention, BERT on "sdpa"), and the configurations take
@@ -50,7 +51,7 @@ from mcr.models.mcr import MCR, global_mean  # noqa: E402
 from mcr.profiling import MASK, PAD, random_batch  # noqa: E402
 from mcr_kernels import integrations  # noqa: E402
 
-CONFIGS = ("mcr", "peer", "dual-stream", "mcr-reference")
+CONFIGS = ("mcr", "peer", "dual-stream", "mcr-reference", "mcr-gelu-autograd")
 WEIGHTS = {"contrastive": 0.1, "mim": 1.0, "mrm": 1.0}
 
 
@@ -121,7 +122,8 @@ class Bench:
             integrations.apply_to_timm(self.model)
             integrations.apply_to_hf(self.model.bert)
 
-    def losses(self, config):
+    def losses(self, config, backend=None):
+        """The configuration's losses; backend forces one for every op (else the config's choice)."""
         self.model.cfg = self.cfgs["dual-stream" if config == "dual-stream" else "mcr"]
         if config == "peer":
             self.peer_mode(True)
@@ -129,10 +131,9 @@ class Bench:
                 return peer_losses(self.model, self.batch, self.masks, self.clip_loss)
             finally:
                 self.peer_mode(False)
-        if config == "mcr-reference":
-            with mcr_kernels.use_backend("reference"):
-                return self.model(self.batch, self.masks)
-        return self.model(self.batch, self.masks)
+        forced = {"mcr-reference": ("reference",), "mcr-gelu-autograd": ("reference", "gelu_mlp")}
+        with mcr_kernels.use_backend(*((backend,) if backend else forced.get(config, (None,)))):
+            return self.model(self.batch, self.masks)
 
     def step(self, config):
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -169,8 +170,8 @@ def step_flops(preset_name, batch_size, configs, device, amp_dtype):
 
     bench, flops = Bench(preset_name, batch_size, device, amp_dtype), {}
     for config in configs:
-        with FlopCounterMode(display=False) as counter, mcr_kernels.use_backend("reference"):
-            losses = bench.losses(config)
+        with FlopCounterMode(display=False) as counter, mcr_kernels.use_backend("reference"):  # peer too
+            losses = bench.losses(config, backend="reference")
             sum(WEIGHTS[k] * v for k, v in losses.items()).backward()
         flops[config] = counter.get_total_flops()
     return flops

@@ -4,7 +4,7 @@
 
 Equals F.linear(F.gelu(F.linear(x, W1, b1)), W2, b2); the backward recomputes gelu(fc1(x))
 from the kept pre-activation, so between forward and backward each MLP holds one
-[tokens, hidden] tensor instead of two (a quarter of a ViT/BERT block's saved activations).
+[tokens, hidden] tensor instead of two.
 Signature, backends and limits: docs/gelu_mlp.md.
 """
 import torch
