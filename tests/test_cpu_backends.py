@@ -14,6 +14,7 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle import relative_assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mcr_kernels
@@ -22,13 +23,7 @@ from mcr_kernels.cpu import mba as cpu_mba
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2}
 CPU_OPS = ("flash_attention", "infonce_loss", "mba_pool")
-
-
-def assert_close(actual, expected, dtype, what):
-    assert not torch.isnan(actual).any(), f"{what} has NaN"
-    err = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
-    scale = max(1.0, expected.abs().max().item() if expected.numel() else 0.0)
-    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype] * scale:.3g}"
+assert_close = relative_assert_close(TOL)
 
 
 def leaves(*tensors, dtype):

@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle import relative_assert_close
 
 import mcr_kernels
 from mcr_kernels import reference
@@ -19,13 +20,7 @@ from mcr_kernels.integrations import apply_to_hf, apply_to_timm, revert
 from mcr_kernels.integrations._patching import gelu_approximation
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
-
-
-def assert_close(actual, expected, dtype, what):
-    assert not torch.isnan(actual).any(), f"{what} has NaN"
-    err = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
-    scale = max(1.0, expected.abs().max().item() if expected.numel() else 0.0)
-    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype] * scale:.3g}"
+assert_close = relative_assert_close(TOL)
 
 
 def inputs(shape, D, hidden, D_out, *, bias=(True, True), dtype=torch.float32, seed=0):

@@ -9,6 +9,7 @@ oracle sees the same rounded inputs; logits GEMM in bfloat16 as F.linear would).
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle import relative_assert_close
 from test_cpu_backends import LargestTensor
 
 import mcr_kernels
@@ -18,13 +19,7 @@ from mcr_kernels.cpu import linear_cross_entropy as chunked
 pytest.importorskip("triton")
 BACKENDS = ("cpu", "triton")
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
-
-
-def assert_close(actual, expected, dtype, what):
-    assert not torch.isnan(actual).any(), f"{what} has NaN"
-    err = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
-    scale = max(1.0, expected.abs().max().item() if expected.numel() else 0.0)
-    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype] * scale:.3g}"
+assert_close = relative_assert_close(TOL)
 
 
 @pytest.fixture
