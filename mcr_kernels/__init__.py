@@ -9,6 +9,7 @@ from mcr_kernels.attention import flash_attention, flash_attention_varlen, pad_i
 from mcr_kernels.backend import available_backends, get_backend, registered_backends, set_backend, use_backend
 from mcr_kernels.gelu_mlp import gelu_mlp
 from mcr_kernels.integrations import ClipLoss, PatchDropout  # noqa: E402  (after the ops they use)
+from mcr_kernels.layer_norm_linear import layer_norm_linear
 from mcr_kernels.linear_cross_entropy import linear_cross_entropy
 from mcr_kernels.local_matching import local_matching
 from mcr_kernels.mba import ProjectionHead, infonce_loss, masked_mean, mba_infonce, mba_pool
@@ -20,7 +21,7 @@ __all__ = [
     "random_keep_indices", "gather_tokens", "restore_tokens", "random_masking",
     "flash_attention", "flash_attention_varlen", "unpad_input", "pad_input",
     "mba_pool", "masked_mean", "infonce_loss", "mba_infonce", "ProjectionHead", "linear_cross_entropy",
-    "local_matching", "gelu_mlp",
+    "local_matching", "gelu_mlp", "layer_norm_linear",
     "set_backend", "get_backend", "use_backend", "available_backends", "registered_backends",
     "PatchDropout", "ClipLoss",
 ]

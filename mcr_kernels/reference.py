@@ -250,6 +250,18 @@ def local_matching(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", a
 
 # --- GELU MLP -------------------------------------------------------------------------
 
-def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none"):
-    """x [..., D] -> fc2(gelu(fc1(x))) [..., D_out]; autograd saves x, fc1(x) and gelu(fc1(x))."""
+def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none", norm_weight=None,
+             norm_bias=None, norm_eps=None):
+    """x [..., D] -> fc2(gelu(fc1(x))) [..., D_out], of LayerNorm(x) when norm_eps is given;
+    autograd saves x, (LayerNorm(x),) fc1(.) and gelu(fc1(.))."""
+    if norm_eps is not None:
+        x = F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, norm_eps).to(fc1_weight.dtype)
     return F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias), approximate=approximate), fc2_weight, fc2_bias)
+
+
+# --- LayerNorm + linear ------------------------------------------------------------------
+
+def layer_norm_linear(x, norm_weight, norm_bias, weight, bias, *, eps=1e-5):
+    """x [..., D] -> F.linear(LayerNorm(x), weight, bias) [..., D_out]; autograd saves x and
+    LayerNorm(x)."""
+    return F.linear(F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps).to(weight.dtype), weight, bias)
