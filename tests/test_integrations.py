@@ -275,7 +275,7 @@ def test_timm_vit_small_matches_and_patch_dropout_trains(attention_calls):
     ref = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=64, depth=3,
                             patch_drop_rate=0.5).eval()
     ours = copy.deepcopy(ref)
-    assert apply_to_timm(ours) == {"Attention": 3, "Mlp": 3, "PatchDropout": 1}
+    assert apply_to_timm(ours) == {"Attention": 3, "Mlp": 3, "Block": 3, "PatchDropout": 1}
     assert apply_to_timm(ours) == {}
     images = torch.randn(2, 3, 64, 64)
     outs, grads = [], []
@@ -291,7 +291,7 @@ def test_timm_vit_small_matches_and_patch_dropout_trains(attention_calls):
     tokens = ours.forward_features(images)
     assert tokens.shape == (2, 1 + 8, 384)  # CLS + half of the 16 patches
     tokens.sum().backward()
-    assert revert(ours) == {"Attention": 3, "Mlp": 3, "PatchDropout": 1}
+    assert revert(ours) == {"Attention": 3, "Mlp": 3, "Block": 3, "PatchDropout": 1}
     assert "forward" not in ours.blocks[0].attn.__dict__
 
 

@@ -1,5 +1,6 @@
 """transformers: attention through flash_attention, as the "mcr" attention implementation,
-and BERT-style feed-forward blocks through gelu_mlp.
+and BERT-style feed-forward blocks through gelu_mlp (pre-norm form: the LayerNorm before
+the feed-forward is recomputed in backward, not kept).
 
     apply_to_hf()        # register "mcr": from_pretrained(..., attn_implementation="mcr")
     apply_to_hf(model)   # and switch a built model to it (model.set_attn_implementation),
@@ -72,7 +73,8 @@ def hf_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, 
 
 def apply_to_hf(model=None):
     """Register the "mcr" attention with transformers and, given a model, switch it (and its
-    sub-models) to it, and run its BERT-style GELU feed-forward blocks through gelu_mlp.
+    sub-models) to it, and run its BERT-style GELU feed-forward blocks through gelu_mlp (with
+    the attention block's LayerNorm fused in, where the layer's forward is BERT's).
     Returns {module class: count} of the attention modules switched and the layers whose
     feed-forward was patched (empty when there was nothing to change). Undo with revert(model)."""
     from transformers import AttentionInterface
@@ -95,6 +97,8 @@ def apply_to_hf(model=None):
     for module in model.modules():
         if _bert_feed_forward(module) and patch_forward(module, hf_feed_forward_chunk, token, "feed_forward_chunk"):
             changed[type(module).__name__] += 1
+            if _bert_layer(module):
+                patch_forward(module, hf_bert_layer_forward, token)
     return dict(changed)
 
 
@@ -107,8 +111,27 @@ def hf_feed_forward_chunk(self, attention_output):
     return output.LayerNorm(output.dropout(h) + attention_output)
 
 
+@patched_forward
+def hf_bert_layer_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, *args, **kwargs):
+    """BertLayer.forward (self-attention only) with the attention block's LayerNorm fused into
+    the feed-forward (gelu_mlp's pre-norm form): its output is the residual but is not kept
+    for backward, the sum it normalizes is. Cross-attention, feed-forward chunking and extra
+    positional arguments run BERT's own forward."""
+    if encoder_hidden_states is not None or args or self.chunk_size_feed_forward:
+        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states, *args, **kwargs)
+    kwargs.pop("encoder_attention_mask", None)  # read by cross-attention only
+    attention, intermediate, output = self.attention, self.intermediate, self.output
+    context, _ = attention.self(hidden_states, attention_mask=attention_mask, **kwargs)
+    summed = attention.output.dropout(attention.output.dense(context)) + hidden_states
+    norm = attention.output.LayerNorm
+    h = gelu_mlp(summed, intermediate.dense.weight, intermediate.dense.bias, output.dense.weight, output.dense.bias,
+                 approximate=gelu_approximation(intermediate.intermediate_act_fn), norm_weight=norm.weight,
+                 norm_bias=norm.bias, norm_eps=norm.eps)
+    return output.LayerNorm(output.dropout(h) + norm(summed))
+
+
 def _same_code(method, reference):
-    a, b = getattr(method, "__code__", None), reference.__code__
+    a, b = getattr(inspect.unwrap(method), "__code__", None), inspect.unwrap(reference).__code__
     return a is not None and a.co_code == b.co_code and a.co_names == b.co_names
 
 
@@ -123,6 +146,22 @@ def _bert_feed_forward(layer):
             and _same_code(type(intermediate).forward, bert.BertIntermediate.forward)
             and _same_code(type(output).forward, bert.BertOutput.forward)
             and gelu_approximation(intermediate.intermediate_act_fn) is not None)
+
+
+def _bert_layer(layer):
+    """A BERT-style feed-forward layer whose forward, attention and attention output are
+    BERT's too (same bytecode), with plain LayerNorms."""
+    import torch
+    from transformers.models.bert import modeling_bert as bert
+
+    attention = getattr(layer, "attention", None)
+    attention_output = getattr(attention, "output", None)
+    norms = (getattr(attention_output, "LayerNorm", None), getattr(layer.output, "LayerNorm", None))
+    return (attention_output is not None and not getattr(attention, "is_cross_attention", False)
+            and _same_code(type(layer).forward, bert.BertLayer.forward)
+            and _same_code(type(attention).forward, bert.BertAttention.forward)
+            and _same_code(type(attention_output).forward, bert.BertSelfOutput.forward)
+            and all(type(n) is torch.nn.LayerNorm and len(n.normalized_shape) == 1 for n in norms))
 
 
 def revert_hf(model):

@@ -1,7 +1,8 @@
-"""timm: Attention, Mlp and PatchDropout through mcr_kernels' ops.
+"""timm: Attention, Mlp, the ViT Block and PatchDropout through mcr_kernels' ops.
 
     apply_to_timm(model)   # every timm Attention (and subclass that keeps its forward),
-                           # GELU Mlp, PatchDropout and PatchDropoutWithIndices inside model
+                           # GELU Mlp, pre-norm Block, PatchDropout and
+                           # PatchDropoutWithIndices inside model
 """
 from collections import Counter
 
@@ -17,26 +18,50 @@ from mcr_kernels.integrations._patching import (
     warn_dropout_once,
 )
 from mcr_kernels.integrations.modules import drop_patches
+from mcr_kernels.layer_norm_linear import layer_norm_linear
 
 
 @patched_forward
 def timm_attention_forward(self, x, attn_mask=None, is_causal=False):
     """timm.layers.Attention.forward computed by flash_attention (same contract: attn_mask
     as SDPA's, bool True = attend or float added to the scores)."""
-    B, N, _ = x.shape
     gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = self.q_norm(qkv[0]), self.k_norm(qkv[1])
-    dropout_p = self.attn_drop.p if self.training else 0.0
-    if dropout_p > 0:
-        warn_dropout_once(self._mcr_kernels_token, "apply_to_timm")
-    if attn_mask is not None and attn_mask.dim() == 2:  # SDPA's [N, N], not a key padding mask
-        attn_mask = attn_mask[None, None]
-    x = flash_attention(q, k, qkv[2], attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
-    x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+    x = attention_of_qkv(self, self.qkv(x), attn_mask, is_causal)
     if gate is not None:
         x = x * gate
     return self.proj_drop(self.proj(x))
+
+
+def attention_of_qkv(attn, qkv, attn_mask, is_causal):
+    """The middle of timm's Attention.forward: qkv [B, N, 3 * attn_dim] -> attention output
+    [B, N, attn_dim] (q/k norms and the output norm included, before the gate and proj)."""
+    B, N, _ = qkv.shape
+    qkv = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    dropout_p = attn.attn_drop.p if attn.training else 0.0
+    if dropout_p > 0:
+        warn_dropout_once(attn._mcr_kernels_token, "apply_to_timm")
+    if attn_mask is not None and attn_mask.dim() == 2:  # SDPA's [N, N], not a key padding mask
+        attn_mask = attn_mask[None, None]
+    x = flash_attention(q, k, qkv[2], attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+    return attn.norm(x.transpose(1, 2).reshape(B, N, attn.attn_dim))
+
+
+@patched_forward
+def timm_block_forward(self, x, attn_mask=None, is_causal=False):
+    """timm's pre-norm Block.forward with norm1 -> attn.qkv as layer_norm_linear and norm2 ->
+    mlp as gelu_mlp's pre-norm form: neither normalized x is kept for backward (recomputed
+    from x, the residual); dropout between fc1 and fc2 in training runs the Mlp's forward."""
+    attn, mlp, norm1, norm2 = self.attn, self.mlp, self.norm1, self.norm2
+    qkv = layer_norm_linear(x, norm1.weight, norm1.bias, attn.qkv.weight, attn.qkv.bias, eps=norm1.eps)
+    x = x + self.drop_path1(self.ls1(attn.proj_drop(attn.proj(attention_of_qkv(attn, qkv, attn_mask, is_causal)))))
+    if mlp.training and getattr(mlp.drop1, "p", 0.0) > 0:
+        y = mlp(norm2(x))
+    else:
+        y = mlp.drop2(gelu_mlp(x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+                               approximate=gelu_approximation(mlp.act), norm_weight=norm2.weight,
+                               norm_bias=norm2.bias, norm_eps=norm2.eps))
+    return x + self.drop_path2(self.ls2(y))
 
 
 @patched_forward
@@ -56,6 +81,27 @@ def fusable_mlp(mlp):
             and isinstance(mlp.norm, torch.nn.Identity) and gelu_approximation(mlp.act) is not None)
 
 
+def plain_layer_norm(norm):
+    """torch's LayerNorm (or timm's, without its fast-norm path) over the last dim."""
+    from timm.layers import LayerNorm
+
+    return (type(norm) in (torch.nn.LayerNorm, LayerNorm) and len(norm.normalized_shape) == 1
+            and not getattr(norm, "_fast_norm", False))
+
+
+def fusable_block(block):
+    """A timm Block with Block's forward whose norms are plain LayerNorms, whose attention is
+    a timm Attention with its forward and no gate, and whose Mlp is fusable."""
+    from timm.layers import Attention, Mlp
+    from timm.models.vision_transformer import Block
+
+    attn, mlp = block.attn, block.mlp
+    return (type(block).forward is Block.forward and plain_layer_norm(block.norm1) and plain_layer_norm(block.norm2)
+            and isinstance(attn, Attention) and type(attn).forward is Attention.forward
+            and isinstance(attn.qkv, torch.nn.Linear) and getattr(attn, "gate", None) is None
+            and isinstance(mlp, Mlp) and type(mlp).forward is Mlp.forward and fusable_mlp(mlp))
+
+
 @patched_forward
 def timm_patch_dropout_forward(self, x):
     if not self.training or self.prob == 0.0:
@@ -72,19 +118,24 @@ def timm_patch_dropout_with_indices_forward(self, x):
 
 def apply_to_timm(model):
     """Patch, in place, the timm modules inside `model` (any nn.Module) to run mcr_kernels'
-    ops (Mlp: those with a GELU and no norm between fc1 and fc2, through gelu_mlp). Same
-    parameters and state dict; outputs unchanged in eval (patch dropout draws its own random
-    patches in training). Returns {class name: count} of the modules patched by
-    this call; a second call changes nothing. Undo with revert(model)."""
+    ops: Attention through flash_attention; Mlp with a GELU and no norm between fc1 and fc2
+    through gelu_mlp; the ViT Block around such an Attention and Mlp with plain LayerNorms
+    through layer_norm_linear and gelu_mlp's pre-norm form; PatchDropout through
+    drop_patches. Same parameters and state dict; outputs unchanged in eval (patch dropout
+    draws its own random patches in training). Returns {class name: count} of the modules
+    patched by this call; a second call changes nothing. Undo with revert(model)."""
     from timm.layers import Attention, Mlp, PatchDropout, PatchDropoutWithIndices
+    from timm.models.vision_transformer import Block
 
-    forwards = {Attention: timm_attention_forward, Mlp: timm_mlp_forward, PatchDropout: timm_patch_dropout_forward,
+    forwards = {Attention: timm_attention_forward, Mlp: timm_mlp_forward, Block: timm_block_forward,
+                PatchDropout: timm_patch_dropout_forward,
                 PatchDropoutWithIndices: timm_patch_dropout_with_indices_forward}
+    qualifies = {Mlp: fusable_mlp, Block: fusable_block}
     token, changed = ModelToken(), Counter()
     for module in model.modules():
         for base, forward in forwards.items():
             # subclasses qualify only when they keep the base class's forward contract
             if isinstance(module, base) and type(module).forward is base.forward \
-                    and (base is not Mlp or fusable_mlp(module)) and patch_forward(module, forward, token):
+                    and qualifies.get(base, bool)(module) and patch_forward(module, forward, token):
                 changed[type(module).__name__] += 1
     return dict(changed)
