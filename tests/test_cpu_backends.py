@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mcr_kernels
 from mcr_kernels import backend, reference
+from mcr_kernels.cpu import attention as cpu_attention
 from mcr_kernels.cpu import mba as cpu_mba
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2}
@@ -169,6 +170,30 @@ def test_flash_attention_compiles_fullgraph():
     assert_close(compiled, eager, torch.float32, "out")
     for got, want in zip(grads, expected, strict=True):
         assert_close(got, want, torch.float32, "grad")
+
+
+def test_flash_attention_kernel_opcheck():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, L, 8, generator=g, requires_grad=True) for L in (5, 6, 6))
+    allowed = torch.rand(2, 1, 5, 6, generator=g) > 0.3
+    zero_rows = ~allowed.any(-1, keepdim=True)
+    bias = torch.zeros(2, 1, 5, 6).masked_fill(~(allowed | zero_rows), float("-inf"))
+    torch.library.opcheck(cpu_attention.sdpa_flash_cpu, (q, k, v, bias, zero_rows, 0.3))
+    torch.library.opcheck(cpu_attention.sdpa_flash_cpu, (q, k, v, None, None, 0.3))
+
+
+def test_flash_attention_output_is_what_backward_keeps_laid_out_for_the_next_layer():
+    """out is [B, L, H, D] in memory (so out.transpose(1, 2).reshape(B, L, H * D), the next
+    linear layer's input, is a view) and is the tensor backward keeps: one copy, not two."""
+    q, k, v = leaves(*(torch.randn(2, 3, 6, 8) for _ in range(3)), dtype=torch.float32)
+    mask = torch.tensor([[1] * 6, [1] * 2 + [0] * 4], dtype=torch.bool)
+    with mcr_kernels.use_backend("cpu", "flash_attention"):
+        out = mcr_kernels.flash_attention(q, k, v, key_padding_mask=mask)
+    merged = out.transpose(1, 2).reshape(2, 6, 24)
+    assert merged.data_ptr() == out.data_ptr() and merged._base is not None
+    kept = [t for t in out.grad_fn.saved_tensors if t is not None and t.shape == out.shape]
+    assert [t.data_ptr() for t in kept].count(out.data_ptr()) == 1 and torch.equal(kept[-1], out)
+    assert len({t.data_ptr() for t in kept}) == len(kept) == 4  # q, k, v and out, no second out
 
 
 # --- infonce_loss --------------------------------------------------------------------------

@@ -6,13 +6,15 @@
 * A query row with no key to attend attends every (zeroed) key instead, and its output is
   set to zero afterwards: no 0/0, and no gradient flows from it.
 * With a right-padding mask and Lq == Lk the padded query rows are zero, as the reference.
-* lse (return_lse) is computed beside the kernel from the scores ([B, H, Lq, Lk] float32,
-  without gradient): SDPA's public API does not return it.
+* The kernel is called directly (aten's _scaled_dot_product_flash_attention_for_cpu and its
+  backward, in a custom op): it returns lse (return_lse, no gradient), and backward keeps the
+  output with its zero rows, the tensor the next layer keeps too, instead of a second copy.
 """
 import torch
-import torch.nn.functional as F
 
 from mcr_kernels import reference
+
+NEG_INF = float("-inf")
 
 
 def flash_attention(q, k, v, *, key_padding_mask=None, softmax_scale=None, causal=False,
@@ -28,21 +30,60 @@ def flash_attention(q, k, v, *, key_padding_mask=None, softmax_scale=None, causa
     if causal:  # bottom-right aligned, as flash-attn
         below = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(diagonal=Lk - Lq)
         allowed = below if allowed is None else allowed & below
-    if allowed is None:
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        zero_rows = None
-    else:
+    bias = zero_rows = None
+    if allowed is not None:
         zero_rows = ~allowed.any(dim=-1, keepdim=True)  # [B or 1, 1, Lq, 1]: no key to attend
         if key_padding_mask is not None and Lq == Lk:
             padded = ~key_padding_mask & reference.is_right_padding(key_padding_mask)
             zero_rows = zero_rows | padded[:, None, :, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | zero_rows, scale=scale)
-        out = out.masked_fill(zero_rows, 0.0)
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~(allowed | zero_rows), NEG_INF)
+    out, lse = sdpa_flash_cpu(q, k, v, bias, zero_rows, scale)
     if not return_lse:
         return out
-    with torch.no_grad():
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-        if allowed is not None:
-            scores = scores.masked_fill(~allowed | zero_rows, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)
-    return out, lse
+    lse = lse.detach().float()
+    return out, lse if zero_rows is None else lse.masked_fill(zero_rows[..., 0], NEG_INF)
+
+
+def seq_major(out):
+    """out [B, H, L, D] laid out as [B, L, H, D] in memory (copied only when it is not): the
+    layout whose transpose(1, 2).reshape(B, L, H * D) every caller does is then a view."""
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@torch.library.custom_op("mcr_kernels::sdpa_flash_cpu", mutates_args=())
+def sdpa_flash_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                   zero_rows: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, H, Lq, D] in q's dtype, [B, Lq, H, D] in memory, with zero_rows zeroed; the
+    kernel's lse [B, H, Lq]) of torch's flash attention CPU kernel; bias: 0 / -inf added to
+    the scores, [B or 1, 1, Lq, Lk] in q's dtype; zero_rows bool [B or 1, 1, Lq, 1]."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
+                                                                          scale=scale)
+    out = seq_major(out if zero_rows is None else out.masked_fill(zero_rows, 0.0))
+    return out, lse.contiguous()
+
+
+@sdpa_flash_cpu.register_fake
+def _(q, k, v, bias, zero_rows, scale):
+    B, H, Lq, D = q.shape
+    lse_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    return q.new_empty(B, Lq, H, D).transpose(1, 2), q.new_empty(B, H, Lq, dtype=lse_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, zero_rows, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, bias, zero_rows)  # out with its zero rows: see _backward
+    ctx.scale = scale
+
+
+def _backward(ctx, grad, _grad_lse):
+    """The kernel's backward; a zeroed row's output gradient is zeroed, and then its out (zeros
+    here, not the kernel's) enters nothing: rowsum(dO * O) and dO Vᵀ are both 0 for that row."""
+    q, k, v, out, lse, bias, zero_rows = ctx.saved_tensors
+    if zero_rows is not None:
+        grad = grad.masked_fill(zero_rows, 0.0)
+    d_q, d_k, d_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=ctx.scale)
+    return d_q, d_k, d_v, None, None, None
+
+
+sdpa_flash_cpu.register_autograd(_backward, setup_context=_setup_context)
