@@ -88,6 +88,25 @@ def peak_bytes(fn):
 CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
+def saved_mib(forward, inputs):
+    """MiB of the tensors autograd keeps for backward from forward() (one count per storage;
+    the storages of `inputs`, e.g. the inputs and parameters, excluded): what a model holds
+    between its forward and backward passes, counted exactly on any device."""
+    own = {t.untyped_storage().data_ptr() for t in inputs}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(seen.values()) / 2**20
+
+
 def _status_kib(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))

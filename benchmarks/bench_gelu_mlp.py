@@ -16,6 +16,7 @@ model holds per MLP between its forward and backward passes, on any device.
     python benchmarks/bench_gelu_mlp.py --shapes small --repeats 2 --no-write
 """
 import argparse
+import functools
 import pathlib
 import statistics
 import sys
@@ -25,7 +26,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's packages, whatever is installed
-from _common import environment, print_table, write_results  # noqa: E402
+from _common import environment, print_table, saved_mib, write_results  # noqa: E402
 
 import mcr_kernels  # noqa: E402
 
@@ -55,23 +56,6 @@ def forward_backward(config, inputs):
         torch.cuda.synchronize()
 
 
-def saved_mib(config, inputs):
-    """MiB of the tensors autograd keeps for backward, inputs and parameters excluded."""
-    own = {t.untyped_storage().data_ptr() for t in inputs}
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward(config, inputs)
-    del out
-    return sum(seen.values()) / 2**20
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {tuple(SHAPES)}")
@@ -94,7 +78,8 @@ def main():
         tokens, D, hidden = SHAPES[shape]
         for config in configs:
             rows.append({"shape": shape, "tokens": tokens, "width": D, "hidden": hidden, "config": config,
-                         "ms": statistics.median(times[config]), "saved_mib": saved_mib(config, inputs)})
+                         "ms": statistics.median(times[config]),
+                         "saved_mib": saved_mib(functools.partial(forward, config, inputs), inputs)})
         base = rows[-2]
         for r in rows[-2:]:
             r["time_vs_autograd"] = r["ms"] / base["ms"]

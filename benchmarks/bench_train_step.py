@@ -9,7 +9,8 @@ this package, side by side in one run, on the same device, data, masks and prese
     dual-stream    (c) the baseline method (an unmasked second pass per modality for the
                    contrastive loss), with mcr_kernels' default backends
     mcr-reference  MCR with every op forced to the `reference` backend (the unfused ops)
-    mcr-gelu-autograd  MCR with only gelu_mlp on `reference` (autograd keeps the GELU output)
+    mcr-autograd-blocks  MCR with gelu_mlp and layer_norm_linear on `reference` (autograd keeps
+                   the GELU outputs and the normalized inputs: what their recompute costs)
 
 Step time: one model and one optimizer serve every configuration (the peer reverts
 mcr_kernels.integrations around its step: timm's own attention, BERT on "sdpa"), and the configurations take
@@ -51,7 +52,7 @@ from mcr.models.mcr import MCR, global_mean  # noqa: E402
 from mcr.profiling import MASK, PAD, random_batch  # noqa: E402
 from mcr_kernels import integrations  # noqa: E402
 
-CONFIGS = ("mcr", "peer", "dual-stream", "mcr-reference", "mcr-gelu-autograd")
+CONFIGS = ("mcr", "peer", "dual-stream", "mcr-reference", "mcr-autograd-blocks")
 WEIGHTS = {"contrastive": 0.1, "mim": 1.0, "mrm": 1.0}
 
 
@@ -131,7 +132,7 @@ class Bench:
                 return peer_losses(self.model, self.batch, self.masks, self.clip_loss)
             finally:
                 self.peer_mode(False)
-        forced = {"mcr-reference": ("reference",), "mcr-gelu-autograd": ("reference", "gelu_mlp")}
+        forced = {"mcr-reference": ("reference",), "mcr-autograd-blocks": ("reference", "gelu_mlp", "layer_norm_linear")}
         with mcr_kernels.use_backend(*((backend,) if backend else forced.get(config, (None,)))):
             return self.model(self.batch, self.masks)
 

@@ -25,7 +25,7 @@ done
 
 BUDGET_S=480
 KERNEL_TESTS="tests/test_attention.py tests/test_attention_offsets.py tests/test_mba.py tests/test_patch_drop.py"
-for optional in tests/test_local_matching.py tests/test_linear_cross_entropy.py tests/test_gelu_mlp.py; do
+for optional in tests/test_local_matching.py tests/test_linear_cross_entropy.py tests/test_gelu_mlp.py tests/test_layer_norm_linear.py; do
   [[ -f $optional ]] && KERNEL_TESTS="$KERNEL_TESTS $optional"
 done
 
@@ -37,7 +37,7 @@ STEPS=(
   "mba_infonce|100|python benchmarks/bench_mba_infonce.py"
   "train_step|70|python benchmarks/bench_train_step.py --shapes paper:64"
 )
-for optional in local_matching linear_cross_entropy gelu_mlp; do
+for optional in local_matching linear_cross_entropy gelu_mlp layer_norm_linear; do
   [[ -f benchmarks/bench_$optional.py ]] && STEPS+=("$optional|40|python benchmarks/bench_$optional.py")
 done
 
