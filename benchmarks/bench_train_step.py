@@ -132,7 +132,8 @@ class Bench:
                 return peer_losses(self.model, self.batch, self.masks, self.clip_loss)
             finally:
                 self.peer_mode(False)
-        forced = {"mcr-reference": ("reference",), "mcr-autograd-blocks": ("reference", "gelu_mlp", "layer_norm_linear")}
+        forced = {"mcr-reference": ("reference",),
+                  "mcr-autograd-blocks": ("reference", "gelu_mlp", "layer_norm_linear")}
         with mcr_kernels.use_backend(*((backend,) if backend else forced.get(config, (None,)))):
             return self.model(self.batch, self.masks)
 

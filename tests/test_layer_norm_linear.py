@@ -12,7 +12,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from oracle import relative_assert_close
 
 import mcr_kernels
