@@ -107,6 +107,41 @@ def saved_mib(forward, inputs):
     return sum(seen.values()) / 2**20
 
 
+def autograd_vs_recompute(op_name, op, inputs, repeats):
+    """[{config, ms, saved_mib, time_vs_autograd, saved_vs_autograd}] for "autograd" (op_name on
+    its `reference` backend) and "recompute" (the default backend): forward + backward of
+    op(*inputs), median of `repeats` passes, the two taking turns; saved_mib as saved_mib()."""
+    import mcr_kernels
+
+    backends = {"autograd": "reference", "recompute": None}
+
+    def forward(config):
+        with mcr_kernels.use_backend(backends[config], op_name):
+            return op(*inputs)
+
+    def forward_backward(config):
+        for t in inputs:
+            t.grad = None
+        forward(config).sum().backward()
+        _sync()
+
+    configs = list(backends)
+    for config in configs:
+        forward_backward(config)  # warm-up
+    times = {c: [] for c in configs}
+    for r in range(repeats):
+        for config in configs[r % 2:] + configs[:r % 2]:
+            t0 = time.perf_counter()
+            forward_backward(config)
+            times[config].append(1e3 * (time.perf_counter() - t0))
+    rows = [{"config": c, "ms": statistics.median(times[c]), "saved_mib": saved_mib(lambda c=c: forward(c), inputs)}
+            for c in configs]
+    for row in rows:
+        row["time_vs_autograd"] = row["ms"] / rows[0]["ms"]
+        row["saved_vs_autograd"] = row["saved_mib"] / rows[0]["saved_mib"]
+    return rows
+
+
 def _status_kib(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))

@@ -17,22 +17,18 @@ counts LayerNorm(x) and the norm's statistics, the recompute row nothing.
     python benchmarks/bench_layer_norm_linear.py --shapes small-qkv --repeats 2 --no-write
 """
 import argparse
-import functools
 import pathlib
-import statistics
 import sys
-import time
 
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's packages, whatever is installed
-from _common import environment, print_table, saved_mib, write_results  # noqa: E402
+from _common import autograd_vs_recompute, environment, print_table, write_results  # noqa: E402
 
 import mcr_kernels  # noqa: E402
 
 SHAPES = {"vit-b-qkv": (4 * 99, 768, 2304), "decoder-qkv": (4 * 197, 512, 1536), "small-qkv": (32 * 28, 128, 384)}
-CONFIGS = {"autograd": "reference", "recompute": None}
 
 
 def make_inputs(shape, device):
@@ -44,19 +40,6 @@ def make_inputs(shape, device):
     return [t.to(device).requires_grad_() for t in tensors]
 
 
-def forward(config, inputs):
-    with mcr_kernels.use_backend(CONFIGS[config], "layer_norm_linear"):
-        return mcr_kernels.layer_norm_linear(*inputs)
-
-
-def forward_backward(config, inputs):
-    for t in inputs:
-        t.grad = None
-    forward(config, inputs).sum().backward()
-    if inputs[0].is_cuda:
-        torch.cuda.synchronize()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {tuple(SHAPES)}")
@@ -65,26 +48,12 @@ def main():
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(environment(), flush=True)
-    configs, rows = list(CONFIGS), []
+    rows = []
     for shape in args.shapes.split(","):
-        inputs = make_inputs(shape, device)
-        for config in configs:
-            forward_backward(config, inputs)  # warm-up
-        times = {c: [] for c in configs}
-        for r in range(args.repeats):
-            for config in configs[r % 2:] + configs[:r % 2]:
-                t0 = time.perf_counter()
-                forward_backward(config, inputs)
-                times[config].append(1e3 * (time.perf_counter() - t0))
         tokens, D, D_out = SHAPES[shape]
-        for config in configs:
-            rows.append({"shape": shape, "tokens": tokens, "width": D, "out": D_out, "config": config,
-                         "ms": statistics.median(times[config]),
-                         "saved_mib": saved_mib(functools.partial(forward, config, inputs), inputs)})
-        base = rows[-2]
-        for r in rows[-2:]:
-            r["time_vs_autograd"] = r["ms"] / base["ms"]
-            r["saved_vs_autograd"] = r["saved_mib"] / base["saved_mib"]
+        measured = autograd_vs_recompute("layer_norm_linear", mcr_kernels.layer_norm_linear,
+                                         make_inputs(shape, device), args.repeats)
+        rows += [{"shape": shape, "tokens": tokens, "width": D, "out": D_out, **row} for row in measured]
         print_table(rows[-2:])
     print()
     print_table(rows)
