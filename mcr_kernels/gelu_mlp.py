@@ -13,7 +13,7 @@ import torch
 from mcr_kernels import backend, reference
 from mcr_kernels._validate import FLOAT_DTYPES, check_size, check_tensor
 from mcr_kernels.cpu import gelu_mlp as _cpu
-from mcr_kernels.layer_norm_linear import autocast_norm_inputs, check_norm
+from mcr_kernels.layer_norm_linear import autocast_norm_params, check_norm
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -32,19 +32,20 @@ def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none
     pre_norm = norm_eps is not None
     if not pre_norm and (norm_weight is not None or norm_bias is not None):
         raise ValueError("norm_weight / norm_bias need norm_eps (the pre-norm form); got norm_eps=None")
-    if torch.is_autocast_enabled(x.device.type):  # the projections follow autocast, as F.linear
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if autocast:  # the projections follow autocast, as F.linear
         dtype = torch.get_autocast_dtype(x.device.type)
         if pre_norm:  # the norm runs in x's dtype, its output is cast with the projections
-            x, norm_weight, norm_bias = autocast_norm_inputs(x, norm_weight, norm_bias)
+            norm_weight, norm_bias = autocast_norm_params(x, norm_weight, norm_bias)
         else:
             x = x.to(dtype)
         fc1_weight, fc2_weight = fc1_weight.to(dtype), fc2_weight.to(dtype)
         fc1_bias = fc1_bias.to(dtype) if fc1_bias is not None else None
         fc2_bias = fc2_bias.to(dtype) if fc2_bias is not None else None
     if pre_norm:
-        check_norm(x, norm_weight, norm_bias, norm_eps, prefix="")
+        check_norm(x, norm_weight, norm_bias, norm_eps, eps_name="norm_eps")
         norm_eps = float(norm_eps)
-    weight_dtypes = FLOAT_DTYPES if pre_norm and torch.is_autocast_enabled(x.device.type) else (x.dtype,)
+    weight_dtypes = FLOAT_DTYPES if pre_norm and autocast else (x.dtype,)
     check_tensor("fc1_weight", fc1_weight, ndim=2, dtypes=weight_dtypes, device=x.device)
     check_size("fc1_weight", fc1_weight, 1, x.shape[-1], "x.shape[-1] (model width)")
     check_tensor("fc2_weight", fc2_weight, ndim=2, dtypes=(fc1_weight.dtype,), device=x.device)

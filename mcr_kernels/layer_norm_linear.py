@@ -14,19 +14,20 @@ from mcr_kernels._validate import FLOAT_DTYPES, check_size, check_tensor
 from mcr_kernels.cpu import layer_norm_linear as _cpu
 
 
-def check_norm(x, norm_weight, norm_bias, eps, prefix=""):
-    """The LayerNorm arguments of x [..., D]: weight / bias [D] in x's dtype or None, eps > 0."""
-    for name, t in ((f"{prefix}norm_weight", norm_weight), (f"{prefix}norm_bias", norm_bias)):
+def check_norm(x, norm_weight, norm_bias, eps, eps_name="eps"):
+    """The LayerNorm arguments of x [..., D]: weight / bias [D] in x's dtype or None, eps > 0
+    (named eps_name in the error)."""
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         if t is not None:
             check_tensor(name, t, ndim=1, dtypes=(x.dtype,), device=x.device)
             check_size(name, t, 0, x.shape[-1], "x.shape[-1] (model width)")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"{prefix}eps must be a float > 0, got {eps!r}")
+        raise ValueError(f"{eps_name} must be a float > 0, got {eps!r}")
 
 
-def autocast_norm_inputs(x, norm_weight, norm_bias):
-    """Under autocast the norm runs in x's dtype: its parameters are cast to it."""
-    return (x, *(t.to(x.dtype) if t is not None else None for t in (norm_weight, norm_bias)))
+def autocast_norm_params(x, norm_weight, norm_bias):
+    """Under autocast the norm runs in x's dtype: (norm_weight, norm_bias) cast to it."""
+    return tuple(t.to(x.dtype) if t is not None else None for t in (norm_weight, norm_bias))
 
 
 def layer_norm_linear(x, norm_weight, norm_bias, weight, bias, *, eps=1e-5):
@@ -37,15 +38,14 @@ def layer_norm_linear(x, norm_weight, norm_bias, weight, bias, *, eps=1e-5):
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 1:
         raise ValueError(f"x must have at least 1 dim, got shape {tuple(x.shape)}")
-    if torch.is_autocast_enabled(x.device.type):
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if autocast:
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, norm_weight, norm_bias = autocast_norm_inputs(x, norm_weight, norm_bias)
+        norm_weight, norm_bias = autocast_norm_params(x, norm_weight, norm_bias)
         weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
     check_norm(x, norm_weight, norm_bias, eps)
-    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES if autocast else (x.dtype,), device=x.device)
     check_size("weight", weight, 1, x.shape[-1], "x.shape[-1] (model width)")
-    if not torch.is_autocast_enabled(x.device.type) and weight.dtype != x.dtype:
-        raise ValueError(f"weight must have x's dtype {x.dtype} (outside autocast), got {weight.dtype}")
     if bias is not None:
         check_tensor("bias", bias, ndim=1, dtypes=(weight.dtype,), device=x.device)
         check_size("bias", bias, 0, weight.shape[0], "weight.shape[0]")

@@ -49,15 +49,15 @@ def _backward(ctx, grad, _grad_h):
     d_fc2_weight = grad.T @ a
     d_h = torch.ops.aten.gelu_backward(grad @ fc2_weight, h, approximate=ctx.approximate)
     del a
-    d_fc1_bias = d_h.sum(0) if has_b1 else None
+    d_z = d_h @ fc1_weight
     if ctx.norm_eps is None:
-        return (d_h @ fc1_weight, d_h.T @ x, d_fc1_bias, d_fc2_weight, grad.sum(0) if has_b2 else None,
-                None, None, None, None)
-    z, mean, rstd = normalize(x, norm_weight, norm_bias, ctx.norm_eps, fc1_weight.dtype)
-    d_fc1_weight = d_h.T @ z
-    del z
-    d_x, d_norm_weight, d_norm_bias = normalize_backward(d_h @ fc1_weight, x, mean, rstd, norm_weight, norm_bias)
-    return (d_x, d_fc1_weight, d_fc1_bias, d_fc2_weight, grad.sum(0) if has_b2 else None,
+        d_fc1_weight, d_x, d_norm_weight, d_norm_bias = d_h.T @ x, d_z, None, None
+    else:
+        z, mean, rstd = normalize(x, norm_weight, norm_bias, ctx.norm_eps, fc1_weight.dtype)
+        d_fc1_weight = d_h.T @ z
+        del z
+        d_x, d_norm_weight, d_norm_bias = normalize_backward(d_z, x, mean, rstd, norm_weight, norm_bias)
+    return (d_x, d_fc1_weight, d_h.sum(0) if has_b1 else None, d_fc2_weight, grad.sum(0) if has_b2 else None,
             None, d_norm_weight, d_norm_bias, None)
 
 

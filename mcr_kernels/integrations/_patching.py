@@ -67,6 +67,15 @@ def gelu_approximation(act):
     return None
 
 
+def plain_layer_norm(norm):
+    """torch's nn.LayerNorm, or timm's LayerNorm without its fast-norm path, over the last
+    dim only: the norm that layer_norm_linear and gelu_mlp's pre-norm form compute."""
+    cls = type(norm)
+    timm_layer_norm = cls.__module__ == "timm.layers.norm" and cls.__name__ == "LayerNorm"
+    return ((cls is torch.nn.LayerNorm or timm_layer_norm) and len(norm.normalized_shape) == 1
+            and not getattr(norm, "_fast_norm", False))
+
+
 _dropout_warned = weakref.WeakValueDictionary()  # id(owner) -> owner
 
 

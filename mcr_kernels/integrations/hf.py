@@ -22,6 +22,7 @@ from mcr_kernels.integrations._patching import (
     gelu_approximation,
     patch_forward,
     patched_forward,
+    plain_layer_norm,
     warn_dropout_once,
 )
 
@@ -151,7 +152,6 @@ def _bert_feed_forward(layer):
 def _bert_layer(layer):
     """A BERT-style feed-forward layer whose forward, attention and attention output are
     BERT's too (same bytecode), with plain LayerNorms."""
-    import torch
     from transformers.models.bert import modeling_bert as bert
 
     attention = getattr(layer, "attention", None)
@@ -161,7 +161,7 @@ def _bert_layer(layer):
             and _same_code(type(layer).forward, bert.BertLayer.forward)
             and _same_code(type(attention).forward, bert.BertAttention.forward)
             and _same_code(type(attention_output).forward, bert.BertSelfOutput.forward)
-            and all(type(n) is torch.nn.LayerNorm and len(n.normalized_shape) == 1 for n in norms))
+            and all(plain_layer_norm(n) for n in norms))
 
 
 def revert_hf(model):

@@ -15,6 +15,7 @@ from mcr_kernels.integrations._patching import (
     gelu_approximation,
     patch_forward,
     patched_forward,
+    plain_layer_norm,
     warn_dropout_once,
 )
 from mcr_kernels.integrations.modules import drop_patches
@@ -79,14 +80,6 @@ def fusable_mlp(mlp):
     """A timm Mlp that is Linear -> GELU -> (dropout) -> Linear: no norm between, no 1x1 convs."""
     return (isinstance(mlp.fc1, torch.nn.Linear) and isinstance(mlp.fc2, torch.nn.Linear)
             and isinstance(mlp.norm, torch.nn.Identity) and gelu_approximation(mlp.act) is not None)
-
-
-def plain_layer_norm(norm):
-    """torch's LayerNorm (or timm's, without its fast-norm path) over the last dim."""
-    from timm.layers import LayerNorm
-
-    return (type(norm) in (torch.nn.LayerNorm, LayerNorm) and len(norm.normalized_shape) == 1
-            and not getattr(norm, "_fast_norm", False))
 
 
 def fusable_block(block):
