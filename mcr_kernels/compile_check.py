@@ -30,13 +30,13 @@ import collections
 import contextlib
 import dataclasses
 import datetime
-import functools
 import glob
 import importlib
 import io
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import pathlib
 import pkgutil
@@ -403,30 +403,60 @@ def build_jobs(subset=False, archs=ARCHS, kernels=None, dtypes=None):
     return sorted(jobs, key=lambda job: (job["variant_index"], 0 if job["only_dtype"] else rank.get(job["dtype"], 0)))
 
 
-_WORKER_JOBS = {}
+def _compile_to_pipe(job, writer):
+    os.setpgrp()  # its own process group: a Ctrl-C reaches the parent alone, and a kill reaches ptxas too
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    writer.send(compile_job(job))
+    writer.close()
 
 
-def _compile_in_worker(selection, index):
-    if selection not in _WORKER_JOBS:
-        _WORKER_JOBS[selection] = build_jobs(*selection)
-    return compile_job(_WORKER_JOBS[selection][index])
+def _compile_in_workers(jobs, processes):
+    """Yield compile_job(job) for every job, in completion order, each compiled in a forked
+    process (forked, so the jobs' JIT functions need not pickle), at most `processes` at a
+    time; closing the generator (an interrupt) kills the running ones and their children."""
+    fork = multiprocessing.get_context("fork")
+    waiting = iter(jobs)
+    running = {}  # result pipe -> (process, job)
+    try:
+        while True:
+            while len(running) < processes and (job := next(waiting, None)) is not None:
+                reader, writer = fork.Pipe(duplex=False)
+                process = fork.Process(target=_compile_to_pipe, args=(job, writer), daemon=True)
+                # an interrupt inside fork() would be swallowed by its at-fork hooks (logging's):
+                # hold it back until the fork is done, when it raises here
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                try:
+                    process.start()
+                    writer.close()
+                    running[reader] = (process, job)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            if not running:
+                return
+            for reader in multiprocessing.connection.wait(list(running)):
+                process, job = running.pop(reader)
+                try:
+                    row = reader.recv()
+                except EOFError:
+                    process.join()
+                    raise RuntimeError(f"the compile of {job['module']}.{job['fn'].__name__} sm_{job['arch']} "
+                                       f"{job['dtype']} died (exit code {process.exitcode})") from None
+                process.join()
+                yield row
+    finally:
+        for process, _ in running.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.kill()
+            process.join()
 
 
-def _ignore_interrupts():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent alone stops
-
-
-def run(selection, jobs, processes=1, progress=True, rows=None):
-    """Compile all jobs (built from selection = build_jobs' arguments), appending each Row to
-    `rows` as it completes; an interrupt (Ctrl-C, timeout -s INT) stops early and keeps them
-    (with --jobs N the workers are terminated, not waited for)."""
+def run(jobs, processes=1, progress=True, rows=None):
+    """Compile all jobs, appending each Row to `rows` as it completes; an interrupt (Ctrl-C,
+    timeout -s INT) stops early and keeps them (with --jobs N the running compiles are killed,
+    not waited for)."""
     rows = [] if rows is None else rows
-    pool = None
-    if processes <= 1:
-        results = map(compile_job, jobs)
-    else:  # JIT functions do not pickle: each worker rebuilds the job list and compiles by index
-        pool = multiprocessing.Pool(processes, initializer=_ignore_interrupts)
-        results = pool.imap(functools.partial(_compile_in_worker, selection), range(len(jobs)))
+    results = map(compile_job, jobs) if processes <= 1 else _compile_in_workers(jobs, processes)
     try:
         for row in results:
             rows.append(row)
@@ -435,9 +465,8 @@ def run(selection, jobs, processes=1, progress=True, rows=None):
     except KeyboardInterrupt:
         print(f"interrupted after {len(rows)} of {len(jobs)} configurations", flush=True)
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        if processes > 1:
+            results.close()
     return rows
 
 
@@ -473,7 +502,7 @@ def main(argv=None):
         return 0
     quiet = args.json == "-"
     start = time.perf_counter()
-    rows = run(selection, jobs, args.jobs, progress=not quiet)
+    rows = run(jobs, args.jobs, progress=not quiet)
     coverage = f"{len(rows)} of {len(jobs)} Triton configurations compiled"
     complete = len(rows) == len(jobs)
     note = None if complete else f"INCOMPLETE: interrupted, {coverage}"
