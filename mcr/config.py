@@ -16,6 +16,7 @@ from mcr.data.registry import DATASETS
 
 VARIANTS = ("mcr", "dual-stream", "abm", "mpma", "reclf")
 MASK_SAMPLINGS = ("random", "balanced")
+POS_EMBEDS = ("learned", "sincos")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICE_KINDS = ("auto", "cpu", "cuda", "cuda:N")  # checked by mcr.distributed.pick_device
 HEAD_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "none")  # mcr_kernels.ProjectionHead's
@@ -59,6 +60,8 @@ class ModelConfig:
     embed_dim: int = option(128, "joint embedding space (MbA heads' output)", minimum=1)
     head_hidden: int = option(0, "MbA head hidden width; 0 = the encoder's width", minimum=0)
     head_activation: str = option("gelu", "MbA head activation", HEAD_ACTIVATIONS)
+    pos_embed: str = option("learned", "image position embeddings of the ViT and the MAE decoder: learned (timm's, "
+                            "initialised at std 0.02) or sincos (MAE's fixed 2-D sine-cosine)", POS_EMBEDS)
     image_mask_ratio: float = option(0.5, "share of image patches dropped, in (0, 1)")
     text_mask_ratio: float = option(0.25, "share of report tokens masked, in (0, 1)")
     text_mask_replace: bool = option(False, "BERT's 80/10/10 replacement of masked tokens (else always [MASK])")
@@ -211,6 +214,10 @@ def validate(cfg):
         if grid % 2 or keep % blocks:
             raise ValueError(f"--mask-sampling balanced needs an even patch grid ({grid}x{grid} here) and a kept "
                              f"count ({keep}) divisible by its {blocks} 2x2 blocks")
+    if cfg.pos_embed == "sincos":
+        for width in ("vit_width", "decoder_width"):
+            if getattr(cfg, width) % 4:
+                raise ValueError(f"--pos-embed sincos needs {flag(width)} divisible by 4, got {getattr(cfg, width)}")
     for width, heads in (("vit_width", "vit_heads"), ("decoder_width", "decoder_heads"),
                          ("text_width", "text_heads")):
         if getattr(cfg, width) % getattr(cfg, heads):

@@ -40,9 +40,12 @@ def compile_blocks(model, backend="inductor"):
 
 
 def build_optimizer(model, cfg):
-    """AdamW; no weight decay on biases, norms, embeddings, tokens and the temperature."""
+    """AdamW over the trained parameters; no weight decay on biases, norms, embeddings, tokens
+    and the temperature."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # fixed sin-cos position embeddings
+            continue
         (no_decay if p.ndim < 2 or "embed" in name or "token" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))

@@ -1,8 +1,11 @@
 """The MCR model: shapes, gradients and loss behaviour for every variant."""
+import math
+
 import pytest
 import torch
 
-from mcr.models.mcr import MCR, mask_report_tokens
+from mcr.engine import build_optimizer
+from mcr.models.mcr import MCR, mask_report_tokens, sincos_position_embedding
 
 PAD, CLS, SEP, MASK = 0, 2, 3, 4
 
@@ -133,6 +136,52 @@ def test_image_pooling_with_cls(tiny_config):
     latent, _ = model.encode_image(batch["image"])
     expected = torch.nn.functional.normalize(model.image_head(latent).mean(1), dim=-1)
     torch.testing.assert_close(img, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sincos_position_embedding_matches_its_formula():
+    """Every entry against the formula written out per element (float64), grid 3, width 8."""
+    grid, dim = 3, 8
+    table = sincos_position_embedding(grid, dim)
+    assert table.shape == (1, 1 + grid * grid, dim) and table.dtype == torch.float32
+    assert (table[0, 0] == 0).all()
+    quarter = dim // 4
+    for patch in range(grid * grid):
+        row, col = divmod(patch, grid)
+        expected = []
+        for coordinate in (row, col):
+            angles = [coordinate / 10000 ** (k / quarter) for k in range(quarter)]
+            expected += [math.sin(a) for a in angles] + [math.cos(a) for a in angles]
+        torch.testing.assert_close(table[0, 1 + patch].double(), torch.tensor(expected, dtype=torch.float64),
+                                   rtol=0, atol=1e-6)
+    assert torch.cdist(table[0, 1:], table[0, 1:]).add(torch.eye(grid * grid)).min() > 0.1  # all distinct
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_position_embedding(grid, 6)
+
+
+def test_sincos_position_embeddings_stay_fixed(tiny_config):
+    """--pos-embed sincos: the encoder's and decoder's tables are the formula's, leave the
+    optimizer and do not move in training, while the learned default does move."""
+    for kind in ("sincos", "learned"):
+        cfg = tiny_config(pos_embed=kind)
+        model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK)
+        tables = (model.vit.pos_embed, model.decoder_pos_embed)
+        before = [t.detach().clone() for t in tables]
+        opt = build_optimizer(model, type("Recipe", (), {"weight_decay": 0.05, "lr": 1e-2})())
+        optimized = {id(p) for group in opt.param_groups for p in group["params"]}
+        sum(model(make_batch(cfg)).values()).backward()
+        opt.step()
+        for table, old in zip(tables, before):
+            if kind == "sincos":
+                grid = cfg.image_size // cfg.patch_size
+                torch.testing.assert_close(old, sincos_position_embedding(grid, table.shape[-1]))
+                assert id(table) not in optimized and table.grad is None and torch.equal(table, old)
+            else:
+                assert id(table) in optimized and not torch.equal(table, old)
+
+
+def test_sincos_needs_widths_divisible_by_4(tiny_config):
+    with pytest.raises(ValueError, match="--pos-embed sincos needs --decoder-width"):
+        tiny_config(pos_embed="sincos", decoder_width=30, decoder_heads=2)
 
 
 def test_embed_on_masked_views(tiny_config):

@@ -75,6 +75,24 @@ def balanced_keep_indices(batch_size, grid, num_keep, *, device=None, generator=
     return ids_shuffle[:, :num_keep].contiguous(), ids_shuffle.argsort(dim=1)
 
 
+def sincos_position_embedding(grid, dim):
+    """MAE's fixed 2-D sine-cosine position embedding, float32 [1, 1 + grid * grid, dim]
+    (dim divisible by 4): a zero row for the class token, then the patches in row-major
+    order; the first half of the channels encodes the row, the second the column, each as
+    sin and cos of the coordinate at the frequencies 10000^(-k / (dim / 4)), k < dim / 4."""
+    if dim % 4:
+        raise ValueError(f"a sin-cos position embedding needs a width divisible by 4, got {dim}")
+    frequencies = 10000.0 ** -(torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    parts = []
+    for coordinate in (rows.reshape(-1), cols.reshape(-1)):
+        angles = coordinate[:, None] * frequencies[None]
+        parts += [angles.sin(), angles.cos()]
+    patches = torch.cat(parts, dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), patches]).float().unsqueeze(0)
+
+
 def distributed_world():
     """World size of an initialized torch.distributed group, else 1."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -138,6 +156,11 @@ class MCR(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / cfg.init_temperature)))
         nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
+        if cfg.pos_embed == "sincos":  # fixed, as in MAE: every position distinct from step 0
+            grid = cfg.image_size // cfg.patch_size
+            for pos in (self.vit.pos_embed, self.decoder_pos_embed):
+                pos.data.copy_(sincos_position_embedding(grid, pos.shape[-1]))
+                pos.requires_grad_(False)
 
     # --- image ---------------------------------------------------------------------------
 
