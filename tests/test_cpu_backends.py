@@ -25,6 +25,9 @@ from mcr_kernels.cpu import mba as cpu_mba
 TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2}
 CPU_OPS = ("flash_attention", "infonce_loss", "mba_pool")
 assert_close = relative_assert_close(TOL)
+# lse is float32 for every input dtype; for bf16 inputs torch's vectorised kernel uses a fast
+# approximate exp (AVX2 build: ~4e-5 absolute, 3e-7 with ATEN_CPU_CAPABILITY=default)
+assert_lse_close = relative_assert_close({torch.float32: 2e-5, torch.bfloat16: 1e-4})
 
 
 def leaves(*tensors, dtype):
@@ -134,7 +137,7 @@ def test_flash_attention_matches_float64_reference(B, H, Lq, Lk, Dh, kind, causa
     assert_close(out, ref, dtype, "out")
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "lse: -inf rows differ"
     finite = torch.isfinite(ref_lse)
-    assert_close(lse[finite], ref_lse[finite], torch.float32, "lse")
+    assert_lse_close(lse[finite], ref_lse[finite], dtype, "lse")
     grads = torch.autograd.grad(out, low, grad_out.to(dtype))
     for name, got, want in zip(("dq", "dk", "dv"), grads, expected, strict=True):
         assert_close(got, want, dtype, name)
