@@ -41,12 +41,12 @@ def bootstrap_interval(runs, key, draws=10_000, level=0.9):
 def main():
     runs = pooled_runs()
     costs = json.loads((HERE / "costs.json").read_text())
+    seeds = sorted(runs["default"])
     lines = [markdown_table(summarize(runs, costs, ROWS)), "",
-             "| figure | " + " | ".join(f"seed {s}" for s in sorted(runs["default"])) + " | ratio of means | 90% bootstrap |",
-             "|---|" + "---|" * (len(runs["default"]) + 2)]
+             "| figure | " + " | ".join(f"seed {s}" for s in seeds) + " | ratio of means | 90% bootstrap |",
+             "|---|" + "---|" * (len(seeds) + 2)]
     ratios = {}
     for key in ("i2t_R@1", "t2i_R@1", "i2t_P@5", "fg_i2t_R@1", "fg_i2t_pairwise"):
-        seeds = sorted(runs["default"])
         per_seed = [runs["default"][s][key] / runs["dual-stream"][s][key] for s in seeds]
         low, high = bootstrap_interval(runs, key)
         ratios[key] = {"per_seed": per_seed, "ratio_of_means": ratio_of_means(runs, key, seeds),
