@@ -19,8 +19,9 @@ ROWS = ("default", "dual-stream")
 def pooled_runs():
     runs = {row: {} for row in ROWS}
     for source in SOURCES:
+        study_runs = json.loads(source.read_text())["runs"]
         for row in ROWS:
-            runs[row].update(json.loads(source.read_text())["runs"][row])
+            runs[row].update(study_runs[row])
     return runs
 
 
@@ -29,9 +30,8 @@ def ratio_of_means(runs, key, seeds):
             / statistics.mean(runs["dual-stream"][s][key] for s in seeds))
 
 
-def bootstrap_interval(runs, key, draws=10_000, level=0.9):
+def bootstrap_interval(runs, key, seeds, draws=10_000, level=0.9):
     """Seeds resampled with replacement (pairs kept together): the ratio of means' interval."""
-    seeds = sorted(runs["default"])
     rng = random.Random(0)
     ratios = sorted(ratio_of_means(runs, key, rng.choices(seeds, k=len(seeds))) for _ in range(draws))
     tail = int(draws * (1 - level) / 2)
@@ -48,7 +48,7 @@ def main():
     ratios = {}
     for key in ("i2t_R@1", "t2i_R@1", "i2t_P@5", "fg_i2t_R@1", "fg_i2t_pairwise"):
         per_seed = [runs["default"][s][key] / runs["dual-stream"][s][key] for s in seeds]
-        low, high = bootstrap_interval(runs, key)
+        low, high = bootstrap_interval(runs, key, seeds)
         ratios[key] = {"per_seed": per_seed, "ratio_of_means": ratio_of_means(runs, key, seeds),
                        "bootstrap_90": [low, high]}
         lines.append(f"| {key} | " + " | ".join(f"{r:.2f}" for r in per_seed)
