@@ -15,12 +15,15 @@ from their last checkpoint (--resume). After training, each run is also scored o
 fine-grained protocol (mcr.finegrained). OUT/study.json holds every run's figures and
 OUT/study.md the table: retrieval both ways (R@1/5/10, P@5 with chance), fine-grained R@1
 and pairwise accuracy, steps, step time and activation bytes per sample (masked steps;
-unmasked-tuning steps are counted as their share of the steps) with ratios to dual-stream.
+unmasked-tuning steps are counted as their share of the steps) with ratios to dual-stream,
+and each row's ratio of means to the --ratio-to row (default dual-stream) over the seeds both
+ran, with a 90% bootstrap interval over those seed pairs.
 """
 import argparse
 import dataclasses
 import json
 import os
+import random
 import shlex
 import statistics
 import subprocess
@@ -36,6 +39,7 @@ COLUMNS = (  # (key in a run's flat figures, header)
     ("fg_i2t_R@1", "FG i2t R@1"), ("fg_i2t_pairwise", "FG i2t pair"),
     ("fg_t2i_R@1", "FG t2i R@1"), ("fg_t2i_pairwise", "FG t2i pair"),
 )
+RATIO_KEYS = ("i2t_R@1", "t2i_R@1", "i2t_P@5", "fg_i2t_R@1", "fg_i2t_pairwise")
 
 
 def parse_rows(specs):
@@ -214,6 +218,9 @@ class Study:
                                                            "common": args.common, "costs": costs,
                                                            "runs": runs, "summary": summary})
         table = markdown_table(summary)
+        ratios = ratio_table(runs, self.rows, args.ratio_to)
+        if ratios:
+            table += "\n\n" + ratios
         write_text(os.path.join(self.out, "study.md"), table + "\n")
         print(table)
         return summary
@@ -274,6 +281,46 @@ def markdown_table(summary):
     return "\n".join(lines) + "\n\n" + "; ".join(notes) + ". Mean ± std over seeds."
 
 
+def paired_ratio(runs, row, reference, key, draws=10_000, level=0.9):
+    """mean(row) / mean(reference) of `key` over the seeds both rows ran, and its bootstrap
+    interval: seeds drawn with replacement, a seed's two runs kept together (they share the
+    corpus and the held-out pairs). runs: {row: {seed: figures}}. Returns {"seeds",
+    "per_seed", "ratio_of_means", "bootstrap": [low, high]}, or None without a shared seed or
+    when the reference scored 0 on one of them (the ratio is undefined there)."""
+    seeds = sorted(set(runs.get(row, {})) & set(runs.get(reference, {})))
+    if not seeds or any(runs[reference][s][key] == 0 for s in seeds):
+        return None
+
+    def ratio_of_means(sample):
+        return (statistics.mean(runs[row][s][key] for s in sample)
+                / statistics.mean(runs[reference][s][key] for s in sample))
+
+    rng = random.Random(0)
+    ratios = sorted(ratio_of_means(rng.choices(seeds, k=len(seeds))) for _ in range(draws))
+    tail = int(draws * (1 - level) / 2)
+    return {"seeds": seeds, "per_seed": [runs[row][s][key] / runs[reference][s][key] for s in seeds],
+            "ratio_of_means": ratio_of_means(seeds), "bootstrap": [ratios[tail], ratios[-tail - 1]]}
+
+
+def ratio_table(runs, rows, reference):
+    """Markdown: each row's paired_ratio to `reference` for RATIO_KEYS, "-" where undefined
+    ("" when no row shares a seed with it)."""
+    lines = []
+    for name in rows:
+        seeds = sorted(set(runs.get(name, {})) & set(runs.get(reference, {})))
+        if name == reference or not seeds:
+            continue
+        ratios = [paired_ratio(runs, name, reference, key) for key in RATIO_KEYS]
+        cells = ["-" if r is None else f"{r['ratio_of_means']:.2f} ({r['bootstrap'][0]:.2f}–{r['bootstrap'][1]:.2f})"
+                 for r in ratios]
+        lines.append(f"| {name} | {len(seeds)} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    head = ["row", "paired seeds", *[dict(COLUMNS)[key] for key in RATIO_KEYS]]
+    return "\n".join([f"Ratio of means to {reference} (90% bootstrap over the paired seeds):", "",
+                      "| " + " | ".join(head) + " |", "|" + " --- |" * len(head), *lines])
+
+
 def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=1))
 
@@ -302,6 +349,8 @@ def main(argv=None):
                         help="torch threads of each run (default: cpu_count / jobs)")
     parser.add_argument("--order", choices=("seeds", "rows"), default="seeds",
                         help="training order: seeds = every row's seed 0 first; rows = all seeds of a row first")
+    parser.add_argument("--ratio-to", default="dual-stream",
+                        help="the row every other row's figures are divided by, seed by seed (default dual-stream)")
     parser.add_argument("--cost-batch", type=int, default=32, help="batch of the step-time measurement (default 32)")
     parser.add_argument("--finegrained-studies", type=int, default=300,
                         help="queries of the fine-grained protocol (default 300)")

@@ -2,10 +2,13 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from mcr.study import main, parse_rows
+from mcr.study import main, paired_ratio, parse_rows
 
 COMMON = ("--image-size 32 --vit-width 32 --vit-depth 1 --vit-heads 2 --decoder-width 32 --decoder-depth 1 "
           "--decoder-heads 2 --text-width 32 --text-depth 1 --text-heads 2 --text-intermediate 64 "
@@ -16,7 +19,7 @@ COMMON = ("--image-size 32 --vit-width 32 --vit-depth 1 --vit-heads 2 --decoder-
 def study(out, *extra):
     return main(["--out", str(out), "--seeds", "0", "1", "--steps", "3", "--common", COMMON,
                  "--finegrained-studies", "4", "--cost-batch", "4", "--row", "mcr=",
-                 "--row", "dual-stream@time=--variant dual-stream", *extra])
+                 "--row", "dual-stream@time=--variant dual-stream", "--ratio-to", "dual-stream@time", *extra])
 
 
 def test_rows_parse_and_reject_bad_names():
@@ -24,6 +27,20 @@ def test_rows_parse_and_reject_bad_names():
     for bad in (["noequals"], ["=--x"], ["a/b=--x"], ["a=", "a=--y"]):
         with pytest.raises(ValueError, match="--row"):
             parse_rows(bad)
+
+
+def test_paired_ratio_pairs_seeds_and_bounds_its_interval():
+    runs = {"a": {0: {"x": 2.0}, 1: {"x": 3.0}, 2: {"x": 9.0}, 7: {"x": 1.0}},
+            "ref": {0: {"x": 4.0}, 1: {"x": 3.0}, 2: {"x": 6.0}, 5: {"x": 1.0}}}
+    r = paired_ratio(runs, "a", "ref", "x")
+    assert r["seeds"] == [0, 1, 2]                              # seeds 5 and 7 have no partner
+    assert r["ratio_of_means"] == pytest.approx((2 + 3 + 9) / (4 + 3 + 6))
+    assert r["per_seed"] == pytest.approx([0.5, 1.0, 1.5])
+    low, high = r["bootstrap"]                                  # a resampled ratio of means is a
+    assert 0.5 <= low < r["ratio_of_means"] < high <= 1.5       # weighted mean of per-seed ratios
+    assert paired_ratio(runs, "ref", "ref", "x")["bootstrap"] == [1.0, 1.0]
+    assert paired_ratio({"a": {0: {"x": 1.0}}, "ref": {1: {"x": 1.0}}}, "a", "ref", "x") is None
+    assert paired_ratio({"a": {0: {"x": 1.0}}, "ref": {0: {"x": 0.0}}}, "a", "ref", "x") is None
 
 
 def test_study_trains_tabulates_and_resumes(tmp_path):
@@ -36,6 +53,7 @@ def test_study_trains_tabulates_and_resumes(tmp_path):
         assert 0 <= summary["mcr"][key][0] <= 100
     table = (tmp_path / "study.md").read_text()
     assert "| mcr | 2 | 3 |" in table and "chance" in table
+    assert "Ratio of means to dual-stream@time" in table and "\n| mcr | 2 | " in table
     assert json.load(open(tmp_path / "study.json"))["runs"]["mcr"]["0"]["step"] == 3
 
     # a killed study: one run lost its end (no final.json, a checkpoint at step 2), one never started
@@ -61,3 +79,21 @@ def test_step_costs_time_each_rows_own_variant_model():
     names = {variant: type(row_model(train_config(["--variant", variant]), 64)).__name__
              for variant in ("mcr", "mpma", "reclf", "abm")}
     assert names == {"mcr": "MCR", "mpma": "MPMA", "reclf": "RECLF", "abm": "MCR"}
+
+
+def test_pool_studies_merges_seeds_across_studies(tmp_path):
+    """benchmarks/pool_studies.py: seeds of two studies pooled; the ratio pairs seeds across them."""
+    def figures(r1):
+        return {"i2t_R@1": r1, "t2i_R@1": r1, "i2t_P@5": r1, "fg_i2t_R@1": r1, "fg_i2t_pairwise": r1, "step": 9}
+    for name, runs in (("a", {"mcr": {"0": figures(1.0)}, "dual": {"0": figures(2.0), "1": figures(4.0)}}),
+                       ("b", {"mcr": {"1": figures(3.0)}})):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"runs": runs}))
+    (tmp_path / "costs.json").write_text("{}")
+    script = Path(__file__).parents[1] / "benchmarks" / "pool_studies.py"
+    subprocess.run([sys.executable, script, "--out", tmp_path, "--costs", tmp_path / "costs.json",
+                    "--pair", "mcr:dual", tmp_path / "a.json", tmp_path / "b.json"], check=True)
+    table = (tmp_path / "pooled.md").read_text()
+    assert "| mcr | 2 | 9 | 2.0 ± 1.4 |" in table                       # seeds 0 (a) and 1 (b)
+    assert "| i2t_R@1 | 0.50 | 0.75 | 0.67 | 0.50–0.75 |" in table      # (1 + 3) / (2 + 4)
+    ratios = json.load(open(tmp_path / "pooled.json"))["ratios"]["mcr:dual"]
+    assert ratios["t2i_R@1"]["per_seed"] == [0.5, 0.75]
