@@ -410,10 +410,11 @@ def _compile_to_pipe(job, writer):
     writer.close()
 
 
-def _compile_in_workers(jobs, processes):
+def _compile_in_workers(jobs, processes, stop):
     """Yield compile_job(job) for every job, in completion order, each compiled in a forked
     process (forked, so the jobs' JIT functions need not pickle), at most `processes` at a
-    time; closing the generator (an interrupt) kills the running ones and their children."""
+    time, until `stop` is non-empty; closing the generator (an interrupt) kills the running
+    ones and their children."""
     fork = multiprocessing.get_context("fork")
     waiting = iter(jobs)
     running = {}  # result pipe -> (process, job)
@@ -431,9 +432,9 @@ def _compile_in_workers(jobs, processes):
                     running[reader] = (process, job)
                 finally:
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-            if not running:
+            if not running or stop:
                 return
-            for reader in multiprocessing.connection.wait(list(running)):
+            for reader in multiprocessing.connection.wait(list(running), timeout=0.1):
                 process, job = running.pop(reader)
                 try:
                     row = reader.recv()
@@ -456,17 +457,35 @@ def run(jobs, processes=1, progress=True, rows=None):
     timeout -s INT) stops early and keeps them (with --jobs N the running compiles are killed,
     not waited for)."""
     rows = [] if rows is None else rows
-    results = map(compile_job, jobs) if processes <= 1 else _compile_in_workers(jobs, processes)
+    # SIGINT sets `stop` besides raising: a KeyboardInterrupt raised inside an at-fork hook or a
+    # finalizer is dropped by Python (the signal can reach another thread while the main thread
+    # blocks it around fork), and the run went on to the end
+    stop = []
+
+    def interrupt(signum, frame):
+        stop.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGINT)
+    catch = previous not in (signal.SIG_IGN, None)  # a shell's background job ignores Ctrl-C: so does the run
+    if catch:
+        signal.signal(signal.SIGINT, interrupt)
+    results = (compile_job(job) for job in jobs) if processes <= 1 else _compile_in_workers(jobs, processes, stop)
     try:
         for row in results:
             rows.append(row)
             if progress:
                 _print_row(row, len(rows), len(jobs))
+            if stop:
+                break
     except KeyboardInterrupt:
-        print(f"interrupted after {len(rows)} of {len(jobs)} configurations", flush=True)
+        stop.append(signal.SIGINT)
     finally:
-        if processes > 1:
-            results.close()
+        results.close()
+        if catch:
+            signal.signal(signal.SIGINT, previous)
+    if stop:
+        print(f"interrupted after {len(rows)} of {len(jobs)} configurations", flush=True)
     return rows
 
 

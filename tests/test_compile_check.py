@@ -112,8 +112,12 @@ def test_interrupt_with_jobs_stops_promptly_and_reports_incomplete(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # cold: the attention compiles take seconds each
     args = ["--kernel", "_attn_fwd", "--dtype", "fp32", "--jobs", "2", "--no-cuda"]
-    proc = subprocess.Popen([sys.executable, "-m", "mcr_kernels.compile_check", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # SIGINT back to its default in the child: a shell's background job (CI under nohup ... &) ignores
+    # it, and Python started with it ignored never raises KeyboardInterrupt
+    command = [sys.executable, "-X", "faulthandler", "-m", "mcr_kernels.compile_check", *args]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stdout.readline()  # one configuration compiled: the pool is busy
     assert first.startswith("[1/"), first
     proc.send_signal(signal.SIGINT)  # the parent alone, as `timeout -s INT` does
@@ -121,8 +125,11 @@ def test_interrupt_with_jobs_stops_promptly_and_reports_incomplete(tmp_path):
     try:
         out, _ = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # faulthandler prints where the parent hangs
+        time.sleep(2)
         os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError("compile_check --jobs 2 did not stop within 60 s of SIGINT") from None
+        out, _ = proc.communicate()
+        raise AssertionError(f"compile_check --jobs 2 did not stop within 60 s of SIGINT:\n{out[-4000:]}") from None
     assert time.perf_counter() - start < 5, "the workers' compiles were waited for"
     assert proc.returncode == 1 and "interrupted after" in out and "INCOMPLETE" in out, out[-2000:]
 
