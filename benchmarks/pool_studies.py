@@ -58,6 +58,7 @@ def main(argv=None):
     for row, reference in pairs:
         table, ratios[f"{row}:{reference}"] = seed_table(runs, row, reference)
         lines += [""] + ([] if len(pairs) == 1 else [f"{row} / {reference}:", ""]) + table
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     write_text(Path(args.out) / "pooled.md", "\n".join(lines) + "\n")
     write_json(Path(args.out) / "pooled.json", {"runs": runs, "ratios": ratios})
     print("\n".join(lines))
