@@ -11,6 +11,8 @@ this package, side by side in one run, on the same device, data, masks and prese
     mcr-reference  MCR with every op forced to the `reference` backend (the unfused ops)
     mcr-autograd-blocks  MCR with gelu_mlp and layer_norm_linear on `reference` (autograd keeps
                    the GELU outputs and the normalized inputs: what their recompute costs)
+    mcr-padded     MCR with the report encoder and MRM decoder on every position, padding
+                   included (what their unpadding saves; MCR.set_unpad_reports)
 
 Step time: one model and one optimizer serve every configuration (the peer reverts
 mcr_kernels.integrations around its step: timm's own attention, BERT on "sdpa"), and the configurations take
@@ -52,7 +54,7 @@ from mcr.models.mcr import MCR, global_mean  # noqa: E402
 from mcr.profiling import MASK, PAD, random_batch  # noqa: E402
 from mcr_kernels import integrations  # noqa: E402
 
-CONFIGS = ("mcr", "peer", "dual-stream", "mcr-reference", "mcr-autograd-blocks")
+CONFIGS = ("mcr", "peer", "dual-stream", "mcr-reference", "mcr-autograd-blocks", "mcr-padded")
 WEIGHTS = {"contrastive": 0.1, "mim": 1.0, "mrm": 1.0}
 
 
@@ -122,6 +124,7 @@ class Bench:
         else:
             integrations.apply_to_timm(self.model)
             integrations.apply_to_hf(self.model.bert)
+            self.model.set_unpad_reports(True)  # as MCR.__init__
 
     def losses(self, config, backend=None):
         """The configuration's losses; backend forces one for every op (else the config's choice)."""
@@ -132,6 +135,12 @@ class Bench:
                 return peer_losses(self.model, self.batch, self.masks, self.clip_loss)
             finally:
                 self.peer_mode(False)
+        if config == "mcr-padded":
+            self.model.set_unpad_reports(False)
+            try:
+                return self.model(self.batch, self.masks)
+            finally:
+                self.model.set_unpad_reports(True)
         forced = {"mcr-reference": ("reference",),
                   "mcr-autograd-blocks": ("reference", "gelu_mlp", "layer_norm_linear")}
         with mcr_kernels.use_backend(*((backend,) if backend else forced.get(config, (None,)))):

@@ -154,6 +154,7 @@ def _torch_sdpa(q, k, v, attn_mask, key_padding_mask, causal, top_left_causal, d
 backend.register("flash_attention", "reference", reference.flash_attention)
 backend.register("flash_attention_varlen", "reference", reference.flash_attention_varlen)
 backend.register("flash_attention", "cpu", _cpu_attention.flash_attention, devices=("cpu",))
+backend.register("flash_attention_varlen", "cpu", _cpu_attention.flash_attention_varlen, devices=("cpu",))
 
 if backend.HAS_TRITON:  # a broken kernel file raises here: never a silent fallback
     from mcr_kernels.triton import attention as triton_attention

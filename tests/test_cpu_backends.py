@@ -175,6 +175,52 @@ def test_flash_attention_compiles_fullgraph():
         assert_close(got, want, torch.float32, "grad")
 
 
+@pytest.mark.parametrize("lengths_q,lengths_k,causal", [
+    ([5, 1, 0, 9, 3], None, False),       # empty and length-1 sequences, self-attention
+    ([5, 1, 0, 9, 3], None, True),
+    ([4, 2, 7], [6, 0, 3], False),        # queries and keys of different lengths
+    ([4, 2, 7], [6, 3, 3], True),         # bottom-right causal per sequence: the reference's loop
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flash_attention_varlen_matches_float64_reference(lengths_q, lengths_k, causal, dtype, monkeypatch):
+    lengths_k = lengths_k or lengths_q
+    g = torch.Generator().manual_seed(sum(lengths_q) + len(lengths_k))
+    cu = lambda lengths: F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).int()
+    H, Dh = 3, 24
+    low = leaves(*(torch.randn(sum(n), H, Dh, generator=g) for n in (lengths_q, lengths_k, lengths_k)), dtype=dtype)
+    q64, k64, v64 = leaves(*low, dtype=torch.float64)
+    args = (cu(lengths_q), cu(lengths_k), max(lengths_q) + 2, max(lengths_k))  # max_seqlen may exceed every length
+    grad_out = torch.randn(sum(lengths_q), H, Dh, generator=g).to(dtype)
+    ref = reference.flash_attention_varlen(q64, k64, v64, *args, causal=causal)
+    expected = torch.autograd.grad(ref, (q64, k64, v64), grad_out.double())
+    loops = []
+    loop = reference.flash_attention_varlen
+    monkeypatch.setattr(reference, "flash_attention_varlen", lambda *a, **kw: loops.append(1) or loop(*a, **kw))
+    with mcr_kernels.use_backend(None):
+        assert backend.resolve("flash_attention_varlen", torch.device("cpu"))[0] == "cpu"
+        out = mcr_kernels.flash_attention_varlen(*low, *args, causal=causal)
+    assert out.dtype == dtype and out.shape == low[0].shape
+    assert len(loops) == (causal and lengths_q != lengths_k)
+    assert_close(out, ref, dtype, "out")
+    for name, got, want in zip(("dq", "dk", "dv"), torch.autograd.grad(out, low, grad_out), expected, strict=True):
+        assert_close(got, want, dtype, name)
+
+
+def test_flash_attention_varlen_compiles_fullgraph():
+    torch._dynamo.reset()
+    q, k, v = leaves(*(torch.randn(9, 2, 8) for _ in range(3)), dtype=torch.float32)
+    cu = torch.tensor([0, 4, 4, 9], dtype=torch.int32)
+
+    def attend(q, k, v):
+        return mcr_kernels.flash_attention_varlen(q, k, v, cu, cu, 5, 5)
+
+    eager = attend(q, k, v)
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v)
+    assert_close(compiled, eager, torch.float32, "out")
+    for got, want in zip(torch.autograd.grad(compiled.sum(), (q, k, v)), torch.autograd.grad(eager.sum(), (q, k, v))):
+        assert_close(got, want, torch.float32, "grad")
+
+
 def test_flash_attention_kernel_opcheck():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 3, L, 8, generator=g, requires_grad=True) for L in (5, 6, 6))

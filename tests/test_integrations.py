@@ -231,6 +231,40 @@ def test_stock_bert_matches_sdpa_and_trains_with_dropout(attention_calls):
     assert revert(ours) == {"BertModel": 1, "BertLayer": 2} and ours.config._attn_implementation == "sdpa"
 
 
+def test_bert_unpad_matches_the_padded_model_and_falls_back_where_it_must(attention_calls):
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=96, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ref = BertModel(config).eval()
+    ours = copy.deepcopy(ref)
+    apply_to_hf(ref)
+    assert apply_to_hf(ours, unpad=True) == {"BertSelfAttention": 3, "BertLayer": 3, "BertEncoder": 1}
+    real = right_padded([13, 1, 7, 12], 13)  # lengths 1, odd and full
+    ids = torch.randint(3, 100, (4, 13)).masked_fill(~real, 0)
+    batch = {"input_ids": ids, "attention_mask": real.long()}
+    assert_same_model(ours, ref, batch, real)
+
+    def attention_ops(run):
+        attention_calls.clear()
+        result = run()
+        return result, [op for op in attention_calls if op.startswith("flash_attention")]
+
+    out, ops = attention_ops(lambda: ours(**batch).last_hidden_state)
+    assert ops == ["flash_attention_varlen"] * 3 and out[~real].abs().max() == 0  # padding: zeros
+    full, ops = attention_ops(lambda: ours(input_ids=ids).last_hidden_state)  # no padding: BERT's loop
+    close(full, ref(input_ids=ids).last_hidden_state)
+    assert ops == ["flash_attention"] * 3
+    output, ops = attention_ops(lambda: ours(**batch, output_hidden_states=True))  # recorded per layer
+    assert len(output.hidden_states) == 4 and all(h.shape == (4, 13, 64) for h in output.hidden_states)
+    assert ops == ["flash_attention"] * 3
+    ours.train()
+    ref.train()
+    assert_same_model(ours, ref, batch, real)
+    assert revert(ours) == {"BertModel": 1, "BertEncoder": 1, "BertLayer": 3}
+    assert "forward" not in ours.encoder.__dict__
+
+
 def test_roberta_and_causal_bert_match_sdpa():
     from transformers import BertConfig, BertLMHeadModel, RobertaConfig, RobertaModel
 
@@ -293,6 +327,27 @@ def test_timm_vit_small_matches_and_patch_dropout_trains(attention_calls):
     tokens.sum().backward()
     assert revert(ours) == {"Attention": 3, "Mlp": 3, "Block": 3, "PatchDropout": 1}
     assert "forward" not in ours.blocks[0].attn.__dict__
+
+
+def test_timm_block_on_packed_sequences_matches_each_sequence_alone():
+    from timm.models.vision_transformer import Block
+
+    torch.manual_seed(0)
+    block = Block(48, 4, qkv_bias=True, qk_norm=True).double().eval()
+    apply_to_timm(block)
+    lengths = [5, 1, 0, 8]
+    x = torch.randn(sum(lengths), 48, dtype=torch.float64, requires_grad=True)
+    cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).int()
+    out = block(x, varlen=(cu, max(lengths)))
+    alone = torch.cat([block(part[None])[0] for part in x.split(lengths) if len(part)])
+    close(out, alone, atol=1e-10, rtol=0)
+    g = torch.randn_like(out)
+    close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(alone, x, g)[0], atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="attn_mask and is_causal"):
+        block(x, is_causal=True, varlen=(cu, max(lengths)))
+    block.attn.attn_drop.p = 0.1
+    with pytest.raises(ValueError, match="attention dropout"):
+        block.train()(x, varlen=(cu, max(lengths)))
 
 
 def test_timm_subclasses_patched_only_with_the_same_forward():

@@ -40,6 +40,29 @@ def test_forward_backward_every_variant(tiny_config, variant):
         assert grad is not None and grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("variant", ["mcr", "dual-stream"])
+def test_unpadded_reports_give_the_padded_model_losses_and_gradients(tiny_config, variant):
+    cfg = tiny_config(variant=variant)
+    model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK).double()
+    batch = make_batch(cfg, B=5, L=13)  # lengths 13, 10, 5, 12, 13
+    batch["image"] = batch["image"].double()
+    masks = model.draw_masks(5, generator=torch.Generator().manual_seed(1))
+    results = []
+    for unpad in (True, False):
+        model.set_unpad_reports(unpad)
+        assert ("forward" in model.bert.encoder.__dict__) == unpad
+        model.zero_grad()
+        losses = model(batch, masks)
+        sum(losses.values()).backward()
+        results.append((losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (packed, packed_grads), (padded, padded_grads) = results
+    for name in padded:  # float64: the packed and padded paths differ only in rounding
+        torch.testing.assert_close(packed[name], padded[name], atol=1e-12, rtol=1e-10)
+    assert packed_grads.keys() == padded_grads.keys()
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], atol=1e-12, rtol=1e-9, msg=name)
+
+
 def test_encoder_sees_only_kept_patches(tiny_config):
     cfg = tiny_config(image_size=64, image_mask_ratio=0.75)  # 16 patches, keep 4 + CLS
     model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK)

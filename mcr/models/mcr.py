@@ -22,6 +22,7 @@ from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 import mcr_kernels
 from mcr_kernels import ProjectionHead
 from mcr_kernels.integrations import apply_to_hf, apply_to_timm
+from mcr_kernels.integrations._patching import unpatch_forward
 
 
 def bert_config(cfg, pad_token_id=0):
@@ -145,6 +146,7 @@ class MCR(nn.Module):
             Block(cfg.text_width, cfg.text_heads, qkv_bias=True) for _ in range(cfg.mrm_decoder_depth))
         apply_to_timm(self.mrm_blocks)
         self.mlm_head = BertOnlyMLMHead(self.bert_config)
+        self.set_unpad_reports(True)
         # HF ties this output bias inside BertForMaskedLM; standalone, tie it here (one parameter)
         self.mlm_head.predictions.bias = self.mlm_head.predictions.decoder.bias
         # MbA heads and temperature
@@ -161,6 +163,15 @@ class MCR(nn.Module):
             for pos in (self.vit.pos_embed, self.decoder_pos_embed):
                 pos.data.copy_(sincos_position_embedding(grid, pos.shape[-1]))
                 pos.requires_grad_(False)
+
+    def set_unpad_reports(self, on):
+        """Run the report encoder and the MRM decoder on the non-padding tokens only (packed;
+        the default) or on every padded position (the same results where it is not padding)."""
+        self.unpad_reports = on
+        if on:
+            apply_to_hf(self.bert, unpad=True)
+        else:
+            unpatch_forward(self.bert.encoder)
 
     # --- image ---------------------------------------------------------------------------
 
@@ -210,12 +221,17 @@ class MCR(nn.Module):
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def mrm_hidden(self, text_tokens, attention_mask, image_latent):
-        """MRM decoder states [B, L, text_width]: the masked report's tokens, conditioned on the
-        image (condition_report), through the MRM blocks."""
+        """MRM decoder states [B, L, text_width] (zeros at padding): the masked report's tokens,
+        conditioned on the image (condition_report), through the MRM blocks."""
         x = self.condition_report(text_tokens, image_latent)
-        for blk in self.mrm_blocks:
-            x = blk(x, attn_mask=attention_mask.bool()[:, None, None, :])  # SDPA's key padding shape
-        return x
+        if not self.unpad_reports:
+            for blk in self.mrm_blocks:
+                x = blk(x, attn_mask=attention_mask.bool()[:, None, None, :])  # SDPA's key padding shape
+            return x
+        x, indices, cu_seqlens, max_seqlen = mcr_kernels.unpad_input(x, attention_mask.bool())
+        for blk in self.mrm_blocks:  # apply_to_timm's Block forward on packed sequences
+            x = blk(x, varlen=(cu_seqlens, max_seqlen))
+        return mcr_kernels.pad_input(x, indices, *attention_mask.shape)
 
     def mrm_loss(self, hidden, labels):
         """Cross-entropy of the masked positions (labels != -100) only, averaged over those of

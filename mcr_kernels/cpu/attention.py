@@ -9,6 +9,9 @@
 * The kernel is called directly (aten's _scaled_dot_product_flash_attention_for_cpu and its
   backward, in a custom op): it returns lse (return_lse, no gradient), and backward keeps the
   output with its zero rows, the tensor the next layer keeps too, instead of a second copy.
+
+`cpu` backend of flash_attention_varlen: the packed sequences right-padded to the longest,
+the same kernel with their key padding mask, the rows packed again.
 """
 import torch
 
@@ -42,6 +45,37 @@ def flash_attention(q, k, v, *, key_padding_mask=None, softmax_scale=None, causa
         return out
     lse = lse.detach().float()
     return out, lse if zero_rows is None else lse.masked_fill(zero_rows[..., 0], NEG_INF)
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                           softmax_scale=None, causal=False):
+    """`cpu` backend of mcr_kernels.flash_attention_varlen (same arguments and results). Causal
+    attention runs padded when every sequence has as many queries as keys; otherwise (its
+    bottom-right alignment differs per sequence) the reference's loop over sequences."""
+    if causal and not torch.equal(cu_seqlens_q, cu_seqlens_k):
+        return reference.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                softmax_scale=softmax_scale, causal=True)
+    if causal:  # one padded length for both: causal within each sequence is then plain tril
+        max_seqlen_q = max_seqlen_k = max(max_seqlen_q, max_seqlen_k)
+    rows_q, _ = padded_rows(cu_seqlens_q, q.shape[0], max_seqlen_q)
+    rows_k, key_mask = padded_rows(cu_seqlens_k, k.shape[0], max_seqlen_k)
+    B = cu_seqlens_q.shape[0] - 1
+    pad = lambda t, rows, L: reference.pad_input(t, rows, B, L).transpose(1, 2)  # [B, H, L, Dh]
+    out = flash_attention(pad(q, rows_q, max_seqlen_q), pad(k, rows_k, max_seqlen_k), pad(v, rows_k, max_seqlen_k),
+                          key_padding_mask=key_mask, softmax_scale=softmax_scale, causal=causal)
+    return out.transpose(1, 2).reshape(B * max_seqlen_q, *q.shape[1:])[rows_q]
+
+
+def padded_rows(cu_seqlens, total, max_seqlen):
+    """(rows int64 [total]: each packed token's row in the [B * max_seqlen] right-padded layout,
+    mask bool [B, max_seqlen]: True at real tokens) of the sequences cu_seqlens [B + 1] delimits;
+    no host sync."""
+    cu = cu_seqlens.long()
+    token = torch.arange(total, device=cu.device)
+    seq = torch.searchsorted(cu[1:], token, right=True)  # the sequence each packed token is in
+    rows = seq * max_seqlen + token - cu[seq]
+    mask = torch.arange(max_seqlen, device=cu.device) < (cu[1:] - cu[:-1])[:, None]
+    return rows, mask
 
 
 def seq_major(out):

@@ -5,6 +5,7 @@ the feed-forward is recomputed in backward, not kept).
     apply_to_hf()        # register "mcr": from_pretrained(..., attn_implementation="mcr")
     apply_to_hf(model)   # and switch a built model to it (model.set_attn_implementation),
                          # and its GELU feed-forward blocks to gelu_mlp
+    apply_to_hf(model, unpad=True)   # and run BERT-style encoders on the non-padding tokens only
 
 Works for every model whose attention calls transformers' AttentionInterface (BERT,
 RoBERTa, Llama, ...). Padding masks reach the kernel as key padding masks and causal
@@ -15,11 +16,14 @@ that call, never a wrong result.
 import inspect
 from collections import Counter
 
-from mcr_kernels.attention import flash_attention
+import torch
+
+from mcr_kernels.attention import flash_attention, flash_attention_varlen, pad_input, unpad_input
 from mcr_kernels.gelu_mlp import gelu_mlp
 from mcr_kernels.integrations._patching import (
     ModelToken,
     gelu_approximation,
+    is_patched,
     patch_forward,
     patched_forward,
     plain_layer_norm,
@@ -72,12 +76,15 @@ def hf_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, 
                         **kwargs)
 
 
-def apply_to_hf(model=None):
+def apply_to_hf(model=None, *, unpad=False):
     """Register the "mcr" attention with transformers and, given a model, switch it (and its
     sub-models) to it, and run its BERT-style GELU feed-forward blocks through gelu_mlp (with
     the attention block's LayerNorm fused in, where the layer's forward is BERT's).
-    Returns {module class: count} of the attention modules switched and the layers whose
-    feed-forward was patched (empty when there was nothing to change). Undo with revert(model)."""
+    unpad=True: BERT-style encoders whose every layer is BERT's run on the non-padding tokens
+    only (packed, flash_attention_varlen between them; hf_bert_encoder_forward); their outputs
+    at padding positions are then zeros.
+    Returns {module class: count} of the attention modules switched and the layers (and
+    encoders) patched (empty when there was nothing to change). Undo with revert(model)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
@@ -100,6 +107,10 @@ def apply_to_hf(model=None):
             changed[type(module).__name__] += 1
             if _bert_layer(module):
                 patch_forward(module, hf_bert_layer_forward, token)
+    if unpad:
+        for module in model.modules():
+            if _bert_encoder(module) and patch_forward(module, hf_bert_encoder_forward, token):
+                changed[type(module).__name__] += 1
     return dict(changed)
 
 
@@ -113,22 +124,83 @@ def hf_feed_forward_chunk(self, attention_output):
 
 
 @patched_forward
-def hf_bert_layer_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, *args, **kwargs):
+def hf_bert_layer_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, *args,
+                          varlen=None, **kwargs):
     """BertLayer.forward (self-attention only) with the attention block's LayerNorm fused into
     the feed-forward (gelu_mlp's pre-norm form): its output is the residual but is not kept
     for backward, the sum it normalizes is. Cross-attention, feed-forward chunking and extra
-    positional arguments run BERT's own forward."""
+    positional arguments run BERT's own forward. varlen=(cu_seqlens int32 [B + 1], max_seqlen):
+    hidden_states are packed sequences [total, D] (hf_bert_encoder_forward) and the attention
+    stays within each (flash_attention_varlen)."""
+    if varlen is not None:
+        attn = self.attention.self
+        heads = (hidden_states.shape[0], attn.num_attention_heads, attn.attention_head_size)
+        q, k, v = (proj(hidden_states).view(heads) for proj in (attn.query, attn.key, attn.value))
+        cu_seqlens, max_seqlen = varlen
+        context = flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                         softmax_scale=attn.scaling)
+        return _bert_layer_after_attention(self, context.flatten(1), hidden_states)
     if encoder_hidden_states is not None or args or self.chunk_size_feed_forward:
         return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states, *args, **kwargs)
     kwargs.pop("encoder_attention_mask", None)  # read by cross-attention only
-    attention, intermediate, output = self.attention, self.intermediate, self.output
-    context, _ = attention.self(hidden_states, attention_mask=attention_mask, **kwargs)
+    context, _ = self.attention.self(hidden_states, attention_mask=attention_mask, **kwargs)
+    return _bert_layer_after_attention(self, context, hidden_states)
+
+
+def _bert_layer_after_attention(layer, context, hidden_states):
+    """The rest of a BERT layer after its self-attention: output projection, residual,
+    LayerNorm fused into the feed-forward (gelu_mlp), residual, LayerNorm. [..., D] -> [..., D]."""
+    attention, intermediate, output = layer.attention, layer.intermediate, layer.output
     summed = attention.output.dropout(attention.output.dense(context)) + hidden_states
     norm = attention.output.LayerNorm
     h = gelu_mlp(summed, intermediate.dense.weight, intermediate.dense.bias, output.dense.weight, output.dense.bias,
                  approximate=gelu_approximation(intermediate.intermediate_act_fn), norm_weight=norm.weight,
                  norm_bias=norm.bias, norm_eps=norm.eps)
     return output.LayerNorm(output.dropout(h) + norm(summed))
+
+
+@patched_forward
+def hf_bert_encoder_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                            encoder_attention_mask=None, cache=None, use_cache=None, **kwargs):
+    """BertEncoder.forward on the non-padding tokens only: hidden_states [B, L, D] are packed
+    to [tokens, D] once, every layer runs on the packed rows (its attention through
+    flash_attention_varlen; the layers are still called, so FSDP's and gradient
+    checkpointing's hooks run, and a forward hook of a layer sees the packed rows), and the
+    result is padded back, zeros at padding. BERT's own forward runs instead without padding,
+    with a 4D mask, cross-attention or a cache, with attention dropout in training, while
+    transformers records hidden states or attentions, and under torch.compile."""
+    if not _can_unpad(self, attention_mask, encoder_hidden_states, cache, use_cache):
+        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
+                                  encoder_attention_mask=encoder_attention_mask, cache=cache, use_cache=use_cache,
+                                  **kwargs)
+    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+    B, L, _ = hidden_states.shape
+    x, indices, cu_seqlens, max_seqlen = unpad_input(hidden_states, attention_mask)
+    for layer in self.layer:
+        x = layer(x, varlen=(cu_seqlens, max_seqlen))
+    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=pad_input(x, indices, B, L))
+
+
+def _can_unpad(encoder, attention_mask, encoder_hidden_states, cache, use_cache):
+    """Whether hf_bert_encoder_forward computes what BERT's forward would (see its docstring)."""
+    if not (isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool
+            and attention_mask.dim() == 2) or encoder_hidden_states is not None or cache is not None or use_cache:
+        return False
+    if torch.compiler.is_compiling() or _recording_outputs():
+        return False
+    return all(is_patched(layer) and not (layer.training and layer.attention.self.dropout.p > 0)
+               for layer in encoder.layer)
+
+
+def _recording_outputs():
+    """True while transformers' capture_outputs collects per-layer outputs (hidden states,
+    attentions) with its forward hooks, or when this transformers version cannot say."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return True
+    return bool(_active_collector.get())
 
 
 def _same_code(method, reference):
@@ -162,6 +234,20 @@ def _bert_layer(layer):
             and _same_code(type(attention).forward, bert.BertAttention.forward)
             and _same_code(type(attention_output).forward, bert.BertSelfOutput.forward)
             and all(plain_layer_norm(n) for n in norms))
+
+
+def _bert_encoder(encoder):
+    """A BERT encoder (same forward bytecode) of BERT self-attention layers, each of which
+    apply_to_hf patched with hf_bert_layer_forward."""
+    from transformers.models.bert import modeling_bert as bert
+
+    layers = getattr(encoder, "layer", None)
+    return (isinstance(layers, torch.nn.ModuleList) and len(layers) > 0
+            and _same_code(type(encoder).forward, bert.BertEncoder.forward)
+            and all(is_patched(layer) and not getattr(layer, "is_decoder", False)
+                    and _same_code(type(layer.attention.self).forward, bert.BertSelfAttention.forward)
+                    and not layer.attention.self.is_causal
+                    for layer in layers))
 
 
 def revert_hf(model):

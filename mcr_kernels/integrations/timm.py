@@ -8,7 +8,7 @@ from collections import Counter
 
 import torch
 
-from mcr_kernels.attention import flash_attention
+from mcr_kernels.attention import flash_attention, flash_attention_varlen
 from mcr_kernels.gelu_mlp import gelu_mlp
 from mcr_kernels.integrations._patching import (
     ModelToken,
@@ -48,14 +48,35 @@ def attention_of_qkv(attn, qkv, attn_mask, is_causal):
     return attn.norm(x.transpose(1, 2).reshape(B, N, attn.attn_dim))
 
 
+def varlen_attention_of_qkv(attn, qkv, cu_seqlens, max_seqlen):
+    """attention_of_qkv for packed sequences: qkv [total, 3 * attn_dim] -> [total, attn_dim],
+    each token attending the tokens of its own sequence (flash_attention_varlen)."""
+    if attn.training and attn.attn_drop.p > 0:
+        raise ValueError("timm Block with varlen: attention dropout > 0 in training is not supported "
+                         "(flash_attention_varlen has no dropout); set it to 0 or pass padded inputs")
+    T = qkv.shape[0]
+    q, k, v = qkv.view(T, 3, attn.num_heads, attn.head_dim).unbind(1)
+    x = flash_attention_varlen(attn.q_norm(q), attn.k_norm(k), v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                               softmax_scale=attn.scale)
+    return attn.norm(x.reshape(T, attn.attn_dim))
+
+
 @patched_forward
-def timm_block_forward(self, x, attn_mask=None, is_causal=False):
+def timm_block_forward(self, x, attn_mask=None, is_causal=False, *, varlen=None):
     """timm's pre-norm Block.forward with norm1 -> attn.qkv as layer_norm_linear and norm2 ->
     mlp as gelu_mlp's pre-norm form: neither normalized x is kept for backward (recomputed
-    from x, the residual); dropout between fc1 and fc2 in training runs the Mlp's forward."""
+    from x, the residual); dropout between fc1 and fc2 in training runs the Mlp's forward.
+    varlen=(cu_seqlens int32 [B + 1], max_seqlen): x is packed sequences [total, D]
+    (mcr_kernels.unpad_input), attention within each; attn_mask and is_causal unset."""
     attn, mlp, norm1, norm2 = self.attn, self.mlp, self.norm1, self.norm2
     qkv = layer_norm_linear(x, norm1.weight, norm1.bias, attn.qkv.weight, attn.qkv.bias, eps=norm1.eps)
-    x = x + self.drop_path1(self.ls1(attn.proj_drop(attn.proj(attention_of_qkv(attn, qkv, attn_mask, is_causal)))))
+    if varlen is None:
+        h = attention_of_qkv(attn, qkv, attn_mask, is_causal)
+    elif attn_mask is not None or is_causal:
+        raise ValueError("timm Block with varlen: attn_mask and is_causal must be unset (the packing is the mask)")
+    else:
+        h = varlen_attention_of_qkv(attn, qkv, *varlen)
+    x = x + self.drop_path1(self.ls1(attn.proj_drop(attn.proj(h))))
     if mlp.training and getattr(mlp.drop1, "p", 0.0) > 0:
         y = mlp(norm2(x))
     else:
