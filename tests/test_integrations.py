@@ -350,6 +350,32 @@ def test_timm_block_on_packed_sequences_matches_each_sequence_alone():
         block.train()(x, varlen=(cu, max(lengths)))
 
 
+def test_timm_block_out_rows_are_those_rows_of_the_full_output():
+    from timm.models.vision_transformer import Block
+
+    torch.manual_seed(0)
+    block = Block(48, 4, qkv_bias=True, qk_norm=True).double().eval()
+    apply_to_timm(block)
+    x = torch.randn(3, 7, 48, dtype=torch.float64, requires_grad=True)
+    keys = right_padded([7, 1, 5], 7)[:, None, None, :]
+    rows = torch.tensor([[6, 0], [0, 0], [4, 2]])  # any order, repeats allowed
+    full = block(x, attn_mask=keys)
+    close(block(x, attn_mask=keys, out_rows=rows), full.gather(1, rows[..., None].expand(-1, -1, 48)),
+          atol=1e-10, rtol=0)
+    lengths = [5, 1, 0, 8]  # packed: rows 2 and 4 of the first sequence, none of the next two, 3 of the last
+    packed = torch.randn(sum(lengths), 48, dtype=torch.float64, requires_grad=True)
+    cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).int()
+    wanted = torch.tensor([2, 4, 6, 9, 13])
+    cu_out = torch.tensor([0, 2, 2, 2, 5], dtype=torch.int32)
+    out = block(packed, varlen=(cu, 8), out_rows=(wanted, cu_out, 3))
+    want = block(packed, varlen=(cu, 8))[wanted]
+    close(out, want, atol=1e-10, rtol=0)
+    g = torch.randn_like(out)
+    close(torch.autograd.grad(out, packed, g)[0], torch.autograd.grad(want, packed, g)[0], atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="out_rows"):
+        block(x, is_causal=True, out_rows=rows)
+
+
 def test_timm_subclasses_patched_only_with_the_same_forward():
     from timm.layers import Attention
 

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mcr.engine import build_optimizer
 from mcr.models.mcr import MCR, mask_report_tokens, sincos_position_embedding
@@ -38,6 +39,59 @@ def test_forward_backward_every_variant(tiny_config, variant):
                  "text_head.fc2.weight", "logit_scale", "mlm_head.predictions.transform.dense.weight"]:
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
+
+
+def plain_reconstruction(model, batch, masks):
+    """MIM loss and MRM decoder states as MAE and BERT compute them: every patch predicted,
+    then the masked mean over the dropped ones; the MRM blocks on every padded position, then
+    the masked positions' rows ([M, text_width])."""
+    imgs, attn = batch["image"], batch["attention_mask"]
+    latent, mask = model.encode_image(imgs, masks["ids_keep"], masks["ids_restore"])
+    pred = model.reconstruct_image(latent, masks["ids_restore"])
+    mim = (((pred - model.patchify(imgs)) ** 2).mean(-1) * mask).sum() / mask.sum()
+    masked_ids, labels = model.mask_text(batch["input_ids"], attn, batch["special_tokens_mask"], masks)
+    txt = model.encode_text(masked_ids, attn)
+    h = model.condition_report(txt, latent)
+    for blk in model.mrm_blocks:
+        h = blk(h, attn_mask=attn.bool()[:, None, None, :])
+    chosen = labels != -100
+    return mim, h[chosen], (txt, latent, chosen)
+
+
+@pytest.mark.parametrize("depths", [(1, 1), (2, 2), (3, 0)])
+@pytest.mark.parametrize("unpad", [True, False])
+def test_reconstruction_on_the_loss_rows_equals_the_full_prediction(tiny_config, depths, unpad):
+    """The last decoder blocks compute only the dropped patches and the masked report tokens:
+    the MIM loss, the MRM states the MLM head reads and every gradient equal those of the full
+    prediction (float64)."""
+    cfg = tiny_config(image_size=48, decoder_depth=depths[0], mrm_decoder_depth=depths[1], image_mask_ratio=0.6)
+    model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK).double()
+    model.set_unpad_reports(unpad)
+    batch = make_batch(cfg, B=5, L=13, seed=3)  # lengths 13, 10, 5, 12, 13
+    batch["image"] = batch["image"].double()
+    masks = model.draw_masks(5, generator=torch.Generator().manual_seed(2))  # 9 patches, 4 kept
+    params = [p for p in model.parameters() if p.requires_grad]
+    want_mim, want_hidden, (txt, latent, chosen) = plain_reconstruction(model, batch, masks)
+    assert 0 < chosen.sum() < (batch["attention_mask"] > 0).sum()
+    dropped = masks["ids_restore"].argsort(dim=1)[:, masks["ids_keep"].shape[1]:]
+    got_mim = model.mim_loss(batch["image"], model.reconstruct_image(latent, masks["ids_restore"], dropped), dropped)
+    got_hidden = model.mrm_hidden(txt, batch["attention_mask"], latent, chosen)
+    torch.testing.assert_close(got_mim, want_mim, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got_hidden, want_hidden, atol=1e-12, rtol=1e-10)
+    g = torch.randn_like(want_hidden)
+    for got, want in ((got_mim, want_mim), ((got_hidden * g).sum(), (want_hidden * g).sum())):
+        got_grads = torch.autograd.grad(got, params, allow_unused=True, retain_graph=True)
+        want_grads = torch.autograd.grad(want, params, allow_unused=True, retain_graph=True)
+        for p, a, b in zip(params, got_grads, want_grads, strict=True):
+            if b is None:
+                assert a is None or a.abs().max() == 0
+            else:
+                torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-9, msg=f"{tuple(p.shape)}")
+    losses = model(batch, masks)  # the training step's losses are these
+    torch.testing.assert_close(losses["mim"], want_mim, atol=1e-12, rtol=1e-10)
+    labels = model.mask_text(batch["input_ids"], batch["attention_mask"], batch["special_tokens_mask"], masks)[1]
+    want_mrm = F.cross_entropy(model.mlm_head(want_hidden).flatten(0, -2), labels[chosen])
+    torch.testing.assert_close(losses["mrm"].double(), want_mrm, atol=0, rtol=1e-6)  # linear_cross_entropy: fp32
 
 
 @pytest.mark.parametrize("variant", ["mcr", "dual-stream"])

@@ -197,51 +197,67 @@ class MCR(nn.Module):
             x = blk(x)
         return vit.norm(x), mask
 
-    def reconstruct_image(self, latent, ids_restore):
-        """MAE decoder: latent [B, 1 + K, D] -> pixel predictions [B, N, p*p*C]."""
+    def reconstruct_image(self, latent, ids_restore, rows=None):
+        """MAE decoder: latent [B, 1 + K, D] -> pixel predictions [B, N, p*p*C] of every patch,
+        or [B, M, p*p*C] of the patches rows int64 [B, M] only: the last block computes just
+        those rows (every patch is still a key and value), the head reads just those."""
         x = self.decoder_embed(latent)
         patches = mcr_kernels.restore_tokens(x[:, 1:], ids_restore, self.mask_token)
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
+        *blocks, last = self.decoder_blocks
+        for blk in blocks:
             x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        x = last(x)[:, 1:] if rows is None else last(x, out_rows=rows + 1)  # + 1: CLS first
+        return self.decoder_pred(self.decoder_norm(x))
 
-    def mim_loss(self, imgs, pred, mask):
-        """Mean squared error over the dropped patches (of all ranks under DDP)."""
+    def mim_loss(self, imgs, pred, dropped):
+        """Mean squared error of pred [B, M, p*p*C], the predictions of the dropped patches
+        dropped int64 [B, M] (of all ranks under DDP)."""
         target = self.patchify(imgs)
+        target = target.gather(1, dropped[..., None].expand(-1, -1, target.shape[-1]))
         if self.cfg.norm_pix_loss:
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()
-        per_patch = ((pred.float() - target.float()) ** 2).mean(-1)
-        return global_mean((per_patch * mask).sum(), mask.sum())
+        dtype = torch.promote_types(pred.dtype, torch.float32)  # bf16 autocast -> float32; float64 stays
+        per_patch = ((pred.to(dtype) - target.to(dtype)) ** 2).mean(-1)
+        return global_mean(per_patch.sum(), torch.tensor(per_patch.numel(), device=pred.device))
 
     # --- text ----------------------------------------------------------------------------
 
     def encode_text(self, input_ids, attention_mask):
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def mrm_hidden(self, text_tokens, attention_mask, image_latent):
-        """MRM decoder states [B, L, text_width] (zeros at padding): the masked report's tokens,
-        conditioned on the image (condition_report), through the MRM blocks."""
+    def mrm_hidden(self, text_tokens, attention_mask, image_latent, chosen):
+        """MRM decoder states [M, text_width] of the positions chosen bool [B, L] (the masked
+        report tokens, row-major order): the masked report's tokens, conditioned on the image
+        (condition_report), through the MRM blocks; the last block computes just those rows."""
         x = self.condition_report(text_tokens, image_latent)
+        if not self.mrm_blocks:
+            return x[chosen]
+        *blocks, last = self.mrm_blocks
         if not self.unpad_reports:
+            key_padding = attention_mask.bool()[:, None, None, :]  # SDPA's key padding shape
             for blk in self.mrm_blocks:
-                x = blk(x, attn_mask=attention_mask.bool()[:, None, None, :])  # SDPA's key padding shape
-            return x
-        x, indices, cu_seqlens, max_seqlen = mcr_kernels.unpad_input(x, attention_mask.bool())
-        for blk in self.mrm_blocks:  # apply_to_timm's Block forward on packed sequences
+                x = blk(x, attn_mask=key_padding)
+            return x[chosen]
+        real = attention_mask.bool()
+        x, _, cu_seqlens, max_seqlen = mcr_kernels.unpad_input(x, real)
+        for blk in blocks:  # apply_to_timm's Block forward on packed sequences
             x = blk(x, varlen=(cu_seqlens, max_seqlen))
-        return mcr_kernels.pad_input(x, indices, *attention_mask.shape)
+        packed_row = real.flatten().cumsum(0) - 1  # each position's row in x (where real)
+        counts = chosen.sum(1)
+        out_rows = (packed_row[chosen.flatten()], F.pad(counts.cumsum(0), (1, 0)).int(), int(counts.max()))
+        return last(x, varlen=(cu_seqlens, max_seqlen), out_rows=out_rows)
 
     def mrm_loss(self, hidden, labels):
-        """Cross-entropy of the masked positions (labels != -100) only, averaged over those of
-        all ranks: the MLM head's transform runs on their rows, and its decoder (tied bias)
-        through mcr_kernels.linear_cross_entropy, which never holds [masked, vocabulary] logits."""
-        chosen = labels != -100
+        """Cross-entropy of hidden [M, text_width], the states of the masked positions, against
+        their labels [M], averaged over those of all ranks: the MLM head's transform, then its
+        decoder (tied bias) through mcr_kernels.linear_cross_entropy, which never holds
+        [masked, vocabulary] logits."""
         head = self.mlm_head.predictions
-        total = mcr_kernels.linear_cross_entropy(head.transform(hidden[chosen]), head.decoder.weight,
-                                                 head.decoder.bias, labels[chosen], reduction="sum")
-        return global_mean(total, chosen.sum())
+        total = mcr_kernels.linear_cross_entropy(head.transform(hidden), head.decoder.weight,
+                                                 head.decoder.bias, labels, reduction="sum")
+        return global_mean(total, torch.tensor(labels.numel(), device=labels.device))
 
     def condition_report(self, text_tokens, image_latent):
         """The MRM decoder's input: the report tokens plus the projected mean visible image
@@ -348,12 +364,13 @@ class MCR(nn.Module):
                                                                       attn.bool() & ~special)}
         if masks is None:
             masks = self.draw_masks(imgs.shape[0], device=imgs.device, generator=generator)
-        latent, mask = self.encode_image(imgs, masks["ids_keep"], masks["ids_restore"])
+        latent, _ = self.encode_image(imgs, masks["ids_keep"], masks["ids_restore"])
         masked_ids, labels = self.mask_text(ids, attn, batch["special_tokens_mask"], masks)
         txt = self.encode_text(masked_ids, attn)
-        pred = self.reconstruct_image(latent, masks["ids_restore"])
-        losses = {"mim": self.mim_loss(imgs, pred, mask),
-                  "mrm": self.mrm_loss(self.mrm_hidden(txt, attn, latent), labels)}
+        dropped = masks["ids_restore"].argsort(dim=1)[:, masks["ids_keep"].shape[1]:]  # [B, N - K]
+        chosen = labels != -100
+        losses = {"mim": self.mim_loss(imgs, self.reconstruct_image(latent, masks["ids_restore"], dropped), dropped),
+                  "mrm": self.mrm_loss(self.mrm_hidden(txt, attn, latent, chosen), labels[chosen])}
         if cfg.variant == "dual-stream":  # second, unmasked pass per modality for alignment
             full_latent, _ = self.encode_image(imgs)
             full_txt = self.encode_text(ids, attn)

@@ -33,49 +33,70 @@ def timm_attention_forward(self, x, attn_mask=None, is_causal=False):
     return self.proj_drop(self.proj(x))
 
 
-def attention_of_qkv(attn, qkv, attn_mask, is_causal):
+def attention_of_qkv(attn, qkv, attn_mask, is_causal, q_rows=None):
     """The middle of timm's Attention.forward: qkv [B, N, 3 * attn_dim] -> attention output
-    [B, N, attn_dim] (q/k norms and the output norm included, before the gate and proj)."""
+    [B, N, attn_dim] (q/k norms and the output norm included, before the gate and proj), or
+    [B, M, attn_dim] of the queries q_rows int64 [B, M] only (every row is still a key)."""
     B, N, _ = qkv.shape
     qkv = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    q = qkv[0]
+    if q_rows is not None:
+        q = q.gather(2, q_rows[:, None, :, None].expand(-1, attn.num_heads, -1, attn.head_dim))
+    q, k = attn.q_norm(q), attn.k_norm(qkv[1])
     dropout_p = attn.attn_drop.p if attn.training else 0.0
     if dropout_p > 0:
         warn_dropout_once(attn._mcr_kernels_token, "apply_to_timm")
     if attn_mask is not None and attn_mask.dim() == 2:  # SDPA's [N, N], not a key padding mask
         attn_mask = attn_mask[None, None]
     x = flash_attention(q, k, qkv[2], attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
-    return attn.norm(x.transpose(1, 2).reshape(B, N, attn.attn_dim))
+    return attn.norm(x.transpose(1, 2).reshape(B, q.shape[2], attn.attn_dim))
 
 
-def varlen_attention_of_qkv(attn, qkv, cu_seqlens, max_seqlen):
+def varlen_attention_of_qkv(attn, qkv, cu_seqlens, max_seqlen, q_rows=None):
     """attention_of_qkv for packed sequences: qkv [total, 3 * attn_dim] -> [total, attn_dim],
-    each token attending the tokens of its own sequence (flash_attention_varlen)."""
+    each token attending the tokens of its own sequence (flash_attention_varlen); with
+    q_rows=(rows int64 [M], cu_seqlens_q int32 [B + 1], max_seqlen_q) the queries of those
+    rows only, sequence by sequence as cu_seqlens_q delimits them -> [M, attn_dim]."""
     if attn.training and attn.attn_drop.p > 0:
         raise ValueError("timm Block with varlen: attention dropout > 0 in training is not supported "
                          "(flash_attention_varlen has no dropout); set it to 0 or pass padded inputs")
-    T = qkv.shape[0]
-    q, k, v = qkv.view(T, 3, attn.num_heads, attn.head_dim).unbind(1)
-    x = flash_attention_varlen(attn.q_norm(q), attn.k_norm(k), v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+    q, k, v = qkv.view(qkv.shape[0], 3, attn.num_heads, attn.head_dim).unbind(1)
+    cu_seqlens_q, max_seqlen_q = cu_seqlens, max_seqlen
+    if q_rows is not None:
+        rows, cu_seqlens_q, max_seqlen_q = q_rows
+        q = q[rows]
+    x = flash_attention_varlen(attn.q_norm(q), attn.k_norm(k), v, cu_seqlens_q, cu_seqlens, max_seqlen_q, max_seqlen,
                                softmax_scale=attn.scale)
-    return attn.norm(x.reshape(T, attn.attn_dim))
+    return attn.norm(x.reshape(q.shape[0], attn.attn_dim))
 
 
 @patched_forward
-def timm_block_forward(self, x, attn_mask=None, is_causal=False, *, varlen=None):
+def timm_block_forward(self, x, attn_mask=None, is_causal=False, *, varlen=None, out_rows=None):
     """timm's pre-norm Block.forward with norm1 -> attn.qkv as layer_norm_linear and norm2 ->
     mlp as gelu_mlp's pre-norm form: neither normalized x is kept for backward (recomputed
     from x, the residual); dropout between fc1 and fc2 in training runs the Mlp's forward.
     varlen=(cu_seqlens int32 [B + 1], max_seqlen): x is packed sequences [total, D]
-    (mcr_kernels.unpad_input), attention within each; attn_mask and is_causal unset."""
+    (mcr_kernels.unpad_input), attention within each; attn_mask and is_causal unset.
+    out_rows: compute only these rows of the output, for a last block whose loss reads a few
+    (every row is still a key and value): int64 [B, M] positions -> [B, M, D]; with varlen,
+    (rows int64 [M] of the packed x, in sequence order, cu_seqlens_out int32 [B + 1],
+    max_seqlen_out) -> [M, D]. attn_mask may then only mask keys ([B or 1, 1, 1, N])."""
     attn, mlp, norm1, norm2 = self.attn, self.mlp, self.norm1, self.norm2
+    keys_only = attn_mask is None or (attn_mask.dim() == 4 and attn_mask.shape[-2] == 1)
+    if out_rows is not None and (is_causal or not keys_only):
+        raise ValueError("timm Block with out_rows: attn_mask may only mask keys ([B or 1, 1, 1, N]), "
+                         "and is_causal must be unset")
     qkv = layer_norm_linear(x, norm1.weight, norm1.bias, attn.qkv.weight, attn.qkv.bias, eps=norm1.eps)
     if varlen is None:
-        h = attention_of_qkv(attn, qkv, attn_mask, is_causal)
+        h = attention_of_qkv(attn, qkv, attn_mask, is_causal, out_rows)
+        if out_rows is not None:
+            x = x.gather(1, out_rows[..., None].expand(-1, -1, x.shape[-1]))
     elif attn_mask is not None or is_causal:
         raise ValueError("timm Block with varlen: attn_mask and is_causal must be unset (the packing is the mask)")
     else:
-        h = varlen_attention_of_qkv(attn, qkv, *varlen)
+        h = varlen_attention_of_qkv(attn, qkv, *varlen, out_rows)
+        if out_rows is not None:
+            x = x[out_rows[0]]
     x = x + self.drop_path1(self.ls1(attn.proj_drop(attn.proj(h))))
     if mlp.training and getattr(mlp.drop1, "p", 0.0) > 0:
         y = mlp(norm2(x))
