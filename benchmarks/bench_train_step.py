@@ -14,7 +14,8 @@ this package, side by side in one run, on the same device, data, masks and prese
     mcr-padded     MCR with the report encoder and MRM decoder on every position, padding
                    included (what their unpadding saves; MCR.set_unpad_reports)
 
-Step time: one model and one optimizer serve every configuration (the peer reverts
+Step time: one model and one optimizer (torch's fused AdamW; --adamw for-loop for torch's CPU
+default) serve every configuration (the peer reverts
 mcr_kernels.integrations around its step: timm's own attention, BERT on "sdpa"), and the configurations take
 turns step by step, in a rotating order, for --repeats rounds; the median per configuration
 is reported, and each one's ratio to the peer.
@@ -99,7 +100,7 @@ def peer_losses(model, batch, masks, clip_loss):
 class Bench:
     """One model and optimizer; step(config) runs one training step as that configuration."""
 
-    def __init__(self, preset_name, batch_size, device, amp_dtype):
+    def __init__(self, preset_name, batch_size, device, amp_dtype, fused_adamw=True):
         from open_clip.loss import ClipLoss
         from timm.layers import Attention as TimmAttention
 
@@ -107,7 +108,7 @@ class Bench:
         self.cfgs = {v: preset(preset_name, variant=v) for v in ("mcr", "dual-stream")}
         self.cfg = self.cfgs["mcr"]
         self.model = MCR(self.cfg, pad_token_id=PAD, mask_token_id=MASK).to(device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=fused_adamw)
         self.batch = random_batch(self.cfg, batch_size, device)
         self.masks = self.model.draw_masks(batch_size, device=device, generator=torch.Generator(device).manual_seed(0))
         self.device, self.amp_dtype = device, amp_dtype
@@ -159,9 +160,9 @@ class Bench:
         return {k: float(v.detach()) for k, v in losses.items()}
 
 
-def time_configs(preset_name, batch_size, configs, repeats, warmup, device, amp_dtype):
+def time_configs(preset_name, batch_size, configs, repeats, warmup, device, amp_dtype, fused_adamw):
     """Median step time per configuration, the configurations taking turns step by step."""
-    bench = Bench(preset_name, batch_size, device, amp_dtype)
+    bench = Bench(preset_name, batch_size, device, amp_dtype, fused_adamw)
     with torch.no_grad():
         first = {c: {k: float(v) for k, v in bench.losses(c).items()} for c in configs}
     for _ in range(warmup):
@@ -189,9 +190,9 @@ def step_flops(preset_name, batch_size, configs, device, amp_dtype):
     return flops
 
 
-def peak_memory(preset_name, batch_size, config, warmup, device, amp_dtype):
+def peak_memory(preset_name, batch_size, config, warmup, device, amp_dtype, fused_adamw):
     """(step peak MiB, process peak MiB) of one training step after warmup (this process)."""
-    bench = Bench(preset_name, batch_size, device, amp_dtype)
+    bench = Bench(preset_name, batch_size, device, amp_dtype, fused_adamw)
     for _ in range(warmup):
         bench.step(config)
     if device.type == "cuda":
@@ -206,10 +207,10 @@ def peak_memory(preset_name, batch_size, config, warmup, device, amp_dtype):
     return step / 2**20, process / 2**10
 
 
-def peak_memory_in_fresh_process(preset_name, batch_size, config, warmup):
+def peak_memory_in_fresh_process(preset_name, batch_size, config, warmup, adamw):
     env = {**os.environ, **CPU_MALLOC_ENV}
     out = subprocess.run([sys.executable, __file__, "--child-memory", f"{preset_name}:{batch_size}:{config}",
-                          "--warmup", str(warmup), "--threads", str(torch.get_num_threads())],
+                          "--warmup", str(warmup), "--threads", str(torch.get_num_threads()), "--adamw", adamw],
                          env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -226,6 +227,9 @@ def main():
                         help="torch intra-op threads in every process (0 = torch's default)")
     parser.add_argument("--no-write", action="store_true", help="print only; write no results file")
     parser.add_argument("--flops", action="store_true", help="count FLOPs per configuration; time nothing")
+    parser.add_argument("--adamw", choices=("fused", "for-loop"), default="fused",
+                        help="AdamW of every configuration: torch's fused kernel, or the per-parameter loop "
+                             "(torch's default on a CPU, which this bench used before 2026-12-06)")
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -235,7 +239,8 @@ def main():
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     if args.child_memory:
         preset_name, batch_size, config = args.child_memory.split(":")
-        step, process = peak_memory(preset_name, int(batch_size), config, args.warmup, device, amp_dtype)
+        step, process = peak_memory(preset_name, int(batch_size), config, args.warmup, device, amp_dtype,
+                                    args.adamw == "fused")
         print(json.dumps({"step_peak_mib": step, "process_peak_mib": process}))
         return
     env = environment()
@@ -256,13 +261,14 @@ def main():
     for shape in args.shapes.split(","):
         preset_name, batch_size = shape.split(":")
         batch_size = int(batch_size)
-        timed = time_configs(preset_name, batch_size, configs, args.repeats, args.warmup, device, amp_dtype)
+        timed = time_configs(preset_name, batch_size, configs, args.repeats, args.warmup, device, amp_dtype,
+                             args.adamw == "fused")
         for config in configs:
             median, low, high, losses = timed[config]
             row = {"preset": preset_name, "batch": batch_size, "config": config, "step_ms": median,
                    "step_ms_min": low, "step_ms_max": high, **{f"loss_{k}": v for k, v in losses.items()}}
             if not args.no_memory:
-                row.update(peak_memory_in_fresh_process(preset_name, batch_size, config, args.warmup))
+                row.update(peak_memory_in_fresh_process(preset_name, batch_size, config, args.warmup, args.adamw))
             rows.append(row)
             print_table([row])
         peer = next((r for r in rows if r["preset"] == preset_name and r["config"] == "peer"), None)
@@ -274,7 +280,7 @@ def main():
                     r["process_peak_vs_peer"] = r["process_peak_mib"] / peer["process_peak_mib"]
         if not args.no_write:  # after every shape: a run cut short keeps what it measured
             paths = write_results("train_step", rows, {"repeats": args.repeats, "warmup": args.warmup,
-                                                       "threads": env["threads"]})
+                                                       "threads": env["threads"], "adamw": args.adamw})
     print("\nall rows (ratios against the peer, same preset and batch):")
     print_table(rows, ["preset", "batch", "config", "step_ms", "step_ms_min", "step_ms_max", "time_vs_peer",
                        "step_peak_mib", "step_peak_vs_peer", "process_peak_mib", "process_peak_vs_peer"])
