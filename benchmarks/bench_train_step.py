@@ -12,7 +12,8 @@ this package, side by side in one run, on the same device, data, masks and prese
     mcr-autograd-blocks  MCR with gelu_mlp and layer_norm_linear on `reference` (autograd keeps
                    the GELU outputs and the normalized inputs: what their recompute costs)
     mcr-padded     MCR with the report encoder and MRM decoder on every position, padding
-                   included (what their unpadding saves; MCR.set_unpad_reports)
+                   included, and the MRM block's output at every position (what unpadding and
+                   the masked-rows-only last block save; MCR.set_unpad_reports)
 
 Step time: one model and one optimizer (torch's fused AdamW; --adamw for-loop for torch's CPU
 default) serve every configuration (the peer reverts
