@@ -80,6 +80,7 @@ def step_costs(rows, common, vocab_size, batch_size, repeats=12):
     unmasked share (config.unmasked_share). Activation bytes: autograd's saved tensors of a
     masked step."""
     from mcr.config import unmasked_share
+    from mcr.engine import build_optimizer
     from mcr.profiling import random_batch, saved_activation_bytes
 
     models, times = {}, {}
@@ -87,7 +88,7 @@ def step_costs(rows, common, vocab_size, batch_size, repeats=12):
         cfg = train_config(common + flags)
         model = row_model(cfg, vocab_size)
         batch = random_batch(cfg.model, batch_size)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = build_optimizer(model, cfg)  # training's own AdamW (fused)
         models[name] = (cfg, model, batch, optimizer)
         times[name] = {False: [], True: []}
 
