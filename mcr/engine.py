@@ -42,8 +42,8 @@ def compile_blocks(model, backend="inductor"):
 def build_optimizer(model, cfg):
     """AdamW over the trained parameters; no weight decay on biases, norms, embeddings, tokens
     and the temperature. torch's fused kernel where it applies (plain CPU or CUDA parameters;
-    FSDP's DTensors take the default): on a CPU the default is a per-parameter loop, about
-    a sixth of a paper-preset step at batch 4."""
+    FSDP's DTensors take the default): on a CPU the default is a per-parameter loop, 0.5 s
+    slower per paper-preset step at batch 4 (benchmarks/bench_train_step.py --adamw)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:  # fixed sin-cos position embeddings

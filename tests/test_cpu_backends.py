@@ -206,6 +206,23 @@ def test_flash_attention_varlen_matches_float64_reference(lengths_q, lengths_k, 
         assert_close(got, want, dtype, name)
 
 
+@pytest.mark.parametrize("Lq,Lk", [(0, 5), (4, 0), (0, 0)])
+def test_flash_attention_on_empty_sequences_matches_the_reference(Lq, Lk):
+    """aten's CPU flash kernel dies with SIGFPE on an empty sequence; the backend must not reach it."""
+    g = torch.Generator().manual_seed(Lq + 7 * Lk)
+    q, k, v = leaves(*(torch.randn(2, 3, L, 8, generator=g) for L in (Lq, Lk, Lk)), dtype=torch.float32)
+    with mcr_kernels.use_backend(None):
+        assert backend.resolve("flash_attention", torch.device("cpu"))[0] == "cpu"
+        out, lse = mcr_kernels.flash_attention(q, k, v, return_lse=True)
+    assert out.shape == (2, 3, Lq, 8) and (out == 0).all() and lse.shape == (2, 3, Lq) and (lse == float("-inf")).all()
+    grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+    assert all(grad is None or (grad == 0).all() for grad in grads)
+    cu_q, cu_k = torch.zeros(3, dtype=torch.int32), torch.tensor([0, Lk, 2 * Lk], dtype=torch.int32)
+    packed = mcr_kernels.flash_attention_varlen(torch.randn(0, 3, 8), torch.randn(2 * Lk, 3, 8),
+                                                torch.randn(2 * Lk, 3, 8), cu_q, cu_k, 0, Lk)
+    assert packed.shape == (0, 3, 8)
+
+
 def test_flash_attention_varlen_compiles_fullgraph():
     torch._dynamo.reset()
     q, k, v = leaves(*(torch.randn(9, 2, 8) for _ in range(3)), dtype=torch.float32)

@@ -24,6 +24,9 @@ def flash_attention(q, k, v, *, key_padding_mask=None, softmax_scale=None, causa
                     return_lse=False):
     """`cpu` backend of mcr_kernels.flash_attention (same arguments and results)."""
     Lq, Lk = q.shape[-2], k.shape[-2]
+    if Lq == 0 or Lk == 0:  # aten's CPU flash kernel divides by zero on an empty sequence (SIGFPE)
+        return reference.flash_attention(q, k, v, key_padding_mask=key_padding_mask, softmax_scale=softmax_scale,
+                                         causal=causal, return_lse=return_lse)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     allowed = None  # bool, broadcastable to [B, H, Lq, Lk]
     if key_padding_mask is not None:
