@@ -8,7 +8,9 @@ evaluate each, and tabulate mean +- std over seeds.
 A row is NAME=FLAGS: `python -m mcr.train` flags added to the common ones (--common). A row
 named NAME@time trains for the steps that take the time reference row (--time-reference,
 default the first row) its --steps: the step times come from one interleaved measurement of
-every row in this process (robust to a busy machine, unlike wall clocks of separate runs).
+every row in this process (robust to a busy machine, unlike wall clocks of separate runs); a
+row added to a study later is timed beside the time reference and scaled to its stored time,
+so the costs already stored, and the @time rows' steps, stay as they were.
 Every run lives in OUT/NAME/seedK and is trained by a `python -m mcr.train` subprocess, so a
 killed study resumes where it stopped: finished runs are kept, interrupted ones continue
 from their last checkpoint (--resume). After training, each run is also scored on the
@@ -190,6 +192,20 @@ class Study:
             flat.update({f"fg_{direction}_{k}": v for k, v in fine[direction].items()})
         return flat
 
+    def measure_costs(self, names, stored):
+        """Step costs of the rows `names` from one interleaved measurement. When the time
+        reference row was measured before, it is timed again beside them and their times are
+        scaled to its stored one, so that stored costs, and the steps of the @time rows trained
+        from them, never change when a row is added."""
+        ref = self.args.time_reference or next(iter(self.rows))
+        rows = {name: self.rows[name] for name in ([ref] if ref in stored else []) + names}
+        costs = step_costs(rows, self.common, vocab_size(self.common), self.args.cost_batch)
+        if ref in stored:
+            scale = stored[ref]["step_s"] / costs.pop(ref)["step_s"]
+            for cost in costs.values():
+                cost["step_s"] *= scale
+        return costs
+
     def run(self):
         args = self.args
         costs_path = os.path.join(self.out, "costs.json")
@@ -198,8 +214,9 @@ class Study:
                 costs = json.load(f)
         else:
             costs = {}
-        if not args.report_only and any(name not in costs for name in self.rows):  # one interleaved measurement
-            costs = step_costs(self.rows, self.common, vocab_size(self.common), args.cost_batch)
+        missing = [name for name in self.rows if name not in costs]
+        if not args.report_only and missing:
+            costs.update(self.measure_costs(missing, costs))
             write_json(costs_path, costs)
         pairs = ([(name, seed) for name in self.rows for seed in args.seeds] if args.order == "rows"
                  else [(name, seed) for seed in args.seeds for name in self.rows])

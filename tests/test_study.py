@@ -72,6 +72,17 @@ def test_study_trains_tabulates_and_resumes(tmp_path):
     assert json.load(open(killed / "final.json"))["step"] == 3
 
 
+def test_a_row_added_later_keeps_the_stored_costs(tmp_path):
+    """A new row is timed beside the time reference and scaled to its stored time: the costs
+    the @time rows trained from stay as they were."""
+    study(tmp_path)
+    before = json.load(open(tmp_path / "costs.json"))
+    summary = study(tmp_path, "--row", "abm=--variant abm")
+    after = json.load(open(tmp_path / "costs.json"))
+    assert {name: after[name] for name in before} == before and "abm" in after
+    assert after["abm"]["step_s"] > 0 and summary["abm"]["seeds"] == 2
+
+
 def test_step_costs_time_each_rows_own_variant_model():
     """mpma and reclf rows are costed with their own classes (they add local alignment), not MCR."""
     from mcr.study import row_model, train_config
