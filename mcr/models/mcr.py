@@ -214,7 +214,7 @@ class MCR(nn.Module):
         """Mean squared error of pred [B, M, p*p*C], the predictions of the dropped patches
         dropped int64 [B, M] (of all ranks under DDP)."""
         target = self.patchify(imgs)
-        target = target.gather(1, dropped[..., None].expand(-1, -1, target.shape[-1]))
+        target = mcr_kernels.gather_tokens(target, dropped)
         if self.cfg.norm_pix_loss:
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()
@@ -234,19 +234,18 @@ class MCR(nn.Module):
         x = self.condition_report(text_tokens, image_latent)
         if not self.mrm_blocks:
             return x[chosen]
-        *blocks, last = self.mrm_blocks
         if not self.unpad_reports:
             key_padding = attention_mask.bool()[:, None, None, :]  # SDPA's key padding shape
             for blk in self.mrm_blocks:
                 x = blk(x, attn_mask=key_padding)
             return x[chosen]
-        real = attention_mask.bool()
-        x, _, cu_seqlens, max_seqlen = mcr_kernels.unpad_input(x, real)
+        x, indices, cu_seqlens, max_seqlen = mcr_kernels.unpad_input(x, attention_mask.bool())
+        *blocks, last = self.mrm_blocks
         for blk in blocks:  # apply_to_timm's Block forward on packed sequences
             x = blk(x, varlen=(cu_seqlens, max_seqlen))
-        packed_row = real.flatten().cumsum(0) - 1  # each position's row in x (where real)
         counts = chosen.sum(1)
-        out_rows = (packed_row[chosen.flatten()], F.pad(counts.cumsum(0), (1, 0)).int(), int(counts.max()))
+        rows = chosen.flatten()[indices].nonzero().squeeze(1)  # the packed rows that are chosen
+        out_rows = (rows, F.pad(counts.cumsum(0), (1, 0)).int(), int(counts.max()))
         return last(x, varlen=(cu_seqlens, max_seqlen), out_rows=out_rows)
 
     def mrm_loss(self, hidden, labels):

@@ -20,6 +20,7 @@ from mcr_kernels.integrations._patching import (
 )
 from mcr_kernels.integrations.modules import drop_patches
 from mcr_kernels.layer_norm_linear import layer_norm_linear
+from mcr_kernels.patch_drop import gather_tokens
 
 
 @patched_forward
@@ -90,7 +91,7 @@ def timm_block_forward(self, x, attn_mask=None, is_causal=False, *, varlen=None,
     if varlen is None:
         h = attention_of_qkv(attn, qkv, attn_mask, is_causal, out_rows)
         if out_rows is not None:
-            x = x.gather(1, out_rows[..., None].expand(-1, -1, x.shape[-1]))
+            x = gather_tokens(x, out_rows)
     elif attn_mask is not None or is_causal:
         raise ValueError("timm Block with varlen: attn_mask and is_causal must be unset (the packing is the mask)")
     else:
