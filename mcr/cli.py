@@ -64,10 +64,14 @@ def parse_train_args(argv=None, prog="python -m mcr.train", description=None):
     pre = Parser(prog=prog, add_help=False)
     pre.add_argument("--preset", choices=dataclasses.fields(TrainConfig)[0].metadata["choices"])
     pre.add_argument("--config")
+    # the defaults shown depend on the variant too (dual-stream: no unmasked steps)
+    pre.add_argument("--variant", choices=dataclasses.fields(ModelConfig)[0].metadata["choices"])
     known, _ = pre.parse_known_args(argv)
     values = read_config_file(known.config, pre) if known.config else {}
     if known.preset:
         values["preset"] = known.preset
+    if known.variant:
+        values["model"] = {**(values.get("model") or {}), "variant": known.variant}
     try:
         base = config_from_dict(values)
     except ValueError as err:

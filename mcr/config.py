@@ -139,7 +139,8 @@ class TrainConfig:
     loss_local: float = option(1.0, "weight of the local word-to-region loss (variants mpma, reclf)", minimum=0)
     unmasked_tuning: float = option(0.0, "share of the last steps trained on unmasked inputs, contrastive loss "
                                     "only (FLIP)", minimum=0, maximum=1)
-    unmasked_every: int = from_preset("also every k-th step unmasked, contrastive loss only; 0 = never", minimum=0)
+    unmasked_every: int = from_preset("also every k-th step unmasked, contrastive loss only; 0 = never (the "
+                                     "preset's k is not applied to dual-stream)", minimum=0)
     unmasked_until: float = option(1.0, "--unmasked-every applies to the first this share of the steps only "
                                    "(the take-off); masked-only after it", minimum=0, maximum=1)
     eval_every: int = from_preset("validate every N steps; 0 = only at the end", minimum=0)
@@ -247,13 +248,15 @@ def resolve_config(cfg):
     Idempotent; TrainConfig calls it when built, so every entry point goes through it."""
     if cfg.preset not in TRAINING_PRESETS:
         raise ValueError(f"--preset {cfg.preset!r} is not one of: {', '.join(TRAINING_PRESETS)}")
-    for name, value in TRAINING_PRESETS[cfg.preset].items():
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, value)
+    left_to_preset = {name for name in TRAINING_PRESETS[cfg.preset] if getattr(cfg, name) is None}
+    for name in left_to_preset:
+        setattr(cfg, name, TRAINING_PRESETS[cfg.preset][name])
     if cfg.model is None or isinstance(cfg.model, dict):
         cfg.model = preset(cfg.preset, **(cfg.model or {}))
     else:
         validate(cfg.model)
+    if "unmasked_every" in left_to_preset and cfg.model.variant == "dual-stream":
+        cfg.unmasked_every = 0  # the baseline: its clean pass and its reconstructions at every step
     check_fields(cfg)
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite exclude each other: continue the run, or start it over")

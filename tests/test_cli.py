@@ -33,6 +33,18 @@ def test_a_config_built_anywhere_takes_its_preset():
     assert TrainConfig(preset="paper", batch_size=32).batch_size == 32
 
 
+def test_dual_stream_takes_no_unmasked_steps_from_the_preset(tmp_path):
+    """The baseline reconstructs at every step, from the flags, a --config file or a dict."""
+    assert cli.parse_train_args([]).unmasked_every == TRAINING_PRESETS["small"]["unmasked_every"] > 0
+    assert cli.parse_train_args(["--variant", "dual-stream"]).unmasked_every == 0
+    assert cli.parse_train_args(["--variant", "dual-stream", "--unmasked-every", "2"]).unmasked_every == 2
+    path = tmp_path / "dual.yaml"
+    path.write_text(yaml.safe_dump({"model": {"variant": "dual-stream"}}))
+    assert cli.parse_train_args(["--config", str(path)]).unmasked_every == 0
+    assert TrainConfig(model={"variant": "dual-stream"}).unmasked_every == 0
+    assert TrainConfig(model={"variant": "dual-stream"}, unmasked_every=3).unmasked_every == 3
+
+
 def test_every_preset_sets_every_field_left_to_it():
     left = {f.name for f in dataclasses.fields(TrainConfig) if f.default is None and f.name != "model"}
     for name, recipe in TRAINING_PRESETS.items():
