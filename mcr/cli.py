@@ -17,7 +17,7 @@ import sys
 
 import yaml
 
-from mcr.config import ModelConfig, TrainConfig, config_from_dict, config_to_dict, flag
+from mcr.config import VARIANTS, ModelConfig, TrainConfig, config_from_dict, config_to_dict, flag
 
 
 class Parser(argparse.ArgumentParser):
@@ -65,7 +65,7 @@ def parse_train_args(argv=None, prog="python -m mcr.train", description=None):
     pre.add_argument("--preset", choices=dataclasses.fields(TrainConfig)[0].metadata["choices"])
     pre.add_argument("--config")
     # the defaults shown depend on the variant too (dual-stream: no unmasked steps)
-    pre.add_argument("--variant", choices=dataclasses.fields(ModelConfig)[0].metadata["choices"])
+    pre.add_argument("--variant", choices=VARIANTS)
     known, _ = pre.parse_known_args(argv)
     values = read_config_file(known.config, pre) if known.config else {}
     if known.preset:

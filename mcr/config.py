@@ -174,12 +174,10 @@ class TrainConfig:
 #     on the ln(B) plateau far longer than dual-stream here, and a few unmasked steps close
 #     most of the gap; with the light masks three steps in four stay masked (the study's tenth
 #     round in the README; with 25% / 25% masks half the steps had to be unmasked); a 150-step
-#     warm-up, not 50: 1.13x the
-#     image->report and report->image R@1 and 1.25x P@5 at 1,500 steps (3 seeds; it lifts
-#     dual-stream as much);
-#     2,000 steps, not 1,500, since the unpadded reports, the decoders' loss rows and fused
-#     AdamW made a step cheaper: image->report R@1 9.5 vs 6.0% (3 seeds each); the rest as
-#     the paper.
+#     warm-up, not 50: 1.13x the image->report and report->image R@1 and 1.25x P@5 at 1,500
+#     steps (3 seeds; it lifts dual-stream as much); 2,000 steps, not 1,500, since the
+#     unpadded reports, the decoders' loss rows and fused AdamW made a step cheaper:
+#     image->report R@1 9.5 vs 6.0% (3 seeds each); the rest as the paper.
 TRAINING_PRESETS = {
     "small": dict(batch_size=32, epochs=0.0, max_steps=2000, max_minutes=8.5, lr=5e-4, warmup_steps=150,
                   loss_contrastive=1.0, unmasked_every=4, eval_every=500, save_every=500, val_size=1000),
