@@ -13,7 +13,8 @@ vocabulary (768, 30,522), `small` this project's small preset (128, 2,048). Time
 --repeats forward + backward passes, the configurations taking turns. Peak: memory one
 forward + backward adds above its inputs and parameters (weight gradient included), each
 configuration in a fresh process (see benchmarks/_common.py: cpu_peak_bytes on CPU,
-max_memory_allocated on CUDA); `peak_vs_all_positions` is the goal's ratio (<= 0.3).
+max_memory_allocated on CUDA); `peak_vs_all_positions` is a configuration's peak over that of
+the full-vocabulary logits at every position (the first configuration).
 
     python benchmarks/bench_linear_cross_entropy.py
     python benchmarks/bench_linear_cross_entropy.py --shapes small:8 --repeats 2 --no-write

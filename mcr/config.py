@@ -97,7 +97,7 @@ class ModelConfig:
 
 PRESETS = {
     # small: 15% of the patches and 15% of the report tokens masked, not 50% / 25% (with every
-    # 4th step unmasked, see TRAINING_PRESETS): the study in the README; paper: the paper's
+    # 4th step unmasked, see TRAINING_PRESETS): docs/study.md; paper: the paper's
     # 50% / 25% (ModelConfig's defaults)
     "small": ModelConfig(image_mask_ratio=0.15, text_mask_ratio=0.15),
     "paper": ModelConfig(
@@ -173,7 +173,7 @@ class TrainConfig:
 #     unmasked and contrastive-only (with 15% / 15% masking, PRESETS): masked-only training sits
 #     on the ln(B) plateau far longer than dual-stream here, and a few unmasked steps close
 #     most of the gap; with the light masks three steps in four stay masked (the study's tenth
-#     round in the README; with 25% / 25% masks half the steps had to be unmasked); a 150-step
+#     round in docs/study.md; with 25% / 25% masks half the steps had to be unmasked); a 150-step
 #     warm-up, not 50: 1.13x the image->report and report->image R@1 and 1.25x P@5 at 1,500
 #     steps (3 seeds; it lifts dual-stream as much); 2,000 steps, not 1,500, since the
 #     unpadded reports, the decoders' loss rows and fused AdamW made a step cheaper:

@@ -1,4 +1,4 @@
-"""benchmarks/bench_train_step.py --flops: the FLOP count behind the README's time ratios
+"""benchmarks/bench_train_step.py --flops: the FLOP count behind the time ratios of docs/performance.md
 (deterministic, so it can be asserted): MCR does less arithmetic than the plain peer of the
 same model, which does less than dual-stream."""
 import pathlib

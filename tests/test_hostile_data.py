@@ -1,4 +1,4 @@
-"""Hostile data inputs (issue 13 items 2, 6, 7, 9 and the mcr.prepare CLI): each test replays a
+"""Hostile data inputs (the readers and the mcr.prepare CLI): each test replays a
 trial a careless or hostile user ran, on the fake trees of mcr.data.fake, and checks that it
 ends in a clear error or a skip counted with its reason, with nothing written before lost."""
 import builtins

@@ -1,4 +1,4 @@
-"""Hostile inputs to the ops (issue 13, items 5 and 10), kept as regression tests.
+"""Hostile inputs to the ops, kept as regression tests.
 
 NaN in -> NaN out, with masked positions truly ignored: a NaN in an attended query, key or
 token reaches the outputs that see it, a NaN in a masked-out key, value or token reaches

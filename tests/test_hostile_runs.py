@@ -1,5 +1,5 @@
-"""Careless and hostile uses of a run folder and of the CLIs, kept as regression tests
-(issue 13: items 1, 3, 4, 8, 10): nothing written before is lost, every bad input ends in
+"""Careless and hostile uses of a run folder and of the CLIs, kept as regression tests:
+nothing written before is lost, every bad input ends in
 status 2 and one line before any work, a broken checkpoint is named and passed over."""
 import json
 import os
