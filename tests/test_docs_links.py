@@ -6,6 +6,7 @@ paths (a `/` and a file extension, or a trailing `/`; a `*` matches by glob), fo
 beside the file or from the repository root. Ignored: URLs, anchor-only links, fenced code
 blocks, placeholders (`<...>`, `{...}`, `...`, upper-case names such as `RUN/` or `DIR`) and
 the outputs a user's run creates (`runs/`, a run folder's `checkpoints/`, `tokenizer/`, ...).
+And the README links every page of docs/.
 """
 import glob
 import re
@@ -115,3 +116,10 @@ def test_checker_reports_what_is_broken_and_skips_what_is_not_a_file(tmp_path):
     assert [p.split(":")[0] for p in problems] == ["line 8"] * 4, problems
     assert "missing.md" in problems[0] and "#nowhere" in problems[1]
     assert "pkg/gone.py" in problems[2] and "pkg/*.txt" in problems[3]
+
+
+def test_readme_links_every_docs_page():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    linked = {(ROOT / target.partition("#")[0]).resolve() for target in LINK.findall(readme)}
+    unlinked = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if p.resolve() not in linked]
+    assert not unlinked, f"README.md links no page for: {', '.join(unlinked)}"
