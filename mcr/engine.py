@@ -1,5 +1,5 @@
-"""The engine: optimizer and schedule, the training step and loop, and the one evaluation
-path (used by training, `python -m mcr.evaluate` and the studies alike).
+"""The engine: optimizer and schedule, the training step and loop. Validation runs the one
+evaluation path, mcr.eval.embedding.evaluate.
 
 Reproducibility by construction: the data order of an epoch is a function of (seed, epoch)
 and the masks of a step are drawn for the global batch from a generator seeded by (seed,
@@ -10,20 +10,18 @@ import math
 import os
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from mcr import checkpoint, protocols
+from mcr import checkpoint
 from mcr.config import config_to_dict, is_unmasked_step
 from mcr.distributed import (
     full_value,
-    gather_in_rank_order,
     mean_over_ranks,
     rank0_decides,
-    rank_slice,
     transformer_blocks,
 )
+from mcr.eval.embedding import evaluate, flatten_results, format_results
 
 
 def autocast_dtype(precision, device):
@@ -73,73 +71,6 @@ def step_generator(seed, step, device):
     """The generator of one step's masks: a function of (seed, step) alone, so that ranks,
     world sizes and resumed runs all draw the same masks."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
-
-
-# --- evaluation ------------------------------------------------------------------------
-
-@torch.no_grad()
-def embed(model, dataset, collate, device, amp_dtype=None, batch_size=256, num_workers=0):
-    """Unmasked embeddings of every pair of `dataset`, in order: (image [N, E], text [N, E]
-    float32, labels [N, C]). Under torch.distributed each rank embeds its contiguous slice
-    (rank_slice) and every rank receives the whole (a collective)."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if world > 1:
-        dataset = torch.utils.data.Subset(dataset, rank_slice(len(dataset), torch.distributed.get_rank(), world))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
-                                         num_workers=num_workers)
-    was_training = model.training
-    model.eval()
-    images, texts, labels = [], [], []
-    for batch in loader:
-        special = {"special_tokens_mask": batch["special_tokens_mask"].to(device)} \
-            if "special_tokens_mask" in batch else {}  # needed to embed masked views (embed_masks)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            img, txt = model.embed(batch["image"].to(device), batch["input_ids"].to(device),
-                                   batch["attention_mask"].to(device), **special)
-        images.append(img.float().cpu())
-        texts.append(txt.float().cpu())
-        labels.append(batch["labels"])
-    model.train(was_training)
-    local = torch.cat(images), torch.cat(texts), torch.cat(labels)
-    return gather_in_rank_order(local) if world > 1 else local
-
-
-def split_reports(dataset):
-    return getattr(dataset, "reports", None) or [dataset[i].report for i in range(len(dataset))]
-
-
-def split_labels(dataset):
-    labels = getattr(dataset, "labels", None)
-    return np.asarray(labels) if labels is not None else np.stack([dataset[i].labels for i in range(len(dataset))])
-
-
-def evaluate(model, dataset, collate, device, amp_dtype=None, *, protocol="full", per_class=200, seed=0,
-             batch_size=256, num_workers=0):
-    """Retrieval on one split with one protocol (mcr.protocols): "full" every pair, "5x200"
-    the seeded five-class selection. Returns {"i2t": {...}, "t2i": {...}} (5x200: and
-    "counts") on every rank; the ranks share the embedding work."""
-    if protocol == "full":
-        img, txt, labels = embed(model, dataset, collate, device, amp_dtype, batch_size, num_workers)
-        return protocols.full_retrieval(img, txt, split_reports(dataset), labels)
-    if protocol != "5x200":
-        raise ValueError(f"protocol must be 'full' or '5x200', got {protocol!r}")
-    label_names = getattr(dataset, "label_names", None)
-    if label_names is None:
-        raise ValueError("the 5x200 protocol needs a dataset with label_names")
-    indices, classes = protocols.select_5x200(split_labels(dataset), label_names, per_class, seed)
-    subset = torch.utils.data.Subset(dataset, indices.tolist())
-    img, txt, _ = embed(model, subset, collate, device, amp_dtype, batch_size, num_workers)
-    results = protocols.five_by_200(img, txt, classes)
-    results["counts"] = {cls: int((classes == c).sum()) for c, cls in enumerate(protocols.FIVE_CLASSES)}
-    return results
-
-
-def format_results(results, protocol="full"):
-    return protocols.format_5x200(results) if protocol == "5x200" else protocols.format_table(results)
-
-
-def flatten_results(results):
-    return {f"{direction}_{k}": v for direction, row in results.items() for k, v in row.items()}
 
 
 # --- training --------------------------------------------------------------------------
@@ -214,7 +145,7 @@ def fit(cfg, model, runner, optimizer, train_set, val_set, collate, ctx, start_s
     logs, validates, checkpoints, and returns the final validation results (every rank).
     on_validate(writer, model, val_set, collate, device, step, amp_dtype, num_workers): called
     on every rank after each validation, with the TensorBoard writer on rank 0 and None
-    elsewhere (mcr.plot.log_to_tensorboard)."""
+    elsewhere (mcr.eval.pictures.log_to_tensorboard)."""
     steps_per_epoch = len(train_set) // cfg.batch_size
     total_steps = math.ceil(cfg.epochs * steps_per_epoch) if cfg.epochs > 0 else cfg.max_steps
     amp_dtype = autocast_dtype(cfg.precision, ctx.device)

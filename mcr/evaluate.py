@@ -1,18 +1,20 @@
-"""Evaluate a trained run: cross-modal retrieval with the paper's protocols (mcr.protocols).
+"""Evaluate a trained run: cross-modal retrieval with the paper's protocols (mcr.eval.protocols).
 
     python -m mcr.evaluate --checkpoint runs/default                  (its newest checkpoint)
     python -m mcr.evaluate --checkpoint runs/mimic --split test --protocol 5x200
 
-The evaluation is training's own (mcr.engine.evaluate: same data, tokenizer, batches and
-autocast), so on the validation split it reproduces the figures training logged last.
+The evaluation is training's own (mcr.eval.embedding.evaluate: same data, tokenizer, batches
+and autocast), so on the validation split it reproduces the figures training logged last.
 The tokenizer is the run folder's own (the folder that holds checkpoints/).
 """
 import json
 import os
 
-from mcr import cli, engine, run
+from mcr import cli, run
 from mcr.config import DEVICE_KINDS
 from mcr.data.registry import DATASETS
+from mcr.engine import autocast_dtype
+from mcr.eval.embedding import evaluate, format_results
 
 PROTOCOLS = ("full", "5x200")
 
@@ -62,11 +64,10 @@ def main(argv=None):
     if args.data:
         cfg.data, cfg.data_root, cfg.data_options = args.data, args.data_root, args.data_options
     dataset = run.build_dataset(cfg, args.split, args.size or cfg.val_size)
-    results = engine.evaluate(model, dataset, run.collate_for(cfg, tokenizer), device,
-                              engine.autocast_dtype(cfg.precision, device), protocol=args.protocol,
-                              per_class=args.per_class, seed=args.seed, num_workers=args.num_workers)
+    results = evaluate(model, dataset, run.collate_for(cfg, tokenizer), device, autocast_dtype(cfg.precision, device),
+                       protocol=args.protocol, per_class=args.per_class, seed=args.seed, num_workers=args.num_workers)
     print(f"checkpoint {path}, {cfg.data} split {args.split}, protocol {args.protocol}, {len(dataset)} pairs")
-    print(engine.format_results(results, args.protocol))
+    print(format_results(results, args.protocol))
     suffix = "" if args.protocol == "full" else f"_{args.protocol}"
     output = args.output or os.path.join(path, f"eval_{args.split}{suffix}.json")
     with open(output, "w") as f:

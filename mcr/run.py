@@ -174,7 +174,7 @@ def collate_for(cfg, tokenizer):
 def train(cfg, on_validate=None):
     """Train with `cfg` (one process, or one rank under torchrun); returns the final
     validation results {"i2t": {...}, "t2i": {...}} (on every rank). on_validate: see
-    engine.fit (mcr.train passes mcr.plot's TensorBoard pictures)."""
+    engine.fit (mcr.train passes mcr.eval.pictures.log_to_tensorboard)."""
     resume_path = check_inputs(cfg)
     ctx = distributed.init_distributed(cfg.device)
     if cfg.batch_size % ctx.world:

@@ -14,7 +14,7 @@ so the costs already stored, and the @time rows' steps, stay as they were.
 Every run lives in OUT/NAME/seedK and is trained by a `python -m mcr.train` subprocess, so a
 killed study resumes where it stopped: finished runs are kept, interrupted ones continue
 from their last checkpoint (--resume). After training, each run is also scored on the
-fine-grained protocol (mcr.finegrained). OUT/study.json holds every run's figures and
+fine-grained protocol (mcr.eval.finegrained). OUT/study.json holds every run's figures and
 OUT/study.md the table: retrieval both ways (R@1/5/10, P@5 with chance), fine-grained R@1
 and pairwise accuracy, steps, step time and activation bytes per sample (masked steps;
 unmasked-tuning steps are counted as their share of the steps) with ratios to dual-stream,
@@ -169,7 +169,7 @@ class Study:
             with open(path) as f:
                 return json.load(f)
         from mcr.data.batching import Collate
-        from mcr.finegrained import evaluate_finegrained
+        from mcr.eval.finegrained import evaluate_finegrained
         from mcr.run import load_trained
 
         model, cfg, tokenizer, device, _ = load_trained(run_dir)

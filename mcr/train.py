@@ -23,14 +23,15 @@ def main(argv=None):
     """Console entry point (mcr-train): parse, check every input, train; final results."""
     cfg = cli.parse_train_args(argv, description=__doc__)
     # torch and the model after parsing: --help and bad flags answer at once
-    from mcr import plot, run
+    from mcr import run
+    from mcr.eval import pictures
 
     try:
-        results = run.train(cfg, on_validate=plot.log_to_tensorboard if cfg.tensorboard else None)
+        results = run.train(cfg, on_validate=pictures.log_to_tensorboard if cfg.tensorboard else None)
     except run.InputError as err:
         cli.fail("python -m mcr.train", err)
     if cfg.pictures and int(os.environ.get("RANK", "0")) == 0:  # one process draws, after training
-        plot.after_training(cfg.out_dir)
+        pictures.after_training(cfg.out_dir)
     return results
 
 

@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 
-from mcr import engine
 from mcr.distributed import rank_slice
-from mcr.protocols import identical_texts, retrieval_metrics
+from mcr.eval.embedding import embed, evaluate
+from mcr.eval.protocols import identical_texts, retrieval_metrics
 
 
 def test_recall_and_ranks_by_hand():
@@ -92,8 +92,8 @@ def _eval_worker(rank, world, port, out_dir, pairs):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        embedded = engine.embed(_PairEmbedder(), pairs, None, torch.device("cpu"), batch_size=2)
-        results = engine.evaluate(_PairEmbedder(), pairs, None, torch.device("cpu"), batch_size=2)
+        embedded = embed(_PairEmbedder(), pairs, None, torch.device("cpu"), batch_size=2)
+        results = evaluate(_PairEmbedder(), pairs, None, torch.device("cpu"), batch_size=2)
         torch.save((embedded, results), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -106,8 +106,8 @@ def test_ranks_embed_their_slices_and_all_get_the_whole_split(tmp_path):
 
     n, world = 7, 3  # slices of 2, 2 and 3 pairs, batches of 2: a ragged last batch
     pairs = _Pairs(n, [f"report {i % 5}" for i in range(n)])
-    want_embedded = engine.embed(_PairEmbedder(), pairs, None, torch.device("cpu"), batch_size=2)
-    want = engine.evaluate(_PairEmbedder(), pairs, None, torch.device("cpu"), batch_size=2)
+    want_embedded = embed(_PairEmbedder(), pairs, None, torch.device("cpu"), batch_size=2)
+    want = evaluate(_PairEmbedder(), pairs, None, torch.device("cpu"), batch_size=2)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -1,18 +1,15 @@
-"""The fine-grained protocol: counterfactual studies, its metrics, and evidence footprints."""
+"""The fine-grained protocol: counterfactual studies and its metrics."""
 import re
-from math import comb
 
 import numpy as np
 import pytest
 import torch
 
 from mcr.data.synthetic import ATTRIBUTES, SPLIT_OFFSETS, make_counterfactuals, make_study
-from mcr.finegrained import (
+from mcr.eval.finegrained import (
     counterfactual_sets,
     evaluate_finegrained,
-    finding_footprints,
     finegrained_metrics,
-    p_all_dropped,
 )
 
 SIDE = {"left", "right"}
@@ -83,17 +80,3 @@ def test_evaluate_finegrained_perfect_matcher_scores_100(tiny_config):
     assert out["queries"] == 8 and out["pairs"] == sum(len(c) for _, c in sets)
     for direction in ("i2t", "t2i"):
         assert out[direction]["R@1"] == 100.0 and out[direction]["pairwise"] == 100.0
-
-
-def test_p_all_dropped_matches_counting():
-    # 4 patches, 2 dropped: the two given patches are both dropped in 1 of C(4, 2) = 6 masks
-    assert p_all_dropped(2, 4, 0.5) == pytest.approx(1 / 6)
-    assert p_all_dropped(0, 36, 0.5) == 1.0
-    assert p_all_dropped(19, 36, 0.5) == 0.0
-    assert p_all_dropped(3, 36, 0.5) == pytest.approx(comb(33, 15) / comb(36, 18))
-
-
-def test_footprints_of_large_findings_cover_more_patches():
-    counts = finding_footprints(60, image_size=64, patch_size=16)
-    assert counts["edema"] and counts["nodule"]
-    assert np.median(counts["edema"]) > np.median(counts["nodule"]) >= 1

@@ -11,8 +11,9 @@ import torch
 pytest.importorskip("matplotlib")
 
 from mcr import plot
+from mcr.eval import pictures
+from mcr.eval.protocols import retrieval_metrics
 from mcr.models.mcr import MCR
-from mcr.protocols import retrieval_metrics
 
 
 def png_size(path):
@@ -25,12 +26,12 @@ def png_size(path):
 
 
 def pixels(size):
-    return round(size[0] * plot.DPI), round(size[1] * plot.DPI)
+    return round(size[0] * pictures.DPI), round(size[1] * pictures.DPI)
 
 
 def test_tiny_run_writes_every_png(tiny_run):
-    expected = {"curves.png": plot.CURVES_SIZE, "reconstructions.png": plot.RECONSTRUCTION_SIZE,
-                "retrieval.png": plot.RETRIEVAL_SIZE}
+    expected = {"curves.png": pictures.CURVES_SIZE, "reconstructions.png": pictures.RECONSTRUCTION_SIZE,
+                "retrieval.png": pictures.RETRIEVAL_SIZE}
     for name, size in expected.items():
         assert png_size(tiny_run / name) == pixels(size), name
         assert os.path.getsize(tiny_run / name) > 20_000, f"{name} looks empty"
@@ -59,8 +60,8 @@ def test_plot_cli_overlays_runs_and_rejects_a_non_run(tiny_run, tmp_path, capsys
                                 for k, v in row.items()}) + "\n")
     written = plot.main([str(tiny_run), str(other), "--curves-only", "--out", str(tmp_path)])
     assert str(tmp_path / "curves_overlay.png") in written
-    assert png_size(tmp_path / "curves_overlay.png") == pixels(plot.CURVES_SIZE)
-    assert png_size(other / "curves.png") == pixels(plot.CURVES_SIZE)
+    assert png_size(tmp_path / "curves_overlay.png") == pixels(pictures.CURVES_SIZE)
+    assert png_size(other / "curves.png") == pixels(pictures.CURVES_SIZE)
     with pytest.raises(SystemExit) as err:
         plot.main([str(tmp_path / "missing")])
     assert err.value.code == 2 and "RUN_DIR" in capsys.readouterr().err
@@ -71,7 +72,7 @@ def test_plot_cli_redraws_the_model_pictures(tiny_run, tmp_path):
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("*.png", "tensorboard"))
     written = plot.main([str(run)])
     assert sorted(os.path.basename(p) for p in written) == ["curves.png", "reconstructions.png", "retrieval.png"]
-    assert png_size(run / "retrieval.png") == pixels(plot.RETRIEVAL_SIZE)
+    assert png_size(run / "retrieval.png") == pixels(pictures.RETRIEVAL_SIZE)
 
 
 def test_read_metrics_keeps_the_last_row_per_step_and_skips_a_torn_line(tmp_path):
@@ -79,7 +80,7 @@ def test_read_metrics_keeps_the_last_row_per_step_and_skips_a_torn_line(tmp_path
              {"step": 4, "kind": "val", "i2t_R@1": 5.0}, {"step": 4, "kind": "train", "loss": 1.5}]
     with open(tmp_path / "metrics.jsonl", "w") as f:
         f.write("".join(json.dumps(row) + "\n" for row in lines) + '{"step": 6, "kind": "tr')
-    metrics = plot.read_metrics(tmp_path)
+    metrics = pictures.read_metrics(tmp_path)
     assert [(r["step"], r["loss"]) for r in metrics["train"]] == [(2, 3.0), (4, 1.5)]
     assert [r["i2t_R@1"] for r in metrics["val"]] == [5.0]
 
@@ -88,7 +89,7 @@ def test_read_metrics_keeps_the_last_row_per_step_and_skips_a_torn_line(tmp_path
 def test_unpatchify_inverts_patchify(tiny_config, in_chans, image_size):
     model = MCR(tiny_config(in_chans=in_chans, image_size=image_size))
     images = torch.randn(3, in_chans, image_size, image_size)
-    torch.testing.assert_close(plot.unpatchify(model.patchify(images), 16, in_chans), images, rtol=0, atol=0)
+    torch.testing.assert_close(pictures.unpatchify(model.patchify(images), 16, in_chans), images, rtol=0, atol=0)
 
 
 def test_reconstruction_error_is_the_models_mim_loss(tiny_run):
@@ -98,7 +99,7 @@ def test_reconstruction_error_is_the_models_mim_loss(tiny_run):
 
     model, cfg, tokenizer, device, _ = load_trained(str(tiny_run))
     batch = collate_for(cfg, tokenizer)([build_dataset(cfg, "val", 5)[i] for i in range(5)])
-    mask, pred = plot.reconstruct(model, batch["image"], seed=3)
+    mask, pred = pictures.reconstruct(model, batch["image"], seed=3)
     assert mask.shape == (5, 9) and (mask.sum(1) == 9 - int(9 * (1 - cfg.model.image_mask_ratio))).all()
     dropped = mask.reshape(5, 3, 3).repeat_interleave(16, 1).repeat_interleave(16, 2).bool()
     mse = ((pred[:, 0] - batch["image"][:, 0]) ** 2)[dropped].mean()
@@ -113,23 +114,23 @@ def test_best_true_rank_agrees_with_evaluation_ranks():
     sim = torch.randn(7, 11, dtype=torch.float64)
     hits = torch.rand(7, 11) < 0.3
     hits[torch.arange(7), torch.arange(7)] = True
-    ranks = [plot.best_true_rank(sim[q], hits[q]) for q in range(7)]
+    ranks = [pictures.best_true_rank(sim[q], hits[q]) for q in range(7)]
     assert sum(ranks) / 7 == pytest.approx(retrieval_metrics(sim, hits)["mean_rank"])
     assert sum(r == 1 for r in ranks) / 7 * 100 == pytest.approx(retrieval_metrics(sim, hits)["R@1"])
 
 
 def test_label_text_and_report_excerpt():
     names = ("normal", "pleural_effusion_left", "cardiomegaly")
-    assert plot.label_text([0, 1, 1], names) == "pleural effusion left, cardiomegaly"
-    assert plot.label_text([0, 0, 0], names) == "(no labels)"
-    assert plot.label_text([1, 0], None) == ""
+    assert pictures.label_text([0, 1, 1], names) == "pleural effusion left, cardiomegaly"
+    assert pictures.label_text([0, 0, 0], names) == "(no labels)"
+    assert pictures.label_text([1, 0], None) == ""
     report = "FINDINGS: " + "word " * 50 + "IMPRESSION: Small left pleural effusion."
-    assert plot.report_excerpt(report, 40, 3) == "IMPRESSION: Small left pleural effusion."
-    lines = plot.report_excerpt(report, 20, 3, impression_only=False).split("\n")
+    assert pictures.report_excerpt(report, 40, 3) == "IMPRESSION: Small left pleural effusion."
+    lines = pictures.report_excerpt(report, 20, 3, impression_only=False).split("\n")
     assert len(lines) == 3 and lines[-1].endswith("…") and all(len(line) <= 20 for line in lines)
 
 
 def test_spaced_indices_are_distinct_and_in_range():
-    assert plot.spaced(24, 6) == [0, 4, 8, 12, 16, 20]
-    assert plot.spaced(24, 3, offset=0.5) == [4, 12, 20]
-    assert plot.spaced(2, 6) == [0, 1]
+    assert pictures.spaced(24, 6) == [0, 4, 8, 12, 16, 20]
+    assert pictures.spaced(24, 3, offset=0.5) == [4, 12, 20]
+    assert pictures.spaced(2, 6) == [0, 1]

@@ -7,14 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from mcr import engine, evaluate, protocols
+from mcr import evaluate
 from mcr.data.batching import Collate
 from mcr.data.common import CHEXPERT_LABELS
 from mcr.data.fake import make_mimic_tree
 from mcr.data.synthetic import FINDINGS, SyntheticCXR, labels_from_names
 from mcr.data.tokenizer import train_wordpiece
+from mcr.eval import protocols
+from mcr.eval.embedding import evaluate as evaluate_split
+from mcr.eval.protocols import FIVE_CLASSES, five_class_matrix, precision_by_class, select_5x200
 from mcr.models.mcr import MCR
-from mcr.protocols import FIVE_CLASSES, five_class_matrix, precision_by_class, select_5x200
 from mcr.train import main as train_main
 
 
@@ -87,15 +89,15 @@ def test_run_both_protocols_on_the_embedded_corpus(tiny_config):
     model = MCR(tiny_config(vocab_size=len(tokenizer)), pad_token_id=tokenizer.pad_token_id,
                 mask_token_id=tokenizer.mask_token_id)
     collate = Collate(tokenizer, 48)
-    out = engine.evaluate(model, dataset, collate, torch.device("cpu"), protocol="5x200", per_class=4, seed=0)
+    out = evaluate_split(model, dataset, collate, torch.device("cpu"), protocol="5x200", per_class=4, seed=0)
     assert out["counts"] == dict.fromkeys(FIVE_CLASSES, 4)
     assert {"P@1", "P@5", "P@10", "P@1/Edema"} <= set(out["i2t"]) and 0 <= out["t2i"]["P@5"] <= 100
     assert "P@1" in protocols.format_5x200(out)
     small = SyntheticCXR(12, split="val", image_size=32)
-    full = engine.evaluate(model, small, collate, torch.device("cpu"), protocol="full")
+    full = evaluate_split(model, small, collate, torch.device("cpu"), protocol="full")
     assert 0 <= full["i2t"]["R@1"] <= 100 and full["t2i"]["median_rank"] >= 1
     with pytest.raises(ValueError, match="protocol"):
-        engine.evaluate(model, small, collate, torch.device("cpu"), protocol="7x100")
+        evaluate_split(model, small, collate, torch.device("cpu"), protocol="7x100")
 
 
 def test_evaluate_cli_protocols(tmp_path):

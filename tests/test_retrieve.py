@@ -8,7 +8,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from mcr import engine, retrieve
+from mcr import retrieve
+from mcr.eval.embedding import embed
+from mcr.eval.gallery import search_file, search_working_set_bytes, topk_chunked
 
 
 def exact_topk(queries, gallery, k):
@@ -23,7 +25,7 @@ def exact_topk(queries, gallery, k):
 def test_topk_chunked_matches_the_full_search(num_rows, num_queries, k, chunk_rows):
     gallery = np.random.randn(num_rows, 24).astype(np.float32)
     queries = np.random.randn(num_queries, 24).astype(np.float32)
-    scores, index = retrieve.topk_chunked(queries, lambda a, b: gallery[a:b], num_rows, k, chunk_rows)
+    scores, index = topk_chunked(queries, lambda a, b: gallery[a:b], num_rows, k, chunk_rows)
     want_scores, want_index = exact_topk(queries, gallery, k)
     assert scores.shape == index.shape == (num_queries, min(k, num_rows))
     np.testing.assert_array_equal(index, want_index)
@@ -32,9 +34,9 @@ def test_topk_chunked_matches_the_full_search(num_rows, num_queries, k, chunk_ro
 
 def test_topk_chunked_rejects_bad_arguments():
     with pytest.raises(ValueError, match="k and chunk_rows"):
-        retrieve.topk_chunked(np.ones((1, 4)), lambda a, b: np.ones((b - a, 4)), 3, 0)
+        topk_chunked(np.ones((1, 4)), lambda a, b: np.ones((b - a, 4)), 3, 0)
     with pytest.raises(ValueError, match=r"\[\*, 4\]"):
-        retrieve.topk_chunked(np.ones((1, 4)), lambda a, b: np.ones((b - a, 5)), 3, 2)
+        topk_chunked(np.ones((1, 4)), lambda a, b: np.ones((b - a, 5)), 3, 2)
 
 
 def test_100k_gallery_is_searched_under_the_stated_memory_bound(tmp_path):
@@ -50,11 +52,11 @@ def test_100k_gallery_is_searched_under_the_stated_memory_bound(tmp_path):
     del gallery
     tracemalloc.start()
     try:
-        scores, index = retrieve.search_file(path, "image", queries, k, chunk_rows)
+        scores, index = search_file(path, "image", queries, k, chunk_rows)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    bound = retrieve.search_working_set_bytes(chunk_rows, dim, 2, k)
+    bound = search_working_set_bytes(chunk_rows, dim, 2, k)
     assert peak >= 4 * chunk_rows * dim, "tracemalloc did not see the chunk: the measurement is void"
     assert peak <= bound + 64 * 1024, f"peak {peak} B over the stated bound {bound} B"
     assert bound < num_rows * dim * 4 / 10
@@ -71,7 +73,7 @@ def val_embeddings(tiny_run):
 
     model, cfg, tokenizer, device, _ = load_trained(str(tiny_run))
     dataset = build_dataset(cfg, "val", cfg.val_size)
-    image, text, _ = engine.embed(model, dataset, collate_for(cfg, tokenizer), device, batch_size=8)
+    image, text, _ = embed(model, dataset, collate_for(cfg, tokenizer), device, batch_size=8)
     return dataset, image, text
 
 

@@ -9,7 +9,8 @@ import sys
 
 import torch
 
-from mcr import engine, run
+from mcr import run
+from mcr.eval.embedding import evaluate
 
 VIEWS = {"clean": (False, False), "text-masked": (False, True), "image-masked": (True, False),
          "both-masked": (True, True)}  # (image masked, text masked)
@@ -44,7 +45,7 @@ def main(out_path, runs):
         for name, sides in VIEWS.items():
             model.embed = mixed_embed(model, *sides)
             torch.manual_seed(0)
-            results = engine.evaluate(model, dataset, run.collate_for(cfg, tokenizer), device)
+            results = evaluate(model, dataset, run.collate_for(cfg, tokenizer), device)
             out[path][name] = {"i2t_R@1": results["i2t"]["R@1"], "t2i_R@1": results["t2i"]["R@1"]}
         print(path, json.dumps(out[path]), flush=True)
     with open(out_path, "w") as f:

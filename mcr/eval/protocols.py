@@ -1,5 +1,5 @@
 """Retrieval metrics and the paper's two protocols, computed from embeddings (the model
-is embedded once by mcr.engine.evaluate, on every dataset with labels: MIMIC-CXR, OpenI,
+is embedded once by mcr.eval.embedding.evaluate, on every dataset with labels: MIMIC-CXR, OpenI,
 shards, the embedded corpus).
 
 (a) full: every pair of a split (e.g. MIMIC-CXR's official test split); image->report and

@@ -14,7 +14,7 @@ what MbA claims to help with: the global pooled embedding must keep where and ho
 import torch
 
 from mcr.data.synthetic import ATTRIBUTES, SPLIT_OFFSETS, make_counterfactuals
-from mcr.engine import embed
+from mcr.eval.embedding import embed
 
 
 def counterfactual_sets(num_studies, *, split="val", seed=0, image_size=96):
@@ -63,44 +63,3 @@ def evaluate_finegrained(model, collate, device, *, num_studies=300, split="val"
     out = {d: finegrained_metrics(torch.stack(t), c, a) for d, (t, c, a) in results.items()}
     out["queries"], out["pairs"] = len(sets), sum(len(c) for _, c in sets)
     return out
-
-
-def finding_footprints(num_studies=300, *, image_size=96, patch_size=16, threshold=0.04, split="val", seed=0):
-    """{finding group: [number of patches its pixels touch, per occurrence]} on the embedded
-    corpus: each present finding is drawn with and without it and the patches where a pixel
-    changes by more than `threshold` (of the [0, 1] range) are counted. The patient jitter is
-    held at its midpoint and the noise fields are switched off (unittest.mock), so the
-    difference is the finding's own footprint."""
-    from unittest import mock
-
-    import numpy as np
-
-    from mcr.data import synthetic as syn
-
-    flat = mock.patch.object(syn, "_smooth_noise", lambda rng, size, grid: np.full((size, size), 0.5, np.float32))
-    quiet = mock.patch.object(syn, "_noise_bank", lambda size: np.zeros((2 * size, 2 * size), np.float32))
-    middle = mock.patch.object(syn, "_uniform", lambda rng, lo, hi: (lo + hi) / 2)
-    grid = image_size // patch_size
-    counts = {}
-    with flat, quiet, middle:
-        for index in range(SPLIT_OFFSETS[split], SPLIT_OFFSETS[split] + num_studies):
-            spec = syn._sample_spec(np.random.default_rng([seed, index]))
-            full = syn._render(spec, np.random.default_rng(0), image_size) / 255.0
-            for name in spec["findings"]:
-                without = {**spec, "findings": {n: s for n, s in spec["findings"].items() if n != name}}
-                if name == "support_devices":
-                    without.pop("devices", None)
-                if syn._PARTS[name][0] == "nodule":
-                    without["nodules"] = {k: v for k, v in spec["nodules"].items() if k != syn._PARTS[name][1]}
-                diff = np.abs(full - syn._render(without, np.random.default_rng(0), image_size) / 255.0)
-                touched = diff.reshape(grid, patch_size, grid, patch_size).max(axis=(1, 3)) > threshold
-                counts.setdefault(syn._PARTS[name][0], []).append(int(touched.sum()))
-    return counts
-
-
-def p_all_dropped(m, num_patches, mask_ratio):
-    """Probability that MAE random masking (fixed keep count) drops all m given patches."""
-    from math import comb
-
-    dropped = num_patches - int(num_patches * (1 - mask_ratio))
-    return comb(num_patches - m, dropped - m) / comb(num_patches, dropped) if m <= dropped else 0.0
