@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mcr.distributed import rank_slice
+from mcr.eval import protocols
 from mcr.eval.embedding import embed, evaluate
 from mcr.eval.protocols import identical_texts, retrieval_metrics
 
@@ -53,6 +54,73 @@ def test_label_precision_by_hand():
 def test_query_without_hit_is_an_error():
     with pytest.raises(ValueError, match="at least one correct"):
         retrieval_metrics(torch.rand(2, 2), torch.tensor([[True, False], [False, False]]))
+
+
+def reference_ranks(sim, hits):
+    """float64 loop: 1 + the non-hits scored at or above the query's best hit (ties count against)."""
+    ranks = []
+    for scores, is_hit in zip(sim.double().tolist(), hits.tolist()):
+        best = max(s for s, h in zip(scores, is_hit) if h)
+        ranks.append(1 + sum(s >= best and not h for s, h in zip(scores, is_hit)))
+    return torch.tensor(ranks, dtype=torch.float64)
+
+
+def sampled_precision(sim, relevant, k, draws=4000):
+    """P@K averaged over `draws` random orders of the ties (a random key below the scores' spacing)."""
+    g = torch.Generator().manual_seed(5)
+    keys = sim.double()[None] + 1e-6 * torch.rand(draws, *sim.shape, generator=g, dtype=torch.float64)
+    top = keys.topk(min(k, sim.shape[1]), dim=2).indices
+    return torch.gather(relevant[None].expand(draws, -1, -1), 2, top).double().mean(2).mean(0)
+
+
+@pytest.mark.parametrize("queries,gallery", [(1, 1), (1, 5), (7, 3), (13, 13)])
+def test_ties_count_against_the_query_on_fresh_tied_scores(queries, gallery):
+    sim = torch.randint(0, 3, (queries, gallery)).float()  # three levels: ties everywhere
+    hits = torch.rand(queries, gallery) < 0.3
+    hits[torch.arange(queries), torch.randint(0, gallery, (queries,))] = True
+    m = retrieval_metrics(sim, hits, ks=(1, 2))
+    want = reference_ranks(sim, hits)
+    assert m["mean_rank"] == pytest.approx(want.mean().item())
+    assert m["R@1"] == pytest.approx(100 * (want <= 1).double().mean().item())
+    assert m["R@2"] == pytest.approx(100 * (want <= 2).double().mean().item())
+
+
+def test_all_equal_scores_rank_last_not_first():
+    n = 6
+    m = retrieval_metrics(torch.zeros(n, n), torch.eye(n, dtype=torch.bool), torch.eye(n), ks=(1, 5))
+    assert m["R@1"] == 0.0 and m["R@5"] == 0.0 and m["mean_rank"] == n
+    assert m["P@1"] == pytest.approx(m["chance_P@K"]) and m["P@5"] == pytest.approx(m["chance_P@K"])
+
+
+@pytest.mark.parametrize("queries,gallery,k", [(1, 1, 1), (4, 7, 3), (9, 5, 10), (6, 11, 5)])
+def test_label_precision_shares_the_tied_places(queries, gallery, k):
+    sim = torch.randint(0, 3, (queries, gallery)).float()
+    relevant = torch.rand(queries, gallery) < 0.5
+    got = protocols.precision_at_k(sim, relevant, k).double()
+    torch.testing.assert_close(got, sampled_precision(sim, relevant, k), rtol=0, atol=0.03)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_similarities_are_an_error(bad):
+    sim = torch.rand(4, 4)
+    sim[2, 1] = bad
+    with pytest.raises(ValueError, match="similarities: 1 of 16 values are NaN or infinite"):
+        retrieval_metrics(sim, torch.eye(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        retrieval_metrics(torch.full((3, 3), float("nan")), torch.eye(3, dtype=torch.bool))
+
+
+def test_full_retrieval_names_the_non_finite_side():
+    image, text = torch.randn(5, 4), torch.randn(5, 4)
+    reports = [f"report {i}" for i in range(5)]
+    with pytest.raises(ValueError, match="^image embeddings"):
+        protocols.full_retrieval(image.masked_fill(torch.eye(5, 4, dtype=torch.bool), float("nan")), text, reports)
+    with pytest.raises(ValueError, match="^report embeddings"):
+        protocols.full_retrieval(image, torch.full_like(text, float("nan")), reports)
+    with pytest.raises(ValueError, match=r"^image->report similarities"):  # finite embeddings, overflowing scores
+        protocols.full_retrieval(image * 1e30, text * 1e30, reports)
+    with pytest.raises(ValueError, match="^image embeddings"):
+        protocols.five_by_200(torch.full_like(image, float("inf")), text, torch.tensor([0, 0, 1, 1, 2]))
 
 
 class _PairEmbedder(torch.nn.Module):

@@ -80,3 +80,28 @@ def test_evaluate_finegrained_perfect_matcher_scores_100(tiny_config):
     assert out["queries"] == 8 and out["pairs"] == sum(len(c) for _, c in sets)
     for direction in ("i2t", "t2i"):
         assert out[direction]["R@1"] == 100.0 and out[direction]["pairwise"] == 100.0
+
+
+class Constant(Oracle):
+    """A collapsed model: every image and report gets the same embedding (NaN when asked)."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def embed(self, imgs, input_ids, attention_mask, special_tokens_mask=None):
+        out = torch.full((imgs.shape[0], 8), self.value)
+        return out, out.clone()
+
+
+def test_a_collapsed_model_scores_no_fine_grained_hit_and_nan_is_an_error():
+    from mcr.data.batching import Collate
+    from mcr.data.tokenizer import train_wordpiece
+
+    sets = counterfactual_sets(6, image_size=32)
+    collate = Collate(train_wordpiece([s.report for s, _ in sets], 200), 64)
+    out = evaluate_finegrained(Constant(0.5), collate, torch.device("cpu"), num_studies=6, image_size=32)
+    for direction in ("i2t", "t2i"):  # every counterfactual ties with the true item: a tie is a miss
+        assert out[direction]["R@1"] == 0.0 and out[direction]["pairwise"] == 0.0
+    with pytest.raises(ValueError, match="^image embeddings: .* NaN or infinite"):
+        evaluate_finegrained(Constant(float("nan")), collate, torch.device("cpu"), num_studies=6, image_size=32)

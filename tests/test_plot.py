@@ -134,3 +134,19 @@ def test_spaced_indices_are_distinct_and_in_range():
     assert pictures.spaced(24, 6) == [0, 4, 8, 12, 16, 20]
     assert pictures.spaced(24, 3, offset=0.5) == [4, 12, 20]
     assert pictures.spaced(2, 6) == [0, 1]
+
+
+def test_best_true_rank_counts_ties_against_the_query():
+    is_true = torch.tensor([False, False, True, False, False])
+    assert pictures.best_true_rank(torch.zeros(5), is_true) == 5  # everything alike: last, not "rank 1"
+    assert pictures.best_true_rank(torch.tensor([0.1, 0.5, 0.5, 0.2, 0.5]), is_true) == 3
+
+
+def test_pictures_refuse_non_finite_embeddings(tiny_run):
+    from mcr.run import build_dataset, collate_for, load_trained
+
+    model, cfg, tokenizer, device, _ = load_trained(str(tiny_run))
+    with torch.no_grad():
+        model.vit.patch_embed.proj.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="image embeddings: .* NaN or infinite"):
+        pictures.validation_pictures(model, build_dataset(cfg, "val", 6), collate_for(cfg, tokenizer), device)

@@ -36,13 +36,22 @@ def test_precision_by_class_hand_computed():
     assert precision_by_class(sim, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1]), ks=(10,))["P@10"] == 50.0
 
 
+def test_precision_by_class_shares_tied_places_instead_of_taking_the_first_items():
+    classes = torch.tensor([0, 0, 1, 1, 2])  # a model that scores everything alike sits at chance
+    out = precision_by_class(torch.zeros(5, 5), classes, classes, ks=(1, 3))
+    for k in (1, 3):
+        assert out[f"P@{k}"] == pytest.approx(out["chance_P@K"])
+        assert out[f"P@{k}/{FIVE_CLASSES[0]}"] == pytest.approx(40.0)
+
+
 def test_full_retrieval_counts_identical_texts_as_hits():
     image = torch.eye(3)
     text = torch.eye(3)[[2, 1, 0]]  # image 0 is closest to text 2, whose report equals report 0
     out = protocols.full_retrieval(image, text, ["a", "b", "a"])
     assert out["i2t"]["R@1"] == out["t2i"]["R@1"] == 100.0 and out["i2t"]["median_rank"] == 1.0
     out = protocols.full_retrieval(image, text, ["a", "b", "c"])
-    assert out["i2t"]["R@1"] == pytest.approx(100 / 3) and out["i2t"]["mean_rank"] == pytest.approx(5 / 3)
+    # queries 0 and 2: their true item scores 0, one non-hit scores 1 and one ties at 0: rank 3 each
+    assert out["i2t"]["R@1"] == pytest.approx(100 / 3) and out["i2t"]["mean_rank"] == pytest.approx(7 / 3)
 
 
 def chexpert_rows(*positives):

@@ -15,6 +15,7 @@ import torch
 
 from mcr.data.synthetic import ATTRIBUTES, SPLIT_OFFSETS, make_counterfactuals
 from mcr.eval.embedding import embed
+from mcr.eval.protocols import require_finite
 
 
 def counterfactual_sets(num_studies, *, split="val", seed=0, image_size=96):
@@ -46,10 +47,14 @@ def finegrained_metrics(true_scores, cf_scores, attributes):
 
 def evaluate_finegrained(model, collate, device, *, num_studies=300, split="val", seed=0, image_size=96,
                          autocast_dtype=None):
-    """{"i2t": {...}, "t2i": {...}, "queries": Q, "pairs": P} on the embedded corpus."""
+    """{"i2t": {...}, "t2i": {...}, "queries": Q, "pairs": P} on the embedded corpus; a
+    tie with a counterfactual counts against the true item. ValueError naming the
+    embeddings when one is not finite."""
     sets = counterfactual_sets(num_studies, split=split, seed=seed, image_size=image_size)
     studies = [s for study, cfs in sets for s in (study, *(c for _, c in cfs))]
     img, txt, _ = embed(model, studies, collate, device, autocast_dtype, batch_size=128)
+    require_finite(img, "image embeddings")
+    require_finite(txt, "report embeddings")
     start, results = 0, {"i2t": ([], [], []), "t2i": ([], [], [])}
     for _, cfs in sets:
         n = len(cfs)

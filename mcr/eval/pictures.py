@@ -23,7 +23,7 @@ import torch
 
 from mcr.data.batching import IMAGE_MEAN, IMAGE_STD
 from mcr.eval.embedding import embed, split_reports
-from mcr.eval.protocols import identical_texts
+from mcr.eval.protocols import identical_texts, require_finite
 
 try:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -352,9 +352,10 @@ def spaced(n, count, offset=0.0):
 
 
 def best_true_rank(scores, is_true):
-    """1 + the number of non-matches scored above the best true match (mcr.evaluate's rank)."""
+    """1 + the number of non-matches scored at or above the best true match: the pessimistic
+    rank of mcr.eval.protocols.retrieval_metrics (a tie counts against the query)."""
     best = scores[is_true].max()
-    return 1 + int(((scores > best) & ~is_true).sum())
+    return 1 + int(((scores >= best) & ~is_true).sum())
 
 
 @torch.no_grad()
@@ -371,6 +372,8 @@ def validation_pictures(model, dataset, collate, device, autocast_dtype=None, dr
     model.train(was_training)
     if not draw:
         return None
+    require_finite(img, "image embeddings")
+    require_finite(txt, "report embeddings")
     recon = reconstruction_figure(model.cfg.patch_size, first["image"], mask, pred)
     reports = split_reports(dataset)
     hits = identical_texts(reports)
