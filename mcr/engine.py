@@ -140,12 +140,18 @@ class LossWindow:
         return names, means
 
 
+class Diverged(RuntimeError):
+    """Training met a non-finite loss or weights; raised on every rank before anything of the
+    diverged model is logged, validated or saved."""
+
+
 def fit(cfg, model, runner, optimizer, train_set, val_set, collate, ctx, start_step=0, on_validate=None):
     """The training loop from `start_step` to the end of the schedule (or the time limit):
     logs, validates, checkpoints, and returns the final validation results (every rank).
     on_validate(writer, model, val_set, collate, device, step, amp_dtype, num_workers): called
     on every rank after each validation, with the TensorBoard writer on rank 0 and None
-    elsewhere (mcr.eval.pictures.log_to_tensorboard)."""
+    elsewhere (mcr.eval.pictures.log_to_tensorboard). Raises Diverged at the first log,
+    validation or save after a non-finite loss, and instead of saving non-finite weights."""
     steps_per_epoch = len(train_set) // cfg.batch_size
     total_steps = math.ceil(cfg.epochs * steps_per_epoch) if cfg.epochs > 0 else cfg.max_steps
     amp_dtype = autocast_dtype(cfg.precision, ctx.device)
@@ -157,7 +163,20 @@ def fit(cfg, model, runner, optimizer, train_set, val_set, collate, ctx, start_s
               f"params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M steps={total_steps} "
               f"batch={cfg.batch_size} train={len(train_set)} val={len(val_set)}")
 
+    nonfinite_steps = torch.zeros((), device=ctx.device)  # counted on the device: no sync per step
+
+    def stop_if_diverged(step, weights_finite=True):
+        """Raise Diverged on every rank (a collective) when a loss so far, or the weights
+        (weights_finite, rank 0's verdict), were not finite."""
+        diverged = mean_over_ranks(nonfinite_steps.reshape(1).clone()).item() > 0 or not weights_finite
+        if diverged:
+            last = checkpoint.latest_checkpoint(cfg.out_dir)
+            raise Diverged(f"training diverged by step {step}: the loss or the weights are NaN or infinite "
+                           f"(--lr {cfg.lr:g}); nothing of it was saved, "
+                           + (f"the last good checkpoint is {last}" if last else "no checkpoint was written"))
+
     def validate(step):
+        stop_if_diverged(step)
         if ctx.sharded:
             model.unshard()  # the root unit's weights; the blocks gather their own
         results = evaluate(model, val_set, collate, ctx.device, amp_dtype, num_workers=cfg.num_workers)
@@ -171,8 +190,10 @@ def fit(cfg, model, runner, optimizer, train_set, val_set, collate, ctx, start_s
         return results
 
     def save(step):
-        """Full tensors gathered from every rank; rank 0 writes."""
+        """Full tensors gathered from every rank; rank 0 writes, only finite weights."""
         model_state, optimizer_state = checkpoint.full_state_dicts(model, optimizer)
+        finite = not ctx.is_main or all(t.isfinite().all() for t in model_state.values() if t.is_floating_point())
+        stop_if_diverged(step, rank0_decides(finite, ctx))
         if ctx.is_main:
             state = {"config": config_to_dict(cfg), "variant": cfg.model.variant, "world_size": ctx.world,
                      "fsdp": ctx.sharded}
@@ -198,10 +219,12 @@ def fit(cfg, model, runner, optimizer, train_set, val_set, collate, ctx, start_s
             batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
             losses, total, grad_norm = train_step(runner, model, optimizer, batch, cfg, step, total_steps, ctx)
             window.add(losses, total, unmasked=is_unmasked_step(cfg, step, total_steps))
+            nonfinite_steps += ~torch.isfinite(total.detach())
             step += 1
             window_samples += cfg.batch_size
             bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:  # collectives: every rank takes part
+                stop_if_diverged(step)
                 grad_norm, logit_scale = full_value(grad_norm), full_value(model.logit_scale.detach())
                 names, means = window.means()
                 logged = mean_over_ranks(means)
@@ -209,7 +232,7 @@ def fit(cfg, model, runner, optimizer, train_set, val_set, collate, ctx, start_s
                     rate = window_samples / (time.time() - window_time)
                     values = dict(zip(names, logged.tolist()))
                     values.update(lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(),
-                                  temperature=1 / logit_scale.exp().item(), samples_per_s=rate)
+                                  temperature=(-logit_scale).exp().item(), samples_per_s=rate)
                     log.write(step, "train", values)
                     bar.set_postfix(loss=f"{values['loss']:.3f}", con=f"{values['contrastive']:.2f}",
                                     mim=f"{values.get('mim', float('nan')):.3f}",

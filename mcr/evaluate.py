@@ -5,7 +5,8 @@
 
 The evaluation is training's own (mcr.eval.embedding.evaluate: same data, tokenizer, batches
 and autocast), so on the validation split it reproduces the figures training logged last.
-The tokenizer is the run folder's own (the folder that holds checkpoints/).
+The tokenizer is the run folder's own (the folder that holds checkpoints/). A checkpoint with
+non-finite weights (a diverged run) is refused: one line, exit status 2.
 """
 import json
 import os

@@ -230,7 +230,8 @@ def train(cfg, on_validate=None):
 def load_trained(path, device=None):
     """(model, TrainConfig, tokenizer, device, checkpoint path) from a checkpoint folder or a
     run folder (its newest intact checkpoint), on `device` (default: auto). The tokenizer is
-    the run folder's own: the one two levels above the checkpoint."""
+    the run folder's own: the one two levels above the checkpoint. ValueError when a weight
+    is not finite (a diverged run must not be evaluated)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     if not os.path.isfile(os.path.join(path, "state.json")):
@@ -244,4 +245,8 @@ def load_trained(path, device=None):
     device = distributed.pick_device(device or "auto")
     model = build_model(cfg.model, tokenizer).to(device)
     checkpoint.load_checkpoint(path, model)
+    nonfinite = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if nonfinite:
+        raise ValueError(f"checkpoint {path!r} holds non-finite weights (NaN or inf) in {len(nonfinite)} tensors, "
+                         f"e.g. {nonfinite[0]}: a diverged run, nothing to evaluate")
     return model, cfg, tokenizer, device, path

@@ -15,6 +15,7 @@ summation order), and a run resumes on another world size. --fsdp shards paramet
 gradients and optimizer state over the ranks instead of replicating them (FSDP2).
 """
 import os
+import sys
 
 from mcr import cli
 
@@ -24,12 +25,15 @@ def main(argv=None):
     cfg = cli.parse_train_args(argv, description=__doc__)
     # torch and the model after parsing: --help and bad flags answer at once
     from mcr import run
+    from mcr.engine import Diverged
     from mcr.eval import pictures
 
     try:
         results = run.train(cfg, on_validate=pictures.log_to_tensorboard if cfg.tensorboard else None)
     except run.InputError as err:
         cli.fail("python -m mcr.train", err)
+    except Diverged as err:  # not an input error: status 1, one line, the last good checkpoint kept
+        sys.exit(f"python -m mcr.train: error: {err}")
     if cfg.pictures and int(os.environ.get("RANK", "0")) == 0:  # one process draws, after training
         pictures.after_training(cfg.out_dir)
     return results

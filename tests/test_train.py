@@ -114,3 +114,48 @@ def test_missing_checkpoint_is_reported(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--checkpoint", str(tmp_path / "missing")])
     assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    main(run_args(tmp_path, "--max-steps", "2", "--save-every", "2", "--eval-every", "0"))
+    good = checkpoint.latest_checkpoint(tmp_path)
+    good_weights = (tmp_path / "checkpoints" / os.path.basename(good) / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # a finite but absurd learning rate: NaN within two steps
+        main(run_args(tmp_path, "--max-steps", "8", "--save-every", "2", "--eval-every", "2", "--log-every", "1",
+                      "--lr", "1e30", "--resume"))
+    message = str(exit_info.value.code)
+    assert exit_info.value.code != 0 and "training diverged" in message and good in message
+    assert "\n" not in message
+    assert checkpoint.latest_checkpoint(tmp_path) == good
+    assert checkpoint.step_folders(tmp_path) == [os.path.basename(good)]
+    assert (tmp_path / "checkpoints" / os.path.basename(good) / "model.safetensors").read_bytes() == good_weights
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in rows if row["kind"] == "train")
+    assert json.load(open(tmp_path / "final.json"))["step"] == 2  # the good run's results stay
+
+
+def test_a_run_diverging_before_any_checkpoint_saves_none(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(run_args(tmp_path, "--max-steps", "6", "--save-every", "1", "--eval-every", "0", "--lr", "1e30"))
+    assert "training diverged" in str(exit_info.value.code)
+    for name in checkpoint.step_folders(tmp_path):  # the step-1 save may hold huge but finite weights, never NaN
+        weights = load_file(tmp_path / "checkpoints" / name / "model.safetensors")
+        assert all(t.isfinite().all() for t in weights.values() if t.is_floating_point()), name
+
+
+def test_evaluate_refuses_a_checkpoint_with_non_finite_weights(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    main(run_args(tmp_path, "--max-steps", "2", "--eval-every", "0"))
+    model_file = os.path.join(checkpoint.latest_checkpoint(tmp_path), "model.safetensors")
+    weights = load_file(model_file)
+    name = next(n for n in weights if "patch_embed" in n)
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, model_file)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--checkpoint", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "non-finite weights" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("checkpoints/*/eval_*.json"))
