@@ -5,13 +5,13 @@
     python -m mcr.retrieve --checkpoint runs/default --image chest.png --gallery /archive --grid top5.png
 
 The gallery is a split of the run's data set (train, val, test) or a folder of images (.png,
-.jpg, .jpeg), each optionally with its report in a .txt file of the same name. Its embeddings
-are computed once (with a progress bar) and cached in RUN/retrieval/<gallery>.safetensors,
-keyed by the checkpoint (its path, and the size and mtime of its model.safetensors) and the
-gallery (split and size, or the folder's files with their sizes and mtimes): a new or
-retrained checkpoint, or a changed folder, recomputes them. The search reads the cache
---chunk-rows rows at a time, so its memory is bounded whatever the gallery size
-(mcr.eval.gallery).
+.jpg, .jpeg), each optionally with its report in a .txt file of the same name; a folder's
+entries that are not readable images are skipped and counted by reason. Its embeddings are
+computed once (with a progress bar) and cached in RUN/retrieval/<gallery>.safetensors, keyed
+by the checksums of the checkpoint's weights and of the gallery's content: a retrained
+checkpoint or a changed gallery recomputes them, and so does a cache that cannot be read
+(with a warning). The search reads the cache --chunk-rows rows at a time, so its memory is
+bounded whatever the gallery size (mcr.eval.gallery).
 """
 import argparse
 import os
@@ -104,13 +104,22 @@ def main(argv=None):
     if image is not None and isinstance(gallery, FolderGallery) and not any(gallery.reports):
         parser.error(f"--gallery {args.gallery!r} has no .txt reports to search for an --image query")
     collate = collate_for(cfg, tokenizer)
-    cache, computed = cached_embeddings(model, gallery, collate, device,
-                                        os.path.join(run_folder(path), "retrieval", f"{name}.safetensors"),
-                                        {**key, **checkpoint_key(path)}, cfg.num_workers)
+    try:
+        cache, computed, unreadable = cached_embeddings(
+            model, gallery, collate, device, os.path.join(run_folder(path), "retrieval", f"{name}.safetensors"),
+            {**key, **checkpoint_key(path)}, cfg.num_workers)
+    except ValueError as err:
+        parser.error(f"--gallery: {err}")
+    if isinstance(gallery, FolderGallery):  # a split's reader printed its own summary
+        for i in unreadable:
+            gallery.summary.skip("unreadable image at load time", gallery.name_of(i))
+        gallery.summary.kept = len(gallery) - len(unreadable)
+        print(gallery.summary)
     query = embed_query(model, collate, device, image, args.report)
     scores, index = search_file(cache, "text" if image is not None else "image", query.numpy(), args.k,
                                 args.chunk_rows)
-    scores, index = scores[0].tolist(), index[0].tolist()
+    found = [(s, i) for s, i in zip(scores[0].tolist(), index[0].tolist()) if s != float("-inf")]
+    scores, index = [s for s, _ in found], [i for _, i in found]
     label_names = getattr(gallery, "label_names", None)
     with safe_open(cache, framework="numpy") as f:
         labels = f.get_slice("labels")

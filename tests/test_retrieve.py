@@ -1,12 +1,15 @@
 """mcr.retrieve: chunked top-k search (exact, bounded memory), the gallery cache, the CLI."""
 import os
+import shutil
+import struct
 import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from mcr import retrieve
 from mcr.eval.embedding import embed
@@ -94,11 +97,53 @@ def test_image_query_returns_the_top_reports_and_uses_the_cache(tiny_run, val_em
     assert cache.is_file()
     again = retrieve.main(["--checkpoint", str(tiny_run), "--image", str(path), "--k", "4"])
     assert again == results and "from the cache" in capsys.readouterr().out
-    model_file = next((tiny_run / "checkpoints").glob("step_*/model.safetensors"))
-    stat = os.stat(model_file)
-    os.utime(model_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # "a retrained checkpoint"
-    retrieve.main(["--checkpoint", str(tiny_run), "--image", str(path), "--k", "4"])
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """A copy of the trained run that a test may change (the original is shared)."""
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("retrieval"))
+    return copy
+
+
+def test_cache_follows_the_checkpoint_content_not_its_mtime(run_copy, capsys):
+    args = ["--checkpoint", str(run_copy), "--report", "Small left pleural effusion.", "--k", "3"]
+    first = retrieve.main(args)
     assert "computed and cached" in capsys.readouterr().out
+    model_file = next((run_copy / "checkpoints").glob("step_*/model.safetensors"))
+    stat = os.stat(model_file)
+    os.utime(model_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same weights
+    assert retrieve.main(args) == first and "from the cache" in capsys.readouterr().out
+    weights = load_file(model_file)  # retrained in place: other weights, same size and mtime
+    weights = {name: -t if t.is_floating_point() else t for name, t in weights.items()}
+    save_file(weights, model_file)
+    os.utime(model_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(model_file).st_size == stat.st_size
+    retrieve.main(args)
+    assert "computed and cached" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_broken_cache_is_recomputed_with_a_warning(run_copy, capsys, damage):
+    args = ["--checkpoint", str(run_copy), "--report", "Small left pleural effusion.", "--k", "3"]
+    first = retrieve.main(args)
+    cache = next((run_copy / "retrieval").glob("*.safetensors"))
+    data = cache.read_bytes()
+    cache.write_bytes({"truncated": data[:len(data) // 2], "garbage": b"\x00junk" * 99, "empty": b""}[damage])
+    capsys.readouterr()
+    assert retrieve.main(args) == first
+    captured = capsys.readouterr()
+    assert "computed and cached" in captured.out and "unreadable" in captured.err and str(cache) in captured.err
+    assert retrieve.main(args) == first and "from the cache" in capsys.readouterr().out
+
+
+def png_header(width, height):
+    """A PNG that holds only its header: PIL opens it (width x height), decoding it fails."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) \
+        + chunk(b"IEND", b"")
 
 
 def test_report_query_returns_the_top_images(tiny_run, val_embeddings, capsys):
@@ -131,6 +176,28 @@ def test_folder_gallery(tiny_run, val_embeddings, tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         retrieve.main(["--checkpoint", str(tiny_run), "--image", str(bare / "a.png"), "--gallery", str(bare)])
     assert err.value.code == 2 and "--gallery" in capsys.readouterr().err
+
+
+def test_junk_in_a_folder_gallery_is_skipped_with_reasons(tiny_run, val_embeddings, tmp_path, capsys):
+    dataset, _, _ = val_embeddings
+    folder = tmp_path / "junk"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(dataset[i].image).save(folder / f"study{i}.png")
+    (folder / "notes.png").write_text("a text file named .png")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "x.png").mkdir()
+    os.symlink("loop.png", folder / "loop.png")  # a link to itself
+    (folder / "bomb.png").write_bytes(png_header(30_000, 30_000))  # 900 M pixels: PIL's bomb limit
+    (folder / "header_only.png").write_bytes(png_header(8, 8))  # opens, does not decode
+    results = retrieve.main(["--checkpoint", str(tiny_run), "--report", dataset[1].report, "--gallery", str(folder),
+                             "--k", "10"])
+    out = capsys.readouterr().out
+    assert len(results) == 3, results  # the three studies only, never the undecodable one
+    assert "3 kept" in out and "2 skipped: not a file" in out and "3 skipped: not a readable image" in out
+    assert "1 skipped: unreadable image at load time (e.g. header_only.png)" in out
+    for shown in ("study0.png", "study1.png", "study2.png"):
+        assert shown in out
 
 
 @pytest.mark.parametrize("flags,named", [
