@@ -150,3 +150,50 @@ def test_pictures_refuse_non_finite_embeddings(tiny_run):
         model.vit.patch_embed.proj.weight.fill_(float("nan"))
     with pytest.raises(ValueError, match="image embeddings: .* NaN or infinite"):
         pictures.validation_pictures(model, build_dataset(cfg, "val", 6), collate_for(cfg, tokenizer), device)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary", b"[1, 2]\nnull\n\"text\"\n"])
+def test_plot_cli_refuses_a_metrics_file_without_rows(tiny_run, tmp_path, capsys, content):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("*.png", "tensorboard"))
+    (run / "metrics.jsonl").write_bytes(content)
+    for flags in ([], ["--curves-only"]):
+        with pytest.raises(SystemExit) as err:
+            plot.main([str(run), *flags])
+        message = capsys.readouterr().err
+        assert err.value.code == 2 and "metrics.jsonl holds no metrics rows" in message
+        assert len(message.strip().splitlines()) == 1
+    assert not list(run.glob("*.png"))
+
+
+def test_plot_cli_refuses_a_run_whose_only_checkpoint_is_truncated(tiny_run, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("*.png", "tensorboard"))
+    steps = sorted((run / "checkpoints").glob("step_*"))
+    for older in steps[:-1]:
+        shutil.rmtree(older)
+    model_file = steps[-1] / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as err:
+        plot.main([str(run)])
+    message = capsys.readouterr().err
+    assert err.value.code == 2 and "no intact checkpoint" in message and len(message.strip().splitlines()) == 1
+    assert not list(run.glob("*.png"))
+    assert [os.path.basename(p) for p in plot.main([str(run), "--curves-only"])] == ["curves.png"]
+
+
+def test_plot_cli_refuses_non_finite_weights(tiny_run, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("*.png", "tensorboard"))
+    for model_file in (run / "checkpoints").glob("step_*/model.safetensors"):
+        weights = load_file(model_file)
+        weights = {name: torch.full_like(t, float("nan")) if "patch_embed" in name else t
+                   for name, t in weights.items()}
+        save_file(weights, model_file)
+    with pytest.raises(SystemExit) as err:
+        plot.main([str(run)])
+    message = capsys.readouterr().err
+    assert err.value.code == 2 and "non-finite weights" in message and len(message.strip().splitlines()) == 1
+    assert not list(run.glob("*.png"))

@@ -65,19 +65,22 @@ def save_png(fig, path):
 
 def read_metrics(run_dir):
     """{"train": [rows], "val": [rows]} from run_dir/metrics.jsonl, sorted by step; a row
-    logged twice for one step (a resumed run) keeps the later one; a torn last line is skipped."""
+    logged twice for one step (a resumed run) keeps the later one; a torn last line is skipped.
+    ValueError when no line is a metrics row (an empty or binary file)."""
     rows = {"train": {}, "val": {}}
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl (is it a run folder?)")
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if row.get("kind") in rows:
+            if isinstance(row, dict) and row.get("kind") in rows and isinstance(row.get("step"), int):
                 rows[row["kind"]][row["step"]] = row
+    if not rows["train"] and not rows["val"]:
+        raise ValueError(f"{path} holds no metrics rows (empty, or not a metrics.jsonl written by mcr.train)")
     return {kind: [by_step[s] for s in sorted(by_step)] for kind, by_step in rows.items()}
 
 
@@ -418,11 +421,12 @@ def log_to_tensorboard(writer, model, dataset, collate, device, step, autocast_d
 def write_pictures(run_dir, split="val", size=0):
     """Load run_dir's latest checkpoint and write reconstructions.png and retrieval.png
     over `split` (size: pairs, synthetic data; 0 = the run's validation size) beside
-    curves.png. Returns the paths written."""
+    curves.png. Returns the paths written; FileNotFoundError or ValueError, before writing
+    anything, when the run holds no intact checkpoint with finite weights."""
     from mcr.run import build_dataset, collate_for, load_trained
 
+    model, cfg, tokenizer, device, _ = load_trained(run_dir)  # refuses a broken or non-finite checkpoint first
     written = [save_png(curves_figure([run_dir]), os.path.join(run_dir, "curves.png"))]
-    model, cfg, tokenizer, device, _ = load_trained(run_dir)
     dataset = build_dataset(cfg, split, size or cfg.val_size)
     for name, fig in validation_pictures(model, dataset, collate_for(cfg, tokenizer), device).items():
         written.append(save_png(fig, os.path.join(run_dir, f"{name}.png")))
