@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's packages, whatever is installed
+sys.path[:0] = [str(ROOT), str(ROOT / "kernels"), str(ROOT / "benchmarks")]  # this checkout, whatever is installed
 from _common import CPU_MALLOC_ENV, cpu_peak_bytes, environment, print_table, write_results  # noqa: E402
 
 import mcr_kernels  # noqa: E402

@@ -7,10 +7,10 @@
 #   benchmarks/gpu_proof.sh              # on the GPU machine (torch + triton installed, no network)
 #   benchmarks/gpu_proof.sh --dry-run    # anywhere: list the steps, check every script exists, compiles
 #                                        # and takes the step's arguments (benchmarks/parse_only.py)
-#   benchmarks/gpu_proof.sh --no-install # skip `pip install --no-build-isolation --no-deps -e .`
+#   benchmarks/gpu_proof.sh --no-install # skip `pip install --no-build-isolation --no-deps -e ./kernels -e .`
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's mcr / mcr_kernels, whatever is installed
+export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's mcr / mcr_kernels, whatever is installed
 
 DRY_RUN=0
 INSTALL=1
@@ -43,7 +43,7 @@ done
 
 if [[ $DRY_RUN == 1 ]]; then
   status=0
-  [[ $INSTALL == 1 ]] && echo "install: pip install --no-build-isolation --no-deps -e .   (MAX_JOBS=\$(nproc))"
+  [[ $INSTALL == 1 ]] && echo "install: pip install --no-build-isolation --no-deps -e ./kernels -e .   (MAX_JOBS=\$(nproc))"
   for step in "${STEPS[@]}"; do
     IFS="|" read -r name limit cmd <<< "$step"
     echo "$name (<= ${limit} s): $cmd"
@@ -79,7 +79,7 @@ cat "$OUT/environment.txt"
 
 if [[ $INSTALL == 1 ]]; then
   start=$SECONDS
-  MAX_JOBS=$(nproc) pip install --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1
+  MAX_JOBS=$(nproc) pip install --no-build-isolation --no-deps -e ./kernels -e . > "$OUT/install.log" 2>&1
   echo "install: rc $? in $((SECONDS - start)) s (log $OUT/install.log)" | tee -a "$OUT/summary.txt"
 fi
 

@@ -5,7 +5,7 @@ torch is a CUDA build and a CUDA toolkit is found (CUDA_HOME, else the toolkit b
 `nvcc` on PATH, following wrapper scripts). MCR_BUILD_CUDA=0 skips CUDA.
 
 torch must be installed first and the build must see it:
-    pip install --no-build-isolation -e .
+    pip install --no-build-isolation -e ./kernels
 """
 import glob
 import os
@@ -47,8 +47,8 @@ try:
     import torch
     from torch.utils import cpp_extension
 except ImportError:
-    sys.exit("mcr builds a torch extension: install torch first, then run "
-             "`pip install --no-build-isolation -e .` so that the build sees it.")
+    sys.exit("mcr-kernels builds a torch extension: install torch first, then run "
+             "`pip install --no-build-isolation -e ./kernels` so that the build sees it.")
 
 
 def wheel_cuda_include_dirs():
