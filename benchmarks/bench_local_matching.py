@@ -48,7 +48,7 @@ from _common import peak_bytes, print_table, time_ms, write_results  # noqa: E40
 
 import mcr_kernels  # noqa: E402
 
-front = importlib.import_module("mcr_kernels.local_matching")
+blockwise = importlib.import_module("mcr_kernels.blockwise.local_matching")
 DIMS = dict(Li=98, Lt=128, E=128)
 ATTN_SCALE, AGG_SCALE, LOSS_SCALE = 4.0, 5.0, 10.0
 ACCEPTANCE_B = 256
@@ -103,9 +103,9 @@ class LiveStorageBytes(TorchDispatchMode):
     blocks they allocate are counted too (on meta tensors a custom op would run its fake)."""
 
     IMPLEMENTATIONS = {torch.ops.mcr_kernels.local_matching_blockwise.default:
-                       front.local_matching_blockwise._init_fn,
+                       blockwise.local_matching_blockwise._init_fn,
                        torch.ops.mcr_kernels.local_matching_blockwise_backward.default:
-                       front.local_matching_blockwise_backward._init_fn}
+                       blockwise.local_matching_blockwise_backward._init_fn}
 
     def __init__(self):
         super().__init__()
@@ -132,7 +132,7 @@ class LiveStorageBytes(TorchDispatchMode):
 def counted_peak(impl, B):
     """Counted peak bytes of one step on the meta device (nothing allocated)."""
     inputs = make_inputs_meta(B)
-    with mcr_kernels.use_backend("cpu", "local_matching"), LiveStorageBytes() as mode:
+    with mcr_kernels.use_backend("blockwise", "local_matching"), LiveStorageBytes() as mode:
         step_fn(IMPLS[impl], inputs)()
     return mode.peak
 
@@ -184,7 +184,7 @@ def cpu_rows(batches, real_batches, repeats):
     rows = []
     for B in batches:
         for impl in IMPLS:
-            row = dict(B=B, impl=impl, backend="cpu" if impl == "local_matching" else "",
+            row = dict(B=B, impl=impl, backend="blockwise" if impl == "local_matching" else "",
                        counted_peak_mib=run_child("counted", impl, B)["counted_peak"] / 2 ** 20)
             if B in real_batches:
                 res = run_child("rss", impl, B, repeats)
@@ -242,7 +242,7 @@ def main():
         at = [r for r in rows if r["B"] == ACCEPTANCE_B and r["impl"] == "local_matching"]
         extra = {"peak_method": "each in a fresh subprocess: counted live tensor-storage bytes on the meta "
                                 "device (TorchDispatchMode); RSS high-water mark (VmHWM after clear_refs)",
-                 "block_elements": front.BLOCK_ELEMENTS, "threads": 1,
+                 "block_elements": blockwise.BLOCK_ELEMENTS, "threads": 1,
                  "counted_peak_vs_eager_at_B256":
                      at[0]["counted_peak_vs_eager"] if at else None}
     print_table(rows)

@@ -1,4 +1,4 @@
-"""The `cpu` backends (mcr_kernels/cpu): flash_attention on torch's fused SDPA CPU kernel,
+"""The `blockwise` backends (mcr_kernels/blockwise): flash_attention on torch's fused SDPA CPU kernel,
 blockwise infonce_loss and mba_pool, against the float64 reference with gradients, awkward
 sizes and several blocks; proof that they are the CPU default and the ones that ran; bounded
 memory (no tensor beyond a block); opcheck and torch.compile.
@@ -19,8 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mcr_kernels
 from mcr_kernels import backend, reference
-from mcr_kernels.cpu import attention as cpu_attention
-from mcr_kernels.cpu import mba as cpu_mba
+from mcr_kernels.blockwise import attention as blockwise_attention
+from mcr_kernels.blockwise import mba as blockwise_mba
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2}
 CPU_OPS = ("flash_attention", "infonce_loss", "mba_pool")
@@ -49,14 +49,14 @@ def cpu_calls():
 
     with contextlib.ExitStack() as stack:
         for op in CPU_OPS:
-            stack.enter_context(backend.wrapped(op, "cpu", counter(op)))
+            stack.enter_context(backend.wrapped(op, "blockwise", counter(op)))
         yield calls
 
 
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks of 64 elements, so that small inputs already take several blocks."""
-    monkeypatch.setattr(cpu_mba, "_BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(blockwise_mba, "_BLOCK_ELEMENTS", 64)
 
 
 # --- default choice ------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def small_blocks(monkeypatch):
 def test_cpu_backend_is_the_default_on_cpu_tensors_and_runs(cpu_calls):
     with mcr_kernels.use_backend(None):
         for op in CPU_OPS:
-            assert backend.resolve(op, torch.device("cpu"))[0] == "cpu", op
+            assert backend.resolve(op, torch.device("cpu"))[0] == "blockwise", op
         q = torch.randn(2, 2, 5, 8)
         mcr_kernels.flash_attention(q, q, q)
         emb = mcr_kernels.mba_pool(torch.randn(3, 4, 6), None, torch.randn(5, 6), None)
@@ -131,7 +131,7 @@ def test_flash_attention_matches_float64_reference(B, H, Lq, Lk, Dh, kind, causa
     ref, ref_lse = reference.flash_attention(q64, k64, v64, key_padding_mask=mask, causal=causal,
                                              return_lse=True)
     expected = torch.autograd.grad(ref, (q64, k64, v64), grad_out.to(dtype).double())
-    with mcr_kernels.use_backend("cpu", "flash_attention"):
+    with mcr_kernels.use_backend("blockwise", "flash_attention"):
         out, lse = mcr_kernels.flash_attention(*low, key_padding_mask=mask, causal=causal, return_lse=True)
     assert out.dtype == dtype and out.shape == (B, H, Lq, Dh) and lse.dtype == torch.float32
     assert_close(out, ref, dtype, "out")
@@ -146,7 +146,7 @@ def test_flash_attention_matches_float64_reference(B, H, Lq, Lk, Dh, kind, causa
 def test_flash_attention_ignores_nan_at_masked_keys_and_propagates_attended_nan():
     q, k, v = torch.randn(3, 2, 6, 8), torch.randn(3, 2, 6, 8), torch.randn(3, 2, 6, 8)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
-    with mcr_kernels.use_backend("cpu", "flash_attention"):
+    with mcr_kernels.use_backend("blockwise", "flash_attention"):
         clean = mcr_kernels.flash_attention(q, k, v, key_padding_mask=mask)
         k_nan, v_nan = k.clone(), v.clone()
         k_nan[0, :, 4:], v_nan[0, :, 5], v_nan[2] = float("nan"), float("inf"), float("nan")
@@ -165,7 +165,7 @@ def test_flash_attention_compiles_fullgraph():
     def attend(q, k, v):
         return mcr_kernels.flash_attention(q, k, v, key_padding_mask=mask, causal=True)
 
-    with mcr_kernels.use_backend("cpu", "flash_attention"):
+    with mcr_kernels.use_backend("blockwise", "flash_attention"):
         eager = attend(q, k, v)
         compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v)
         grads = torch.autograd.grad(compiled.sum(), (q, k, v))
@@ -197,7 +197,7 @@ def test_flash_attention_varlen_matches_float64_reference(lengths_q, lengths_k, 
     loop = reference.flash_attention_varlen
     monkeypatch.setattr(reference, "flash_attention_varlen", lambda *a, **kw: loops.append(1) or loop(*a, **kw))
     with mcr_kernels.use_backend(None):
-        assert backend.resolve("flash_attention_varlen", torch.device("cpu"))[0] == "cpu"
+        assert backend.resolve("flash_attention_varlen", torch.device("cpu"))[0] == "blockwise"
         out = mcr_kernels.flash_attention_varlen(*low, *args, causal=causal)
     assert out.dtype == dtype and out.shape == low[0].shape
     assert len(loops) == (causal and lengths_q != lengths_k)
@@ -212,7 +212,7 @@ def test_flash_attention_on_empty_sequences_matches_the_reference(Lq, Lk):
     g = torch.Generator().manual_seed(Lq + 7 * Lk)
     q, k, v = leaves(*(torch.randn(2, 3, L, 8, generator=g) for L in (Lq, Lk, Lk)), dtype=torch.float32)
     with mcr_kernels.use_backend(None):
-        assert backend.resolve("flash_attention", torch.device("cpu"))[0] == "cpu"
+        assert backend.resolve("flash_attention", torch.device("cpu"))[0] == "blockwise"
         out, lse = mcr_kernels.flash_attention(q, k, v, return_lse=True)
     assert out.shape == (2, 3, Lq, 8) and (out == 0).all() and lse.shape == (2, 3, Lq) and (lse == float("-inf")).all()
     grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
@@ -244,8 +244,8 @@ def test_flash_attention_kernel_opcheck():
     allowed = torch.rand(2, 1, 5, 6, generator=g) > 0.3
     zero_rows = ~allowed.any(-1, keepdim=True)
     bias = torch.zeros(2, 1, 5, 6).masked_fill(~(allowed | zero_rows), float("-inf"))
-    torch.library.opcheck(cpu_attention.sdpa_flash_cpu, (q, k, v, bias, zero_rows, 0.3))
-    torch.library.opcheck(cpu_attention.sdpa_flash_cpu, (q, k, v, None, None, 0.3))
+    torch.library.opcheck(blockwise_attention.sdpa_flash_cpu, (q, k, v, bias, zero_rows, 0.3))
+    torch.library.opcheck(blockwise_attention.sdpa_flash_cpu, (q, k, v, None, None, 0.3))
 
 
 def test_flash_attention_output_is_what_backward_keeps_laid_out_for_the_next_layer():
@@ -253,7 +253,7 @@ def test_flash_attention_output_is_what_backward_keeps_laid_out_for_the_next_lay
     linear layer's input, is a view) and is the tensor backward keeps: one copy, not two."""
     q, k, v = leaves(*(torch.randn(2, 3, 6, 8) for _ in range(3)), dtype=torch.float32)
     mask = torch.tensor([[1] * 6, [1] * 2 + [0] * 4], dtype=torch.bool)
-    with mcr_kernels.use_backend("cpu", "flash_attention"):
+    with mcr_kernels.use_backend("blockwise", "flash_attention"):
         out = mcr_kernels.flash_attention(q, k, v, key_padding_mask=mask)
     merged = out.transpose(1, 2).reshape(2, 6, 24)
     assert merged.data_ptr() == out.data_ptr() and merged._base is not None
@@ -280,7 +280,7 @@ def test_infonce_matches_float64_reference_over_several_blocks(B, E, scale, norm
     ref = infonce64(img64, txt64, scale64, normalize)
     expected = torch.autograd.grad(ref, (img64, txt64, scale64))
     low = leaves(img, txt, torch.tensor(scale), dtype=torch.float32)
-    with mcr_kernels.use_backend("cpu", "infonce_loss"):
+    with mcr_kernels.use_backend("blockwise", "infonce_loss"):
         loss = mcr_kernels.infonce_loss(*low, normalize=normalize)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert_close(loss, ref, torch.float32, "loss")
@@ -292,7 +292,7 @@ def test_infonce_bfloat16_inputs_and_logit_bias():
     img, txt = torch.randn(7, 24), torch.randn(7, 24)
     bias = torch.tensor(-3.0, requires_grad=True)
     low = leaves(img, txt, dtype=torch.bfloat16)
-    with mcr_kernels.use_backend("cpu", "infonce_loss"):
+    with mcr_kernels.use_backend("blockwise", "infonce_loss"):
         loss = mcr_kernels.infonce_loss(*low, torch.tensor(30.0), logit_bias=bias)
     assert_close(loss, infonce64(low[0].double(), low[1].double(), 30.0), torch.float32, "loss")
     assert torch.autograd.grad(loss, bias)[0].item() == 0
@@ -318,8 +318,8 @@ def test_infonce_blocks_never_hold_the_batch_by_batch_logits(small_blocks):
     img, txt = F.normalize(torch.randn(B, E), dim=-1), F.normalize(torch.randn(B, E), dim=-1)
     scale = torch.tensor(5.0)
     with LargestTensor() as largest:
-        lse_img = cpu_mba._row_lse(img, txt, scale)
-        cpu_mba._direction_grads(img, txt, scale, lse_img, 0, torch.tensor(0.5 / B))
+        lse_img = blockwise_mba._row_lse(img, txt, scale)
+        blockwise_mba._direction_grads(img, txt, scale, lse_img, 0, torch.tensor(0.5 / B))
     assert largest.numel < B * B // 4, largest.numel  # blocks of 64 elements: 2 rows of 40
 
 
@@ -368,7 +368,7 @@ def _gather_worker(rank, world, port, out_dir, img, txt):
         for local_loss in (True, False):
             inputs = leaves(img[rank * b:(rank + 1) * b], txt[rank * b:(rank + 1) * b], torch.tensor(20.0),
                             dtype=torch.float32)
-            with mcr_kernels.use_backend("cpu", "infonce_loss"):
+            with mcr_kernels.use_backend("blockwise", "infonce_loss"):
                 loss = mcr_kernels.infonce_loss(*inputs, gather=True, local_loss=local_loss)
             results[local_loss] = (loss.detach(), *torch.autograd.grad(loss, inputs))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -381,8 +381,8 @@ def test_infonce_blocks_opcheck():
     txt = F.normalize(torch.randn(4, 6), dim=-1).requires_grad_()
     all_img, all_txt = torch.randn(8, 6, requires_grad=True), torch.randn(8, 6, requires_grad=True)
     scale = torch.tensor(10.0, requires_grad=True)
-    torch.library.opcheck(cpu_mba.infonce_blocks, (img, txt, img, txt, scale, 0))
-    torch.library.opcheck(cpu_mba.infonce_blocks, (img, txt, all_img, all_txt, scale, 4))
+    torch.library.opcheck(blockwise_mba.infonce_blocks, (img, txt, img, txt, scale, 0))
+    torch.library.opcheck(blockwise_mba.infonce_blocks, (img, txt, all_img, all_txt, scale, 4))
 
 
 # --- mba_pool ------------------------------------------------------------------------------
@@ -422,7 +422,7 @@ def test_mba_pool_matches_float64_reference_over_several_blocks(activation, two_
     grad_out = torch.randn_like(ref)
     expected = torch.autograd.grad(ref, params64, grad_out)
     params, args = run(torch.float32)
-    with mcr_kernels.use_backend("cpu", "mba_pool"):
+    with mcr_kernels.use_backend("blockwise", "mba_pool"):
         out = mcr_kernels.mba_pool(args[0], mask, *args[1:], **kw)
     assert out.dtype == torch.float32 and out.shape == (B, E)
     assert_close(out, ref, torch.float32, "pooled")
@@ -435,7 +435,7 @@ def test_mba_pool_blocks_never_hold_the_whole_hidden_activations(small_blocks):
     x = torch.randn(B, L, D, requires_grad=True)
     w1, b1, w2 = torch.randn(H, D, requires_grad=True), torch.randn(H), torch.randn(E, H)
     with LargestTensor() as largest:
-        out = cpu_mba.mba_pool(x, None, w1, b1, w2, None)
+        out = blockwise_mba.mba_pool(x, None, w1, b1, w2, None)
         out.sum().backward()
     assert largest.numel <= max(64, B * L * D) < B * L * H  # a block, or the tokens themselves
 
@@ -452,7 +452,7 @@ def test_mba_pool_and_infonce_compile_fullgraph(small_blocks):
         return mcr_kernels.infonce_loss(mcr_kernels.mba_pool(x, mask, w1, b1, w2, b2),
                                         mcr_kernels.mba_pool(y, None, w1, b1, w2, b2), scale)
 
-    with mcr_kernels.use_backend("cpu"):
+    with mcr_kernels.use_backend("blockwise"):
         eager = step(*params)
         compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*params)
         for got, want in zip(torch.autograd.grad(compiled, params), torch.autograd.grad(eager, params), strict=True):

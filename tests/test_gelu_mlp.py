@@ -15,7 +15,7 @@ from oracle import relative_assert_close
 
 import mcr_kernels
 from mcr_kernels import reference
-from mcr_kernels.cpu import gelu_mlp as recompute
+from mcr_kernels.blockwise import gelu_mlp as recompute
 from mcr_kernels.integrations import apply_to_hf, apply_to_timm, revert
 from mcr_kernels.integrations._patching import gelu_approximation
 
@@ -38,7 +38,7 @@ def check(shape, D, hidden, D_out, *, approximate="none", bias=(True, True), dty
     expected = reference.gelu_mlp(*ref_in, approximate=approximate)
     grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     expected_grads = torch.autograd.grad(expected, [t for t in ref_in if t is not None], grad)
-    with mcr_kernels.use_backend("cpu", "gelu_mlp"):
+    with mcr_kernels.use_backend("blockwise", "gelu_mlp"):
         out = mcr_kernels.gelu_mlp(*low, approximate=approximate)
     assert out.dtype == dtype and out.shape == (*shape, D_out)
     assert_close(out, expected, dtype, "out")
@@ -116,7 +116,7 @@ def test_torch_compile_fullgraph():
         return x + mcr_kernels.gelu_mlp(torch.tanh(x), w1, b1, w2, b2)
 
     params = (x, w1, b1, w2, b2)
-    with mcr_kernels.use_backend("cpu", "gelu_mlp"):
+    with mcr_kernels.use_backend("blockwise", "gelu_mlp"):
         eager = block(*params)
         compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(*params)
         got = torch.autograd.grad(compiled.sum(), params)

@@ -211,6 +211,22 @@ def test_import_needs_torch_only():
     assert result.stdout.strip() == "", f"import mcr_kernels imported {result.stdout.strip()}"
 
 
+def test_old_backend_name_cpu_is_accepted_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="backend 'cpu' is now called 'blockwise'"):
+        with mcr_kernels.use_backend("cpu", "mba_pool"):
+            assert mcr_kernels.get_backend("mba_pool") == "blockwise"
+    with mcr_kernels.use_backend(None):
+        with pytest.warns(DeprecationWarning, match="set_backend: backend 'cpu'"):
+            mcr_kernels.set_backend("cpu", "gelu_mlp")
+        assert mcr_kernels.get_backend("gelu_mlp") == "blockwise"
+    code = "import mcr_kernels; print(mcr_kernels.get_backend('mba_pool'))"
+    env = {**os.environ, "MCR_KERNELS_BACKEND": "mba_pool=cpu", "PYTHONWARNINGS": "always::DeprecationWarning"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "blockwise"
+    assert "MCR_KERNELS_BACKEND: backend 'cpu' is now called 'blockwise'" in result.stderr
+
+
 def test_wrapped_backend_runs_the_wrapper_and_restores_the_registration():
     from mcr_kernels import backend
 

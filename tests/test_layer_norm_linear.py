@@ -16,8 +16,8 @@ from oracle import relative_assert_close
 
 import mcr_kernels
 from mcr_kernels import reference
-from mcr_kernels.cpu import gelu_mlp as mlp_recompute
-from mcr_kernels.cpu import layer_norm_linear as recompute
+from mcr_kernels.blockwise import gelu_mlp as mlp_recompute
+from mcr_kernels.blockwise import layer_norm_linear as recompute
 from mcr_kernels.integrations import apply_to_hf, apply_to_timm, revert
 
 TOL = {torch.float32: 5e-5, torch.bfloat16: 3e-2}
@@ -66,7 +66,7 @@ MLP_NAMES = ("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 def check_linear(shape, D, D_out, *, affine=(True, True), bias=True, dtype=torch.float32, seed=0, eps=1e-5):
     low = [*norm_inputs(shape, D, affine=affine, dtype=dtype, seed=seed),
            *linear_inputs(D, D_out, bias=bias, dtype=dtype, seed=seed)]
-    with mcr_kernels.use_backend("cpu", "layer_norm_linear"):
+    with mcr_kernels.use_backend("blockwise", "layer_norm_linear"):
         check_against_reference(mcr_kernels.layer_norm_linear, reference.layer_norm_linear, low, LINEAR_NAMES,
                                 dtype, seed, eps=eps)
 
@@ -82,7 +82,7 @@ def check_mlp(shape, D, hidden, D_out, *, affine=(True, True), approximate="none
         return lambda x, w1, b1, w2, b2, nw, nb: op(x, w1, b1, w2, b2, approximate=approximate, norm_weight=nw,
                                                        norm_bias=nb, norm_eps=1e-6)
 
-    with mcr_kernels.use_backend("cpu", "gelu_mlp"):
+    with mcr_kernels.use_backend("blockwise", "gelu_mlp"):
         check_against_reference(call(mcr_kernels.gelu_mlp), call(reference.gelu_mlp),
                                 [x, w1, b1, w2, b2, norm_weight, norm_bias],
                                 (*MLP_NAMES, "norm_weight", "norm_bias"), dtype, seed)
@@ -188,7 +188,7 @@ def test_torch_compile_fullgraph():
         x = x + mcr_kernels.layer_norm_linear(x, nw, nb, w, b)[..., :6]
         return x + mcr_kernels.gelu_mlp(x, w, b, w2, b2, norm_weight=nw, norm_bias=nb, norm_eps=1e-5)
 
-    with mcr_kernels.use_backend("cpu", "layer_norm_linear", "gelu_mlp"):
+    with mcr_kernels.use_backend("blockwise", "layer_norm_linear", "gelu_mlp"):
         eager = block(*params)
         compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(*params)
         got = torch.autograd.grad(compiled.sum(), params)

@@ -13,11 +13,12 @@ from oracle import relative_assert_close
 from test_cpu_backends import LargestTensor
 
 import mcr_kernels
+from mcr_kernels import _chunked_cross_entropy as chunked
 from mcr_kernels import backend, reference
-from mcr_kernels.cpu import linear_cross_entropy as chunked
+from mcr_kernels.blockwise import linear_cross_entropy as blockwise
 
 pytest.importorskip("triton")
-BACKENDS = ("cpu", "triton")
+BACKENDS = ("blockwise", "triton")
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 assert_close = relative_assert_close(TOL)
 
@@ -92,9 +93,10 @@ def test_large_logits_stay_finite():
 
 def test_chunked_default_on_cpu_and_it_runs():
     calls = []
-    counted = backend.wrapped("linear_cross_entropy", "cpu", lambda fn: lambda *a, **k: calls.append(1) or fn(*a, **k))
+    counted = backend.wrapped("linear_cross_entropy", "blockwise",
+                              lambda fn: lambda *a, **k: calls.append(1) or fn(*a, **k))
     with counted, mcr_kernels.use_backend(None):
-        assert backend.resolve("linear_cross_entropy", torch.device("cpu"))[0] == "cpu"
+        assert backend.resolve("linear_cross_entropy", torch.device("cpu"))[0] == "blockwise"
         mcr_kernels.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), None, torch.tensor([0, 4, 2]))
     assert calls == [1]
 
@@ -103,7 +105,7 @@ def test_no_grad_mode_keeps_only_the_row_log_sum_exp():
     hidden, weight = torch.randn(7, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
     labels = torch.randint(0, 9, (7,))
     with torch.no_grad():
-        loss, lse = chunked.linear_cross_entropy_chunked(hidden, weight, None, labels, -100, True)
+        loss, lse = blockwise.linear_cross_entropy_chunked(hidden, weight, None, labels, -100, True)
     assert not loss.requires_grad and lse.shape == (7,)
     assert_close(lse, torch.logsumexp(hidden.double() @ weight.double().T, 1), torch.float32, "lse")
     assert_close(loss, reference.linear_cross_entropy(hidden, weight, None, labels), torch.float32, "loss")
@@ -114,11 +116,11 @@ def test_chunks_never_hold_the_rows_by_vocabulary_logits(small_chunks):
     hidden, weight, bias = torch.randn(N, D), torch.randn(V, D), torch.randn(V)
     labels = torch.randint(0, V, (N,))
     with LargestTensor() as largest:
-        _, lse = chunked.chunked_forward(hidden, weight, bias, labels, -100, True, chunked.ce_rows_torch)
+        _, lse = chunked.chunked_forward(hidden, weight, bias, labels, -100, True, blockwise.ce_rows_torch)
     assert largest.numel <= V * chunked.chunk_rows(N, V, D) < N * V // 4, largest.numel
     with LargestTensor() as largest:
         chunked.chunked_backward(torch.tensor(1.0), hidden, weight, bias, labels, lse, -100, True,
-                                 chunked.ce_grad_rows_torch)
+                                 blockwise.ce_grad_rows_torch)
     assert largest.numel <= max(V * chunked.chunk_rows(N, V, D), V * D) < N * V // 4, largest.numel
 
 
@@ -126,7 +128,7 @@ def test_forward_holds_no_weight_sized_gradient():
     """Between forward and backward only the rows' log-sum-exp is kept (not d W [V, D])."""
     hidden, weight = torch.randn(5, 8, requires_grad=True), torch.randn(300, 8, requires_grad=True)
     labels = torch.randint(0, 300, (5,))
-    with mcr_kernels.use_backend("cpu", "linear_cross_entropy"):
+    with mcr_kernels.use_backend("blockwise", "linear_cross_entropy"):
         loss = mcr_kernels.linear_cross_entropy(hidden, weight, None, labels)
     saved = [t for t in loss.grad_fn.saved_tensors if t is not None]  # custom op's autograd node
     assert {tuple(t.shape) for t in saved} <= {(5, 8), (300, 8), (5,)}
@@ -140,7 +142,7 @@ def test_opcheck(name):
         from mcr_kernels.triton import linear_cross_entropy as module
         forward, backward = module.linear_cross_entropy_triton, module.linear_cross_entropy_triton_backward
     else:
-        forward, backward = chunked.linear_cross_entropy_chunked, chunked.linear_cross_entropy_chunked_backward
+        forward, backward = blockwise.linear_cross_entropy_chunked, blockwise.linear_cross_entropy_chunked_backward
     hidden, weight, bias = (torch.randn(*s, requires_grad=True) for s in ((6, 5), (7, 5), (7,)))
     labels = torch.tensor([0, 6, -100, 3, 3, 1])
     torch.library.opcheck(forward, (hidden, weight, bias, labels, -100, True))

@@ -17,11 +17,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mcr_kernels
 from mcr_kernels import reference
+from mcr_kernels._local_matching_inputs import prepare
+from mcr_kernels.blockwise import local_matching as blockwise
 
-front = importlib.import_module("mcr_kernels.local_matching")  # the package exports the function
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-BACKENDS = ["reference", "cpu", "triton"]
+BACKENDS = ["reference", "blockwise", "triton"]
 
 
 def assert_close(actual, expected, dtype, what):
@@ -79,7 +80,7 @@ def check(backend, B_i, B_t, Li, Lt, E, *, agg, masks=True, empty_rows=True, dty
 @pytest.fixture
 def small_native_blocks(monkeypatch):
     """Native blocks of at most 2 pairs of 7 x 5 entries, so the tiny shapes span many blocks."""
-    monkeypatch.setattr(front, "BLOCK_ELEMENTS", 2 * 7 * 5)
+    monkeypatch.setattr(blockwise, "BLOCK_ELEMENTS", 2 * 7 * 5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -94,7 +95,7 @@ def test_matches_float64_reference_without_masks(backend, agg):
     check(backend, 2, 3, 4, 5, 8, agg=agg, masks=False)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["blockwise", "triton"])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (1, 5, 3, 19, 33), (5, 2, 17, 3, 7)])
 def test_awkward_sizes(backend, shape):
     """One of everything; more words than a Triton word block (16); Li, E off powers of two."""
@@ -102,7 +103,7 @@ def test_awkward_sizes(backend, shape):
     check(backend, *shape, agg="weighted", empty_rows=False)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["blockwise", "triton"])
 def test_sharp_scales(backend):
     """Large attention and aggregation scales: the softmax and log-sum-exp stay finite."""
     check(backend, 2, 3, 6, 5, 4, agg="lse", attn_scale=60.0, agg_scale=100.0)
@@ -116,10 +117,10 @@ def test_triton_half_precision_inputs(dtype):
 def test_native_blocks_cover_every_pair(small_native_blocks):
     """Ragged block grid (7 reports with blocks of 2) gives the one-block result exactly."""
     (img, txt, u), img_mask, txt_mask = make_inputs(5, 7, 5, 7, 4)
-    inputs = front.prepare(img, img_mask, txt, txt_mask, "weighted", u, torch.float64)
-    blocked = front.local_matching_blockwise(*inputs, 4.0, 5.0, False)
-    one_block = front._block(*inputs, 4.0, 5.0, False)[-1]
-    assert len(front._block_ranges(5, 7, 7, 5)) > 10
+    inputs = prepare(img, img_mask, txt, txt_mask, "weighted", u, torch.float64)
+    blocked = blockwise.local_matching_blockwise(*inputs, 4.0, 5.0, False)
+    one_block = blockwise._block(*inputs, 4.0, 5.0, False)[-1]
+    assert len(blockwise._block_ranges(5, 7, 7, 5)) > 10
     assert (blocked - one_block).abs().max().item() < 1e-12
 
 
@@ -167,7 +168,7 @@ def test_native_never_creates_the_full_attention(small_native_blocks):
     """Forward and backward of the native backend create no tensor of B_i·B_t·Lt·Li entries
     (the eager computation's): the largest is one block's."""
     (img, txt, _), img_mask, txt_mask = make_inputs(6, 8, 5, 7, 4)
-    with LargestTensor() as mode, mcr_kernels.use_backend("cpu", "local_matching"):
+    with LargestTensor() as mode, mcr_kernels.use_backend("blockwise", "local_matching"):
         scores = mcr_kernels.local_matching(img, img_mask, txt, txt_mask)
         torch.autograd.grad(scores.sum(), (img, txt))
     assert mode.largest <= 2 * 7 * 5 * 4 < 6 * 8 * 7 * 5   # one block's [bi, bt, Lt, E]
@@ -182,7 +183,7 @@ def test_triton_falls_back_to_native_past_one_tile():
 
 def prepared(lse, dtype=torch.float32):
     (img, txt, u), img_mask, txt_mask = make_inputs(2, 3, 5, 6, 4)
-    inputs = front.prepare(img, img_mask, txt, txt_mask, "lse" if lse else "weighted", u, dtype)
+    inputs = prepare(img, img_mask, txt, txt_mask, "lse" if lse else "weighted", u, dtype)
     return [t.detach().requires_grad_(i != 1 and (i != 3 or not lse)) for i, t in enumerate(inputs)]
 
 
@@ -190,11 +191,11 @@ def prepared(lse, dtype=torch.float32):
 def test_opcheck_custom_ops(lse):
     from mcr_kernels.triton import local_matching as tlm
 
-    torch.library.opcheck(front.local_matching_blockwise, (*prepared(lse, torch.float64), 4.0, 5.0, lse))
+    torch.library.opcheck(blockwise.local_matching_blockwise, (*prepared(lse, torch.float64), 4.0, 5.0, lse))
     torch.library.opcheck(tlm.local_matching_pairs, (*prepared(lse), 4.0, 5.0, lse, False))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["blockwise", "triton"])
 def test_torch_compile_fullgraph_matches_eager(backend):
     torch._dynamo.reset()
     (img, txt, u), img_mask, txt_mask = make_inputs(3, 2, 4, 5, 6)
@@ -246,7 +247,7 @@ def test_bad_input_raises_value_error_naming_the_argument(kwargs, match):
 def test_default_backends():
     from mcr_kernels import backend
 
-    assert backend.resolve("local_matching", torch.device("cpu"))[0] == "cpu"
+    assert backend.resolve("local_matching", torch.device("cpu"))[0] == "blockwise"
     assert math.isfinite(call().sum().item())
 
 
@@ -273,7 +274,8 @@ def test_triton_tiles_that_cannot_launch_take_the_blockwise_path(monkeypatch):
     launched = []
     monkeypatch.setattr(triton_lm, "local_matching_pairs", lambda *a: launched.append(1))
     (img, txt, _), img_mask, txt_mask = make_inputs(2, 3, 130, 5, 72)  # a 256 x 128 tile
-    got = triton_lm.local_matching(img.detach().float(), img_mask, txt.detach().float(), txt_mask)
+    with mcr_kernels.use_backend("triton", "local_matching"):
+        got = mcr_kernels.local_matching(img.detach().float(), img_mask, txt.detach().float(), txt_mask)
     expected = reference.local_matching(img.detach(), img_mask, txt.detach(), txt_mask)
     assert not launched
     assert_close(got, expected, torch.float32, "scores")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from mcr_kernels import backend, reference
 from mcr_kernels._validate import FLOAT_DTYPES, check_cu_seqlens, check_size, check_tensor
-from mcr_kernels.cpu import attention as _cpu_attention
+from mcr_kernels.blockwise import attention as _blockwise_attention
 
 unpad_input = reference.unpad_input
 pad_input = reference.pad_input
@@ -153,8 +153,8 @@ def _torch_sdpa(q, k, v, attn_mask, key_padding_mask, causal, top_left_causal, d
 
 backend.register("flash_attention", "reference", reference.flash_attention)
 backend.register("flash_attention_varlen", "reference", reference.flash_attention_varlen)
-backend.register("flash_attention", "cpu", _cpu_attention.flash_attention, devices=("cpu",))
-backend.register("flash_attention_varlen", "cpu", _cpu_attention.flash_attention_varlen, devices=("cpu",))
+backend.register("flash_attention", "blockwise", _blockwise_attention.flash_attention, devices=("cpu",))
+backend.register("flash_attention_varlen", "blockwise", _blockwise_attention.flash_attention_varlen, devices=("cpu",))
 
 if backend.HAS_TRITON:  # a broken kernel file raises here: never a silent fallback
     from mcr_kernels.triton import attention as triton_attention

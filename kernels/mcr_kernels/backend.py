@@ -1,9 +1,11 @@
-"""Which implementation runs each op: `reference`, `triton`, `native` or `cpu`.
+"""Which implementation runs each op: `reference`, `triton`, `native` or `blockwise`.
 
 Default: the fastest one available for the tensors' device — on CUDA `triton`, then
-`native`, then `cpu`, then `reference`; on CPU `native`, then `cpu` (torch's fused CPU kernels
-in blocks, mcr_kernels/cpu), then `reference` (Triton kernels run on CPU
-tensors only when forced, under TRITON_INTERPRET=1, which is how the tests use them).
+`native`, then `blockwise`, then `reference`; on CPU `native`, then `blockwise` (torch's
+fused CPU kernels in blocks, mcr_kernels/blockwise), then `reference` (Triton kernels run on
+CPU tensors only when forced, under TRITON_INTERPRET=1, which is how the tests use them).
+The backend name "cpu" (the old name of `blockwise`) is still accepted, with a
+DeprecationWarning, by set_backend, use_backend and MCR_KERNELS_BACKEND.
 
 Force a backend for all ops or some:
     mcr_kernels.set_backend("reference")                     # every op that has one
@@ -20,7 +22,12 @@ An op file registers its backends with `register` (the only way), e.g.
         from mcr_kernels.triton import my_op as triton_my_op
         backend.register("my_op", "triton", triton_my_op.my_op)
 Where a backend can run follows from its name (`runs_on`), optionally narrowed by `devices`
-(the `cpu` backends of attention and MbA register with devices=("cpu",): where they are tested).
+(the `blockwise` backends of attention and MbA register with devices=("cpu",): where they are tested).
+
+The tree: the public front ends (mcr_kernels/<op>.py) check arguments and register backends;
+each backend lives in its folder (triton/, blockwise/, native/) or in reference.py and imports
+neither another backend nor a front end; what two backends share is a private module
+(mcr_kernels/_<name>.py).
 
 Precision, one rule for every op and backend: float32 inputs get float32 products unless
 torch allows TF32 for float32 matmuls (`torch.backends.cuda.matmul.allow_tf32 = True` or
@@ -30,11 +37,13 @@ inputs multiply in their dtype and accumulate in float32; float64 computes in fl
 import contextlib
 import importlib.util
 import os
+import warnings
 
 import torch
 
-BACKENDS = ("reference", "triton", "native", "cpu")
-_PREFERENCE = {"cuda": ("triton", "native", "cpu", "reference"), "cpu": ("native", "cpu", "reference")}
+BACKENDS = ("reference", "triton", "native", "blockwise")
+_RENAMED = {"cpu": "blockwise"}  # old name -> name, accepted with a DeprecationWarning for one release
+_PREFERENCE = {"cuda": ("triton", "native", "blockwise", "reference"), "cpu": ("native", "blockwise", "reference")}
 _ALL = "*"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -46,12 +55,12 @@ def runs_on(backend, device):
     """Whether `backend` kernels can run on `device` at all: reference everywhere; triton on
     CUDA (triton installed) and on CPU under TRITON_INTERPRET=1; native where mcr_kernels._C
     was built for the device."""
-    if backend in ("reference", "cpu"):  # plain torch code (`cpu`: blocked, mcr_kernels/cpu)
+    if backend in ("reference", "blockwise"):  # plain torch code
         return True
     if backend == "triton":
         interpret = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
         return HAS_TRITON and (device.type == "cuda" or interpret)
-    from mcr_kernels._native import native_available
+    from mcr_kernels.native import native_available
 
     return native_available(device)
 
@@ -106,8 +115,18 @@ def _check_op(op):
         raise ValueError(f"unknown op {op!r}; ops are {ops()}")
 
 
+def _current_name(backend, source):
+    """backend under its current name; an old name gives a DeprecationWarning naming `source`."""
+    if backend in _RENAMED:
+        warnings.warn(f"{source}: backend {backend!r} is now called {_RENAMED[backend]!r}; the old name goes "
+                      "in the next release", DeprecationWarning, stacklevel=3)
+        return _RENAMED[backend]
+    return backend
+
+
 def set_backend(backend, *op_names):
     """Force `backend` for the named ops (all ops if none named); None restores the default."""
+    backend = _current_name(backend, "set_backend")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     for op in op_names:
@@ -132,7 +151,7 @@ def get_backend(op=None):
 def use_backend(backend, *op_names):
     """Context manager form of set_backend; restores the previous choice on exit."""
     saved = dict(_forced)
-    set_backend(backend, *op_names)
+    set_backend(_current_name(backend, "use_backend"), *op_names)
     try:
         yield
     finally:
@@ -174,6 +193,7 @@ def _load_environment():
     spec = os.environ.get("MCR_KERNELS_BACKEND", "").strip()
     for item in filter(None, (part.strip() for part in spec.split(","))):
         op, _, backend = item.rpartition("=")
+        backend = _current_name(backend, "MCR_KERNELS_BACKEND")
         if backend not in BACKENDS:
             raise ValueError(f"MCR_KERNELS_BACKEND: backend must be one of {BACKENDS}, got {backend!r}")
         _forced[op or _ALL] = backend

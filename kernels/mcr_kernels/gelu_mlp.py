@@ -12,7 +12,7 @@ import torch
 
 from mcr_kernels import backend, reference
 from mcr_kernels._validate import FLOAT_DTYPES, check_size, check_tensor
-from mcr_kernels.cpu import gelu_mlp as _cpu
+from mcr_kernels.blockwise import gelu_mlp as _blockwise
 from mcr_kernels.layer_norm_linear import autocast_norm_params, check_norm
 
 APPROXIMATIONS = ("none", "tanh")
@@ -62,4 +62,4 @@ def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none
 
 
 backend.register("gelu_mlp", "reference", reference.gelu_mlp)
-backend.register("gelu_mlp", "cpu", _cpu.gelu_mlp)
+backend.register("gelu_mlp", "blockwise", _blockwise.gelu_mlp)

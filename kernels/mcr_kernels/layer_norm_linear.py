@@ -11,7 +11,7 @@ import torch
 
 from mcr_kernels import backend, reference
 from mcr_kernels._validate import FLOAT_DTYPES, check_size, check_tensor
-from mcr_kernels.cpu import layer_norm_linear as _cpu
+from mcr_kernels.blockwise import layer_norm_linear as _blockwise
 
 
 def check_norm(x, norm_weight, norm_bias, eps, eps_name="eps"):
@@ -54,4 +54,4 @@ def layer_norm_linear(x, norm_weight, norm_bias, weight, bias, *, eps=1e-5):
 
 
 backend.register("layer_norm_linear", "reference", reference.layer_norm_linear)
-backend.register("layer_norm_linear", "cpu", _cpu.layer_norm_linear)
+backend.register("layer_norm_linear", "blockwise", _blockwise.layer_norm_linear)

@@ -11,7 +11,7 @@ import torch
 
 from mcr_kernels import backend, reference
 from mcr_kernels._validate import FLOAT_DTYPES, check_size, check_tensor
-from mcr_kernels.cpu import linear_cross_entropy as _cpu
+from mcr_kernels.blockwise import linear_cross_entropy as _blockwise
 
 REDUCTIONS = ("mean", "sum")
 
@@ -49,7 +49,7 @@ def linear_cross_entropy(hidden, weight, bias, labels, *, ignore_index=-100, red
 
 
 backend.register("linear_cross_entropy", "reference", reference.linear_cross_entropy)
-backend.register("linear_cross_entropy", "cpu", _cpu.linear_cross_entropy)
+backend.register("linear_cross_entropy", "blockwise", _blockwise.linear_cross_entropy)
 
 if backend.HAS_TRITON:  # a broken kernel file raises here: never a silent fallback
     from mcr_kernels.triton import linear_cross_entropy as _triton

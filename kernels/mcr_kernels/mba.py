@@ -10,7 +10,7 @@ from torch import nn
 
 from mcr_kernels import backend, reference
 from mcr_kernels._validate import FLOAT_DTYPES, check_size, check_tensor
-from mcr_kernels.cpu import mba as _cpu_mba
+from mcr_kernels.blockwise import mba as _blockwise_mba
 
 ACTIVATIONS = tuple(reference.ACTIVATIONS)
 POOLS = ("mean", "max")
@@ -127,8 +127,8 @@ def mba_infonce(img_tokens, img_mask, txt_tokens, txt_mask, img_head, txt_head, 
 backend.register("mba_pool", "reference", reference.mba_pool)
 backend.register("masked_mean", "reference", reference.masked_mean)
 backend.register("infonce_loss", "reference", reference.infonce_loss)
-backend.register("mba_pool", "cpu", _cpu_mba.mba_pool, devices=("cpu",))
-backend.register("infonce_loss", "cpu", _cpu_mba.infonce_loss, devices=("cpu",))
+backend.register("mba_pool", "blockwise", _blockwise_mba.mba_pool, devices=("cpu",))
+backend.register("infonce_loss", "blockwise", _blockwise_mba.infonce_loss, devices=("cpu",))
 
 if backend.HAS_TRITON:  # a broken kernel file raises here: never a silent fallback
     from mcr_kernels.triton import mba as triton_mba

@@ -6,15 +6,15 @@
     x_kept, mask, ids_restore = random_masking(x, 0.5)       # MAE's random_masking, CLS kept
 
 float32, float16, bfloat16 (and float64); any D; non-contiguous inputs welcome.
-Backends: triton (mcr_kernels/triton/patch_drop.py), native (csrc/), reference.
+Backends: triton (mcr_kernels/triton/patch_drop.py), native (mcr_kernels/native/patch_drop.py, the
+C++/CUDA kernels of csrc/), reference.
 Full documentation: docs/patch_drop.md.
 """
 import torch
 
 from mcr_kernels import backend, reference
-from mcr_kernels._native import _C
-from mcr_kernels._patch_drop_grads import fake_restore_backward, register_gather_autograd, register_restore_autograd
 from mcr_kernels._validate import FLOAT_DTYPES, check_index_range, check_size, check_tensor
+from mcr_kernels.native import patch_drop as _native
 
 
 def random_keep_indices(batch_size, num_tokens, num_keep, *, device=None, generator=None):
@@ -93,66 +93,11 @@ def random_masking(x, mask_ratio, *, num_prefix_tokens=1, generator=None):
     return gather_tokens(x, ids_keep), mask, ids_restore
 
 
-# --- native backend: the C++/CUDA kernels of mcr_kernels._C as a torch op ---------------
-
-@torch.library.custom_op("mcr_kernels::gather_tokens_native", mutates_args=())
-def _gather_tokens_native(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-    if x.is_cuda:
-        return _C.gather_tokens_cuda(x, ids_keep)
-    return _C.gather_tokens_cpu(x, ids_keep)
-
-
-@_gather_tokens_native.register_fake
-def _(x, ids_keep):
-    return x.new_empty(x.shape[0], ids_keep.shape[1], x.shape[2])
-
-
-@torch.library.custom_op("mcr_kernels::scatter_tokens_native", mutates_args=())
-def _scatter_tokens_native(grad: torch.Tensor, ids_keep: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    if grad.is_cuda:
-        return _C.scatter_tokens_cuda(grad, ids_keep, num_tokens)
-    return _C.scatter_tokens_cpu(grad, ids_keep, num_tokens)
-
-
-@_scatter_tokens_native.register_fake
-def _(grad, ids_keep, num_tokens):
-    return grad.new_empty(grad.shape[0], num_tokens, grad.shape[2])
-
-
-register_gather_autograd(_gather_tokens_native, _scatter_tokens_native)  # the C++ side makes inputs contiguous
-
-
-@torch.library.custom_op("mcr_kernels::restore_tokens_native", mutates_args=())
-def _restore_tokens_native(x_kept: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
-    if x_kept.is_cuda:
-        return _C.restore_tokens_cuda(x_kept, ids_restore, mask_token)
-    return _C.restore_tokens_cpu(x_kept, ids_restore, mask_token)
-
-
-@_restore_tokens_native.register_fake
-def _(x_kept, ids_restore, mask_token):
-    return x_kept.new_empty(x_kept.shape[0], ids_restore.shape[1], x_kept.shape[2])
-
-
-@torch.library.custom_op("mcr_kernels::restore_tokens_backward_native", mutates_args=())
-def _restore_tokens_backward_native(grad: torch.Tensor, ids_restore: torch.Tensor,
-                                    num_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if grad.is_cuda:
-        return _C.restore_tokens_backward_cuda(grad, ids_restore, num_keep)
-    return _C.restore_tokens_backward_cpu(grad, ids_restore, num_keep)
-
-
-_restore_tokens_backward_native.register_fake(fake_restore_backward)
-
-
-register_restore_autograd(_restore_tokens_native, _restore_tokens_backward_native)
-
-
 backend.register("random_keep_indices", "reference", reference.random_keep_indices)
 backend.register("gather_tokens", "reference", reference.gather_tokens)
-backend.register("gather_tokens", "native", _gather_tokens_native)
+backend.register("gather_tokens", "native", _native.gather_tokens)
 backend.register("restore_tokens", "reference", reference.restore_tokens)
-backend.register("restore_tokens", "native", _restore_tokens_native)
+backend.register("restore_tokens", "native", _native.restore_tokens)
 
 if backend.HAS_TRITON:  # a broken kernel file raises here: never a silent fallback
     from mcr_kernels.triton import patch_drop as triton_patch_drop

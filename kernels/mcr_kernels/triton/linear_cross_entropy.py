@@ -1,4 +1,4 @@
-"""Triton backend of linear_cross_entropy: the chunk loops of mcr_kernels/cpu/linear_cross_entropy.py
+"""Triton backend of linear_cross_entropy: the chunk loops of mcr_kernels/_chunked_cross_entropy.py
 (logits and gradient GEMMs by torch, i.e. cuBLAS) with one Triton kernel per chunk and pass,
 one program per row: forward, an online max / sum of exponentials gives the row's
 log-sum-exp and loss; backward, the recomputed logits are overwritten in place with
@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mcr_kernels.cpu import linear_cross_entropy as chunked
+from mcr_kernels import _chunked_cross_entropy as chunked
 
 _BLOCK_V = 64 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
 
@@ -53,7 +53,7 @@ def _ce_grad_kernel(LOGITS, LABELS, LSE, SCALE, V, stride_row, ignore_index, BLO
 
 
 def ce_rows_triton(logits, labels, ignore_index):
-    """chunked.ce_rows_torch computed by _ce_rows_kernel."""
+    """The blockwise backend's ce_rows_torch computed by _ce_rows_kernel."""
     rows, V = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
@@ -63,7 +63,7 @@ def ce_rows_triton(logits, labels, ignore_index):
 
 
 def ce_grad_rows_triton(logits, labels, lse, ignore_index, scale):
-    """chunked.ce_grad_rows_torch computed by _ce_grad_kernel."""
+    """The blockwise backend's ce_grad_rows_torch computed by _ce_grad_kernel."""
     rows, V = logits.shape
     if rows:
         _ce_grad_kernel[(rows,)](logits, labels, lse.contiguous(), scale.float().reshape(1), V, logits.stride(0),

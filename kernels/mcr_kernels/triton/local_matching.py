@@ -7,8 +7,8 @@ s = (c·w) / |c|, folded into the pair's aggregate (an online log-sum-exp per wo
 the weighted sum). Backward recomputes the same blocks in two kernels without atomics:
 grid (B_t, word blocks) loops over every image for d w and d weights; grid (B_i,) loops over
 every (report, word block) for d v. Saved for backward: the inputs and scores [B_i, B_t].
-Li and E must fit one tile that fits the device (tile_fits); larger inputs take the `cpu`
-blockwise path, as do float64 inputs (the kernels compute in float32).
+Li and E must fit one tile that fits the device (tile_fits); the front end runs larger
+inputs, and float64 ones (the kernels compute in float32), on the `blockwise` backend (launches).
 """
 import os
 
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from mcr_kernels import backend
-from mcr_kernels.local_matching import blockwise, prepare
+from mcr_kernels._local_matching_inputs import prepare
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_T = 16
@@ -249,14 +249,17 @@ def _pairs_grads(ctx, grad):
 local_matching_pairs.register_autograd(_pairs_grads, setup_context=_pairs_setup)
 
 
+def launches(img):
+    """Whether the kernels run img [B_i, Li, E]: not float64, and its tile fits the device."""
+    tiles = _tiles(img)
+    return img.dtype != torch.float64 and tile_fits(tiles["BLOCK_L"], tiles["BLOCK_E"], img.dtype != torch.float32,
+                                                    img.device)
+
+
 def local_matching(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", agg_scale=5.0,
                    word_weights=None):
-    """`triton` backend of mcr_kernels.local_matching (same arguments and result)."""
-    tiles = _tiles(img)
-    if img.dtype == torch.float64 or not tile_fits(tiles["BLOCK_L"], tiles["BLOCK_E"], img.dtype != torch.float32,
-                                                   img.device):
-        return blockwise(img, img_mask, txt, txt_mask, attn_scale=attn_scale, agg=agg,
-                         agg_scale=agg_scale, word_weights=word_weights)
+    """`triton` backend of mcr_kernels.local_matching (same arguments and result) for images it
+    launches on."""
     v, region, w, weights = prepare(img, img_mask, txt, txt_mask, agg, word_weights, torch.float32)
     return local_matching_pairs(v, region, w, weights, attn_scale, agg_scale, agg == "lse",
                                 img.dtype != torch.float32)

@@ -1,5 +1,5 @@
-"""Chunked fused linear + cross-entropy: the `cpu` backend of linear_cross_entropy (any
-device) and the chunk loops the Triton backend shares.
+"""The chunk loops of the fused linear + cross-entropy, shared by its `blockwise` backend
+(rows in torch ops) and its `triton` backend (rows in Triton kernels).
 
 Only one chunk of rows' logits [rows, V] (float32) exists at a time. The forward pass keeps
 each row's log-sum-exp and nothing else; the backward pass recomputes the chunk's logits
@@ -22,22 +22,6 @@ def chunk_rows(num_rows, vocab, width):
     large as the hidden rows), at least _MIN_CHUNK_ELEMENTS, at most every row."""
     liger = math.ceil(num_rows / math.ceil(vocab / max(1, width)))
     return max(1, min(num_rows, max(liger, _MIN_CHUNK_ELEMENTS // vocab)))
-
-
-def ce_rows_torch(logits, labels, ignore_index):
-    """(per-row CE float32 [c] (0 for ignored rows), per-row log-sum-exp [c]) of logits [c, V]."""
-    valid = labels != ignore_index
-    lse = torch.logsumexp(logits, dim=1)
-    target = logits.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1)
-    return (lse - target) * valid, lse
-
-
-def ce_grad_rows_torch(logits, labels, lse, ignore_index, scale):
-    """Overwrite logits [c, V] float32 with scale * d CE / d logits (0 on ignored rows)."""
-    valid = labels != ignore_index
-    logits.sub_(lse[:, None]).exp_()
-    logits.scatter_add_(1, torch.where(valid, labels, 0)[:, None], -valid.to(logits.dtype)[:, None])
-    logits.mul_((valid * scale)[:, None])
 
 
 def chunk_logits(h, weight, bias):
@@ -113,28 +97,3 @@ def register(forward_op, backward_op):
         return d_hidden, d_weight, d_bias if bias is not None else None, None, None, None
 
     forward_op.register_autograd(backward, setup_context=setup_context)
-
-
-@torch.library.custom_op("mcr_kernels::linear_cross_entropy_chunked", mutates_args=())
-def linear_cross_entropy_chunked(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                 labels: torch.Tensor, ignore_index: int,
-                                 mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, per-row log-sum-exp) of the chunked linear cross-entropy (torch ops)."""
-    return chunked_forward(hidden, weight, bias, labels, ignore_index, mean, ce_rows_torch)
-
-
-@torch.library.custom_op("mcr_kernels::linear_cross_entropy_chunked_backward", mutates_args=())
-def linear_cross_entropy_chunked_backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                                          bias: torch.Tensor | None, labels: torch.Tensor, lse: torch.Tensor,
-                                          ignore_index: int,
-                                          mean: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d hidden, d weight, d bias) of the chunked linear cross-entropy (torch ops)."""
-    return chunked_backward(grad, hidden, weight, bias, labels, lse, ignore_index, mean, ce_grad_rows_torch)
-
-
-register(linear_cross_entropy_chunked, linear_cross_entropy_chunked_backward)
-
-
-def linear_cross_entropy(hidden, weight, bias, labels, *, ignore_index=-100, reduction="mean"):
-    """`cpu` backend of mcr_kernels.linear_cross_entropy (same arguments, float32 scalar)."""
-    return linear_cross_entropy_chunked(hidden, weight, bias, labels, ignore_index, reduction == "mean")[0]

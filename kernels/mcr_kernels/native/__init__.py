@@ -1,4 +1,5 @@
-"""The compiled extension mcr_kernels._C, or None where it was not built."""
+"""`native` backends: the C++/CUDA kernels of the compiled extension mcr_kernels._C (csrc/) as
+torch ops. _C is None where the extension was not built."""
 try:
     from mcr_kernels import _C
 except ImportError:  # running from a source tree that was never built

@@ -1,4 +1,4 @@
-"""`cpu` backends of mba_pool and infonce_loss: torch GEMMs in blocks, bounded memory.
+"""`blockwise` backends of mba_pool and infonce_loss: torch GEMMs in blocks, bounded memory.
 
 mba_pool: mean pooling commutes with every linear layer, so an MLP head pools its hidden
 activations ([B, H]) and applies the second layer to the pooled rows, and a linear head (one
@@ -26,7 +26,7 @@ _BLOCK_ELEMENTS = 1 << 20  # float32 elements of one block's activations or logi
 
 def mba_pool(tokens, mask, weight1, bias1, weight2=None, bias2=None, *, activation="gelu",
              pool="mean", normalize_tokens=False):
-    """`cpu` backend of mcr_kernels.mba_pool (same arguments and result)."""
+    """`blockwise` backend of mcr_kernels.mba_pool (same arguments and result)."""
     B, L, _ = tokens.shape
     if mask is None:
         mask = torch.ones(B, L, dtype=torch.bool, device=tokens.device)
@@ -148,7 +148,7 @@ infonce_blocks.register_autograd(_backward, setup_context=_setup)
 
 def infonce_loss(image_emb, text_emb, logit_scale, *, logit_bias=None, normalize=True, gather=False,
                  local_loss=True):
-    """`cpu` backend of mcr_kernels.infonce_loss (same arguments, float32 scalar)."""
+    """`blockwise` backend of mcr_kernels.infonce_loss (same arguments, float32 scalar)."""
     img, txt = image_emb.float(), text_emb.float()
     if normalize:
         img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)

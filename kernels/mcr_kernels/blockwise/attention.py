@@ -1,4 +1,4 @@
-"""`cpu` backend of flash_attention: torch's fused scaled_dot_product_attention CPU kernel
+"""`blockwise` backend of flash_attention: torch's fused scaled_dot_product_attention CPU kernel
 (flash-style, the [Lq, Lk] scores never stored whole) with this op's semantics on top.
 
 * Keys the mask excludes are zeroed in k and v first, so NaN or inf there never reaches an
@@ -10,7 +10,7 @@
   backward, in a custom op): it returns lse (return_lse, no gradient), and backward keeps the
   output with its zero rows, the tensor the next layer keeps too, instead of a second copy.
 
-`cpu` backend of flash_attention_varlen: the packed sequences right-padded to the longest,
+`blockwise` backend of flash_attention_varlen: the packed sequences right-padded to the longest,
 the same kernel with their key padding mask, the rows packed again.
 """
 import torch
@@ -22,7 +22,7 @@ NEG_INF = float("-inf")
 
 def flash_attention(q, k, v, *, key_padding_mask=None, softmax_scale=None, causal=False,
                     return_lse=False):
-    """`cpu` backend of mcr_kernels.flash_attention (same arguments and results)."""
+    """`blockwise` backend of mcr_kernels.flash_attention (same arguments and results)."""
     Lq, Lk = q.shape[-2], k.shape[-2]
     if Lq == 0 or Lk == 0:  # aten's CPU flash kernel divides by zero on an empty sequence (SIGFPE)
         return reference.flash_attention(q, k, v, key_padding_mask=key_padding_mask, softmax_scale=softmax_scale,
@@ -52,7 +52,7 @@ def flash_attention(q, k, v, *, key_padding_mask=None, softmax_scale=None, causa
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                            softmax_scale=None, causal=False):
-    """`cpu` backend of mcr_kernels.flash_attention_varlen (same arguments and results). Causal
+    """`blockwise` backend of mcr_kernels.flash_attention_varlen (same arguments and results). Causal
     attention runs padded when every sequence has as many queries as keys; otherwise (its
     bottom-right alignment differs per sequence) the reference's loop over sequences."""
     if causal and not torch.equal(cu_seqlens_q, cu_seqlens_k):

@@ -58,6 +58,6 @@ layer_norm_linear_recompute.register_autograd(_backward, setup_context=_setup_co
 
 
 def layer_norm_linear(x, norm_weight, norm_bias, weight, bias, *, eps=1e-5):
-    """`cpu` backend of mcr_kernels.layer_norm_linear (same arguments)."""
+    """`blockwise` backend of mcr_kernels.layer_norm_linear (same arguments)."""
     out = layer_norm_linear_recompute(x.reshape(-1, x.shape[-1]), norm_weight, norm_bias, weight, bias, eps)
     return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -14,7 +14,7 @@ gradients are autograd's up to summation order.
 import torch
 import torch.nn.functional as F
 
-from mcr_kernels.cpu.layer_norm_linear import normalize, normalize_backward
+from mcr_kernels.blockwise.layer_norm_linear import normalize, normalize_backward
 
 
 @torch.library.custom_op("mcr_kernels::gelu_mlp_recompute", mutates_args=())
@@ -66,7 +66,7 @@ gelu_mlp_recompute.register_autograd(_backward, setup_context=_setup_context)
 
 def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none", norm_weight=None,
              norm_bias=None, norm_eps=None):
-    """`cpu` backend of mcr_kernels.gelu_mlp (same arguments)."""
+    """`blockwise` backend of mcr_kernels.gelu_mlp (same arguments)."""
     y, _ = gelu_mlp_recompute(x.reshape(-1, x.shape[-1]), fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate,
                               norm_weight, norm_bias, norm_eps)
     return y.reshape(*x.shape[:-1], fc2_weight.shape[0])

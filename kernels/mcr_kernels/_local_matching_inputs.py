@@ -1,0 +1,28 @@
+"""The inputs every fused local_matching backend computes on (blockwise, Triton)."""
+import torch
+import torch.nn.functional as F
+
+
+def prepare(img, img_mask, txt, txt_mask, agg, word_weights, dtype):
+    """The fused backends' inputs, differentiable in img, txt and word_weights:
+    v [B_i, Li, E], w [B_t, Lt, E] normalized rows; region [B_i, Li] validity (1/0);
+    weights [B_t, Lt]: agg="lse" word validity (1/0), "mean" 1/n on the n valid words,
+    "weighted" u / Σu on the valid words (all 0 where Σu = 0). All in dtype, contiguous."""
+    v = F.normalize(img.to(dtype), dim=-1).contiguous()
+    w = F.normalize(txt.to(dtype), dim=-1).contiguous()
+    region = img.new_ones(img.shape[:2], dtype=dtype) if img_mask is None else img_mask.to(dtype)
+    valid = txt.new_ones(txt.shape[:2], dtype=dtype) if txt_mask is None else txt_mask.to(dtype)
+    if agg == "lse":
+        weights = valid
+    elif agg == "mean":
+        weights = valid / valid.sum(1, keepdim=True).clamp(min=1)
+    else:
+        u = word_weights.to(dtype) * valid
+        total = u.sum(1, keepdim=True)
+        weights = u / torch.where(total > 0, total, 1.0) * (total > 0)
+    return v, region.contiguous(), w, weights.contiguous()
+
+
+def compute_dtype(dtype):
+    """float32 for 16- and 32-bit inputs, float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)

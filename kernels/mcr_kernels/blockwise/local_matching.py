@@ -1,0 +1,106 @@
+"""`blockwise` backend of local_matching: PyTorch over blocks of (images, reports) of at most
+BLOCK_ELEMENTS attention entries [images, reports, Lt, Li], each block recomputed in backward
+with explicit gradient formulas (any device). Formulas: docs/local_matching.md.
+"""
+import torch
+
+from mcr_kernels._local_matching_inputs import compute_dtype, prepare
+
+NORM_EPS = 1e-12            # F.normalize's: a row of norm below it is divided by NORM_EPS
+BLOCK_ELEMENTS = 1 << 21    # attention entries [images, reports, Lt, Li] per block
+
+def _block(v, region, w, weights, attn_scale, agg_scale, lse):
+    """One block, forward: (a [bi, bt, Lt, Li], c [bi, bt, Lt, E], |c| clamped, s, score [bi, bt])."""
+    S = attn_scale * torch.einsum("ile,jke->ijkl", v, w)
+    valid_region = region[:, None, None, :] > 0
+    a = torch.softmax(S.masked_fill_(~valid_region, torch.finfo(S.dtype).min), dim=-1)
+    a.mul_(region[:, None, None, :])           # an image without a valid region: a = 0
+    c = torch.einsum("ijkl,ile->ijke", a, v)
+    norm = c.norm(dim=-1).clamp_(min=NORM_EPS)
+    s = torch.einsum("ijke,jke->ijk", c, w) / norm
+    if lse:
+        z = (agg_scale * s).masked_fill_(weights[None] == 0, torch.finfo(s.dtype).min)
+        score = torch.logsumexp(z, dim=-1) / agg_scale * (weights.sum(1) > 0)
+    else:
+        score = (s * weights).sum(-1)
+    return a, c, norm, s, score
+
+
+def _block_ranges(B_i, B_t, Lt, Li):
+    """(image slice, report slice) pairs covering [B_i, B_t], each with <= BLOCK_ELEMENTS
+    attention entries (at least one pair)."""
+    bt = max(1, min(B_t, BLOCK_ELEMENTS // (Lt * Li)))
+    bi = max(1, min(B_i, BLOCK_ELEMENTS // (bt * Lt * Li)))
+    return [(slice(i, i + bi), slice(j, j + bt)) for i in range(0, B_i, bi) for j in range(0, B_t, bt)]
+
+
+@torch.library.custom_op("mcr_kernels::local_matching_blockwise", mutates_args=())
+def local_matching_blockwise(v: torch.Tensor, region: torch.Tensor, w: torch.Tensor,
+                             weights: torch.Tensor, attn_scale: float, agg_scale: float,
+                             lse: bool) -> torch.Tensor:
+    """scores [B_i, B_t] of prepare()'d inputs, block by block."""
+    scores = v.new_empty(v.shape[0], w.shape[0])
+    for rows, cols in _block_ranges(v.shape[0], w.shape[0], w.shape[1], v.shape[1]):
+        scores[rows, cols] = _block(v[rows], region[rows], w[cols], weights[cols], attn_scale,
+                                    agg_scale, lse)[-1]
+    return scores
+
+
+@local_matching_blockwise.register_fake
+def _(v, region, w, weights, attn_scale, agg_scale, lse):
+    return v.new_empty(v.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("mcr_kernels::local_matching_blockwise_backward", mutates_args=())
+def local_matching_blockwise_backward(
+        grad: torch.Tensor, v: torch.Tensor, region: torch.Tensor, w: torch.Tensor,
+        weights: torch.Tensor, scores: torch.Tensor, attn_scale: float, agg_scale: float,
+        lse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d v, d w, d weights) of local_matching_blockwise, each block recomputed.
+
+    With g_k = ∂score/∂s_k (softmax of agg_scale·s over valid words for lse, else weights_k):
+    dc = g (w − s ĉ) / |c|, dS = a ⊙ (dc vᵀ − (dc·c)), dv = aᵀ dc + τ dSᵀ w,
+    dw = τ dS v + g ĉ, d weights = Σ_i grad s (linear aggregates only)."""
+    d_v, d_w, d_weights = torch.zeros_like(v), torch.zeros_like(w), torch.zeros_like(weights)
+    grad = grad.to(v.dtype)
+    for rows, cols in _block_ranges(v.shape[0], w.shape[0], w.shape[1], v.shape[1]):
+        vb, wb, ub, gb = v[rows], w[cols], weights[cols], grad[rows, cols]
+        a, c, norm, s, score = _block(vb, region[rows], wb, ub, attn_scale, agg_scale, lse)
+        if lse:
+            g = torch.exp(agg_scale * (s - score[..., None])) * (ub > 0)
+        else:
+            g = ub.expand_as(s)
+            d_weights[cols] += torch.einsum("ij,ijk->jk", gb, s)
+        g = gb[..., None] * g
+        c_hat = c / norm[..., None]
+        dc = (g / norm)[..., None] * (wb - s[..., None] * c_hat)
+        dS = torch.einsum("ijke,ile->ijkl", dc, vb).sub_((dc * c).sum(-1, keepdim=True)).mul_(a)
+        d_v[rows] += torch.einsum("ijkl,ijke->ile", a, dc) + attn_scale * torch.einsum("ijkl,jke->ile", dS, wb)
+        d_w[cols] += attn_scale * torch.einsum("ijkl,ile->jke", dS, vb) + torch.einsum("ijk,ijke->jke", g, c_hat)
+    return d_v, d_w, d_weights
+
+
+@local_matching_blockwise_backward.register_fake
+def _(grad, v, region, w, weights, scores, attn_scale, agg_scale, lse):
+    return torch.empty_like(v), torch.empty_like(w), torch.empty_like(weights)
+
+
+def _blockwise_setup(ctx, inputs, output):
+    v, region, w, weights, ctx.attn_scale, ctx.agg_scale, ctx.lse = inputs
+    ctx.save_for_backward(v, region, w, weights, output)
+
+
+def _blockwise_grads(ctx, grad):
+    d_v, d_w, d_weights = local_matching_blockwise_backward(grad, *ctx.saved_tensors, ctx.attn_scale,
+                                                            ctx.agg_scale, ctx.lse)
+    return d_v, None, d_w, None if ctx.lse else d_weights, None, None, None
+
+
+local_matching_blockwise.register_autograd(_blockwise_grads, setup_context=_blockwise_setup)
+
+
+def local_matching(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", agg_scale=5.0,
+              word_weights=None):
+    """`blockwise` backend of mcr_kernels.local_matching (same arguments and result)."""
+    inputs = prepare(img, img_mask, txt, txt_mask, agg, word_weights, compute_dtype(img.dtype))
+    return local_matching_blockwise(*inputs, attn_scale, agg_scale, agg == "lse")
