@@ -24,6 +24,12 @@ def chunk_rows(num_rows, vocab, width):
     return max(1, min(num_rows, max(liger, _MIN_CHUNK_ELEMENTS // vocab)))
 
 
+def counted_rows(h, labels, ignore_index):
+    """h [c, D] with the rows of ignored labels zeroed: they enter neither the loss nor a
+    gradient, whatever they hold (0 · NaN would be NaN)."""
+    return torch.where((labels != ignore_index)[:, None], h, 0)
+
+
 def chunk_logits(h, weight, bias):
     logits = (h @ weight.T).float()
     if bias is not None:
@@ -46,8 +52,9 @@ def chunked_forward(hidden, weight, bias, labels, ignore_index, mean, ce_rows):
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     rows = chunk_rows(N, weight.shape[0], D)
     for start in range(0, N, rows):
-        row_loss, lse[start:start + rows] = ce_rows(chunk_logits(hidden[start:start + rows], weight, bias),
-                                                   labels[start:start + rows], ignore_index)
+        chunk_labels = labels[start:start + rows]
+        h = counted_rows(hidden[start:start + rows], chunk_labels, ignore_index)
+        row_loss, lse[start:start + rows] = ce_rows(chunk_logits(h, weight, bias), chunk_labels, ignore_index)
         loss += row_loss.sum()
     return loss * loss_scale(labels, ignore_index, mean), lse
 
@@ -62,7 +69,7 @@ def chunked_backward(grad, hidden, weight, bias, labels, lse, ignore_index, mean
     d_bias = torch.zeros(V, dtype=torch.float32, device=hidden.device) if bias is not None else hidden.new_empty(0)
     rows = chunk_rows(N, V, D)
     for start in range(0, N, rows):
-        h = hidden[start:start + rows]
+        h = counted_rows(hidden[start:start + rows], labels[start:start + rows], ignore_index)
         logits = chunk_logits(h, weight, bias)
         ce_grad_rows(logits, labels[start:start + rows], lse[start:start + rows], ignore_index, scale)
         d_hidden[start:start + rows] = logits.to(weight.dtype) @ weight

@@ -7,7 +7,14 @@ def prepare(img, img_mask, txt, txt_mask, agg, word_weights, dtype):
     """The fused backends' inputs, differentiable in img, txt and word_weights:
     v [B_i, Li, E], w [B_t, Lt, E] normalized rows; region [B_i, Li] validity (1/0);
     weights [B_t, Lt]: agg="lse" word validity (1/0), "mean" 1/n on the n valid words,
-    "weighted" u / Σu on the valid words (all 0 where Σu = 0). All in dtype, contiguous."""
+    "weighted" u / Σu on the valid words (all 0 where Σu = 0). All in dtype, contiguous.
+    Masked-out regions, words and word weights are zeros, whatever they held (NaN or inf)."""
+    if img_mask is not None:
+        img = torch.where(img_mask[..., None], img, 0)
+    if txt_mask is not None:
+        txt = torch.where(txt_mask[..., None], txt, 0)
+        if word_weights is not None:
+            word_weights = torch.where(txt_mask, word_weights, 0)
     v = F.normalize(img.to(dtype), dim=-1).contiguous()
     w = F.normalize(txt.to(dtype), dim=-1).contiguous()
     region = img.new_ones(img.shape[:2], dtype=dtype) if img_mask is None else img_mask.to(dtype)

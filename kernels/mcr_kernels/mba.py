@@ -45,7 +45,8 @@ def mba_pool(tokens, mask, weight1, bias1, weight2=None, bias2=None, *, activati
 
     h = act(x W1ᵀ + b1) and y = h W2ᵀ + b2 with a second layer (weight2 [E, H]), else
     y = x W1ᵀ + b1; optional per-token L2 normalization; masked mean or max over L
-    (mask True = counted, None = all). Rows with no counted token give zeros.
+    (mask True = counted, None = all). Rows with no counted token give zeros. Weights and
+    biases have tokens' dtype (any float dtype under autocast, which casts them as F.linear).
     """
     check_tensor("tokens", tokens, ndim=3, dtypes=FLOAT_DTYPES)
     B, L, D = tokens.shape
@@ -53,16 +54,17 @@ def mba_pool(tokens, mask, weight1, bias1, weight2=None, bias2=None, *, activati
         check_tensor("mask", mask, ndim=2, dtypes=(torch.bool,), device=tokens.device)
         check_size("mask", mask, 0, B, "tokens.shape[0] (batch)")
         check_size("mask", mask, 1, L, "tokens.shape[1] (length)")
-    check_tensor("weight1", weight1, ndim=2, dtypes=FLOAT_DTYPES, device=tokens.device)
+    dtypes = FLOAT_DTYPES if torch.is_autocast_enabled(tokens.device.type) else (tokens.dtype,)
+    check_tensor("weight1", weight1, ndim=2, dtypes=dtypes, device=tokens.device)
     check_size("weight1", weight1, 1, D, "tokens.shape[2] (model width)")
     if bias1 is not None:
-        check_tensor("bias1", bias1, ndim=1, device=tokens.device)
+        check_tensor("bias1", bias1, ndim=1, dtypes=dtypes, device=tokens.device)
         check_size("bias1", bias1, 0, weight1.shape[0], "weight1.shape[0]")
     if weight2 is not None:
-        check_tensor("weight2", weight2, ndim=2, dtypes=FLOAT_DTYPES, device=tokens.device)
+        check_tensor("weight2", weight2, ndim=2, dtypes=dtypes, device=tokens.device)
         check_size("weight2", weight2, 1, weight1.shape[0], "weight1.shape[0] (hidden)")
         if bias2 is not None:
-            check_tensor("bias2", bias2, ndim=1, device=tokens.device)
+            check_tensor("bias2", bias2, ndim=1, dtypes=dtypes, device=tokens.device)
             check_size("bias2", bias2, 0, weight2.shape[0], "weight2.shape[0]")
     elif bias2 is not None:
         raise ValueError("bias2 given without weight2")
@@ -93,12 +95,13 @@ def infonce_loss(image_emb, text_emb, logit_scale, *, logit_bias=None, normalize
     """Symmetric InfoNCE over scaled cosine logits; a float32 scalar (float64 for float64
     embeddings). An empty batch raises ValueError.
 
-    image_emb, text_emb [B, E]; logit_scale: scalar tensor, already exponentiated
-    (open_clip). gather=True takes negatives from every rank of torch.distributed
+    image_emb, text_emb [B, E] (one dtype and device); logit_scale: one-element float tensor,
+    already exponentiated (open_clip), logit_bias one too or None, on the embeddings' device.
+    gather=True takes negatives from every rank of torch.distributed
     (gradients reach each rank's own embeddings); local_loss scores local rows only.
     """
     check_tensor("image_emb", image_emb, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("text_emb", text_emb, ndim=2, dtypes=FLOAT_DTYPES, device=image_emb.device)
+    check_tensor("text_emb", text_emb, ndim=2, dtypes=(image_emb.dtype,), device=image_emb.device)
     if text_emb.shape != image_emb.shape:
         raise ValueError(f"text_emb must have the shape of image_emb {tuple(image_emb.shape)}, "
                          f"got {tuple(text_emb.shape)}")
@@ -106,8 +109,11 @@ def infonce_loss(image_emb, text_emb, logit_scale, *, logit_bias=None, normalize
         raise ValueError("image_emb and text_emb must hold at least one pair (batch size 0 has no loss)")
     if not isinstance(logit_scale, torch.Tensor) or logit_scale.numel() != 1:
         raise ValueError("logit_scale must be a one-element tensor (already exponentiated)")
-    if logit_bias is not None and (not isinstance(logit_bias, torch.Tensor) or logit_bias.numel() != 1):
-        raise ValueError("logit_bias must be None or a one-element tensor (added to every logit)")
+    check_tensor("logit_scale", logit_scale, dtypes=FLOAT_DTYPES, device=image_emb.device)
+    if logit_bias is not None:
+        if not isinstance(logit_bias, torch.Tensor) or logit_bias.numel() != 1:
+            raise ValueError("logit_bias must be None or a one-element tensor (added to every logit)")
+        check_tensor("logit_bias", logit_bias, dtypes=FLOAT_DTYPES, device=image_emb.device)
     _, fn = backend.resolve("infonce_loss", image_emb.device)
     return fn(image_emb, text_emb, logit_scale, logit_bias=logit_bias, normalize=normalize,
               gather=gather, local_loss=local_loss)

@@ -199,7 +199,8 @@ def linear_cross_entropy(hidden, weight, bias, labels, *, ignore_index=-100, red
     """CE(hidden Wᵀ + b, labels) with the full [N, V] logits in float32: hidden [N, D],
     weight [V, D], bias [V] or None, labels int64 [N]. "mean" divides by the non-ignored rows
     (0 when every row is ignored), "sum" adds them."""
-    logits = F.linear(hidden, weight, bias).float()
+    counted = (labels != ignore_index)[:, None]
+    logits = F.linear(torch.where(counted, hidden, 0), weight, bias).float()  # ignored rows: no gradient, NaN or not
     total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
     if reduction == "sum":
         return total

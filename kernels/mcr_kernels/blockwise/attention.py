@@ -2,7 +2,9 @@
 (flash-style, the [Lq, Lk] scores never stored whole) with this op's semantics on top.
 
 * Keys the mask excludes are zeroed in k and v first, so NaN or inf there never reaches an
-  output (0 · NaN would); NaN in an attended key, value or query still gives NaN.
+  output (0 · NaN would); NaN in an attended key, value or query still gives NaN (the kernel
+  returns zeros for a query row holding NaN or inf: such rows are set to NaN, as SDPA's math
+  backend gives).
 * A query row with no key to attend attends every (zeroed) key instead, and its output is
   set to zero afterwards: no 0/0, and no gradient flows from it.
 * With a right-padding mask and Lq == Lk the padded query rows are zero, as the reference.
@@ -90,11 +92,13 @@ def seq_major(out):
 @torch.library.custom_op("mcr_kernels::sdpa_flash_cpu", mutates_args=())
 def sdpa_flash_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                    zero_rows: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, H, Lq, D] in q's dtype, [B, Lq, H, D] in memory, with zero_rows zeroed; the
+    """(out [B, H, Lq, D] in q's dtype, [B, Lq, H, D] in memory, NaN in the rows of queries
+    holding NaN or inf, with zero_rows zeroed; the
     kernel's lse [B, H, Lq]) of torch's flash attention CPU kernel; bias: 0 / -inf added to
     the scores, [B or 1, 1, Lq, Lk] in q's dtype; zero_rows bool [B or 1, 1, Lq, 1]."""
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
                                                                           scale=scale)
+    out = out.masked_fill(~q.isfinite().all(dim=-1, keepdim=True), float("nan"))  # the kernel gives 0 there
     out = seq_major(out if zero_rows is None else out.masked_fill(zero_rows, 0.0))
     return out, lse.contiguous()
 

@@ -8,7 +8,7 @@ runs under activation checkpointing (recomputed in backward). Max pooling and pe
 normalisation need each token's output row: blocks of the reference, checkpointed alike.
 
 infonce_loss: the [B, B] logits are never stored. The forward keeps the per-row
-log-sum-exp (float32); the backward recomputes the logits block by block (_BLOCK_ELEMENTS
+log-sum-exp (float32, float64 for float64); the backward recomputes the logits block by block (_BLOCK_ELEMENTS
 per block) and multiplies the softmax gradient by the other side's embeddings: peak memory
 O(B * block). Registered as torch.library ops `mcr_kernels::infonce_blocks(_backward)`.
 A scalar logit_bias shifts every logit equally; softmax cross-entropy ignores it.
@@ -30,6 +30,8 @@ def mba_pool(tokens, mask, weight1, bias1, weight2=None, bias2=None, *, activati
     B, L, _ = tokens.shape
     if mask is None:
         mask = torch.ones(B, L, dtype=torch.bool, device=tokens.device)
+    else:  # masked tokens are ignored, NaN or not (a zero weight times NaN is NaN)
+        tokens = torch.where(mask[..., None], tokens, 0)
     if pool != "mean" or normalize_tokens:
         def pool_rows(x, m):
             return reference.mba_pool(x, m, weight1, bias1, weight2, bias2, activation=activation,
@@ -70,7 +72,7 @@ def _row_blocks(num_rows, num_cols):
 
 
 def _row_lse(rows, cols, scale):
-    """float32 [M]: log-sum-exp over j of scale * rows[i] · cols[j], a block of rows at a time."""
+    """[M] in rows' dtype: log-sum-exp over j of scale * rows[i] · cols[j], a block of rows at a time."""
     starts, step = _row_blocks(rows.shape[0], cols.shape[0])
     return torch.cat([torch.logsumexp(scale * (rows[i:i + step] @ cols.T), dim=1) for i in starts])
 
@@ -97,8 +99,8 @@ def _direction_grads(rows, cols, scale, lse, offset, coef):
 def infonce_blocks(image_rows: torch.Tensor, text_rows: torch.Tensor, image_cols: torch.Tensor,
                    text_cols: torch.Tensor, scale: torch.Tensor,
                    offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Symmetric InfoNCE, rows [M, E] against columns [N, E] (float32, normalised), scale a
-    float32 scalar; row i's positive is column i + offset. Returns (loss, image->text LSE [M],
+    """Symmetric InfoNCE, rows [M, E] against columns [N, E] (float32 or float64, normalised),
+    scale a scalar of their dtype; row i's positive is column i + offset. Returns (loss, image->text LSE [M],
     text->image LSE [M])."""
     M = image_rows.shape[0]
     lse_img = _row_lse(image_rows, text_cols, scale)
@@ -148,11 +150,13 @@ infonce_blocks.register_autograd(_backward, setup_context=_setup)
 
 def infonce_loss(image_emb, text_emb, logit_scale, *, logit_bias=None, normalize=True, gather=False,
                  local_loss=True):
-    """`blockwise` backend of mcr_kernels.infonce_loss (same arguments, float32 scalar)."""
-    img, txt = image_emb.float(), text_emb.float()
+    """`blockwise` backend of mcr_kernels.infonce_loss (same arguments; a float32 scalar, float64
+    for float64 embeddings)."""
+    dtype = torch.promote_types(image_emb.dtype, torch.float32)
+    img, txt = image_emb.to(dtype), text_emb.to(dtype)
     if normalize:
         img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
-    scale = logit_scale.float().reshape(())
+    scale = logit_scale.to(dtype).reshape(())
     if gather:
         import torch.distributed as dist
 
@@ -164,5 +168,5 @@ def infonce_loss(image_emb, text_emb, logit_scale, *, logit_bias=None, normalize
     else:
         loss = infonce_blocks(img, txt, img, txt, scale, 0)[0]
     if logit_bias is not None:  # softmax is shift invariant: the loss ignores a scalar bias
-        loss = loss + 0.0 * logit_bias.float().sum()
+        loss = loss + 0.0 * logit_bias.to(dtype).sum()
     return loss
