@@ -187,6 +187,27 @@ def test_clip_loss_refuses_horovod():
         ClipLoss(use_horovod=True)
 
 
+def test_clip_loss_names_a_logit_scale_or_bias_on_another_device():
+    features = torch.randn(4, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="^logit_scale must be on cpu"):
+        ClipLoss()(*features, torch.tensor(10.0, device="meta"))
+    with pytest.raises(ValueError, match="^logit_bias must be on cpu"):
+        ClipLoss()(*features, torch.tensor(10.0), torch.tensor(-1.0, device="meta"))
+    torch.testing.assert_close(ClipLoss()(*features, 10.0), ClipLoss()(*features, torch.tensor(10.0)))
+
+
+def test_apply_refuses_what_is_not_a_model_of_its_library():
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+    for not_hf in (vit, "bert-base-uncased"):
+        with pytest.raises(ValueError, match="^model must be a transformers PreTrainedModel or None, got"):
+            apply_to_hf(not_hf)
+    for apply in (apply_to_timm, apply_to_open_clip):
+        with pytest.raises(ValueError, match="^model must be a torch.nn.Module, got NoneType"):
+            apply(None)
+
+
 # --- transformers ----------------------------------------------------------------------------------
 
 def outputs_and_grads(model, batch, real):

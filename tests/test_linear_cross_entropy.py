@@ -91,6 +91,14 @@ def test_large_logits_stay_finite():
         assert torch.isfinite(loss) and abs(loss.item() - ref.item()) <= 1e-4 * max(1, ref.item())
 
 
+def test_empty_vocabulary_is_named():
+    hidden = torch.randn(3, 4)
+    for name in BACKENDS + ("reference",):
+        with mcr_kernels.use_backend(name, "linear_cross_entropy"), \
+                pytest.raises(ValueError, match=r"^weight must have at least one row \(the vocabulary\)"):
+            mcr_kernels.linear_cross_entropy(hidden, torch.randn(0, 4), None, torch.full((3,), -100))
+
+
 def test_chunked_default_on_cpu_and_it_runs():
     calls = []
     counted = backend.wrapped("linear_cross_entropy", "blockwise",

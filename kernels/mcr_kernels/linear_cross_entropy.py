@@ -32,6 +32,8 @@ def linear_cross_entropy(hidden, weight, bias, labels, *, ignore_index=-100, red
         bias = bias.to(dtype) if bias is not None else None
     check_tensor("weight", weight, ndim=2, dtypes=(hidden.dtype,), device=hidden.device)
     check_size("weight", weight, 1, hidden.shape[1], "hidden.shape[1] (model width)")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must have at least one row (the vocabulary), got shape {tuple(weight.shape)}")
     if bias is not None:
         check_tensor("bias", bias, ndim=1, dtypes=(hidden.dtype,), device=hidden.device)
         check_size("bias", bias, 0, weight.shape[0], "weight.shape[0] (vocabulary)")

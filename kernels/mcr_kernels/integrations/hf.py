@@ -85,9 +85,11 @@ def apply_to_hf(model=None, *, unpad=False):
     at padding positions are then zeros.
     Returns {module class: count} of the attention modules switched and the layers (and
     encoders) patched (empty when there was nothing to change). Undo with revert(model)."""
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface, PreTrainedModel
     from transformers.masking_utils import AttentionMaskInterface
 
+    if model is not None and not isinstance(model, PreTrainedModel):
+        raise ValueError(f"model must be a transformers PreTrainedModel or None, got {type(model).__name__}")
     AttentionInterface.register(ATTN_IMPLEMENTATION, hf_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, hf_attention_mask)
     if model is None:

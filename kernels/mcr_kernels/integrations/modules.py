@@ -84,9 +84,10 @@ class ClipLoss(nn.Module):
         self.world_size = world_size
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
-        device = image_features.device
-        logit_scale = torch.as_tensor(logit_scale, device=device)
-        if logit_bias is not None:
+        device = image_features.device  # a number becomes a tensor there; a tensor is checked by infonce_loss
+        if not isinstance(logit_scale, torch.Tensor):
+            logit_scale = torch.as_tensor(logit_scale, device=device)
+        if logit_bias is not None and not isinstance(logit_bias, torch.Tensor):
             logit_bias = torch.as_tensor(logit_bias, device=device)
         if self.world_size > 1 and not self.gather_with_grad:
             loss = self._loss_with_detached_gather(image_features, text_features, logit_scale, logit_bias)

@@ -103,6 +103,8 @@ def apply_to_open_clip(model):
     transformers towers inside go through apply_to_timm / apply_to_hf. Same parameters and
     state dict; outputs unchanged in eval. Returns {class name: count} of what this call
     changed; a second call changes nothing. Undo with revert(model)."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     from open_clip.transformer import PatchDropout
 
     token, changed = ModelToken(), Counter()

@@ -160,6 +160,8 @@ def apply_to_timm(model):
     drop_patches. Same parameters and state dict; outputs unchanged in eval (patch dropout
     draws its own random patches in training). Returns {class name: count} of the modules
     patched by this call; a second call changes nothing. Undo with revert(model)."""
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     from timm.layers import Attention, Mlp, PatchDropout, PatchDropoutWithIndices
     from timm.models.vision_transformer import Block
 
