@@ -11,14 +11,11 @@ this package, side by side in one run, on the same device, data, masks and prese
     mcr-reference  MCR with every op forced to the `reference` backend (the unfused ops)
     mcr-autograd-blocks  MCR with gelu_mlp and layer_norm_linear on `reference` (autograd keeps
                    the GELU outputs and the normalized inputs: what their recompute costs)
-    mcr-padded     MCR with the report encoder and MRM decoder on every position, padding
-                   included, and the MRM block's output at every position (what unpadding and
-                   the masked-rows-only last block save; MCR.set_unpad_reports)
 
-Step time: one model and one optimizer (torch's fused AdamW; --adamw for-loop for torch's CPU
-default) serve every configuration (the peer reverts
-mcr_kernels.integrations around its step: timm's own attention, BERT on "sdpa"), and the configurations take
-turns step by step, in a rotating order, for --repeats rounds; the median per configuration
+Step time: one set of parameters and one optimizer (torch's fused AdamW; --adamw for-loop for
+torch's CPU default) serve every configuration (the peer's timm ViT and Blocks and HF BertModel,
+on "sdpa", and the dual-stream model hold the MCR model's own Parameter objects), and the
+configurations take turns step by step, in a rotating order, for --repeats rounds; the median per configuration
 is reported, and each one's ratio to the peer.
 Peak memory: each configuration in a fresh process (started with glibc returning freed blocks
 to the kernel, see benchmarks/_common.py). On CPU `step_peak_mib` is the resident memory
@@ -51,23 +48,61 @@ sys.path[:0] = [str(ROOT), str(ROOT / "kernels"), str(ROOT / "benchmarks")]  # t
 from _common import CPU_MALLOC_ENV, cpu_peak_bytes, environment, print_table, write_results  # noqa: E402
 
 import mcr_kernels  # noqa: E402
+from mcr import masking  # noqa: E402
 from mcr.config import preset  # noqa: E402
-from mcr.models.mcr import MCR, global_mean  # noqa: E402
+from mcr.models import build_model  # noqa: E402
+from mcr.models.mcr import global_mean  # noqa: E402
 from mcr.profiling import MASK, PAD, random_batch  # noqa: E402
-from mcr_kernels import integrations  # noqa: E402
 
-CONFIGS = ("mcr", "peer", "dual-stream", "mcr-reference", "mcr-autograd-blocks", "mcr-padded")
+CONFIGS = ("mcr", "peer", "dual-stream", "mcr-reference", "mcr-autograd-blocks")
 WEIGHTS = {"contrastive": 0.1, "mim": 1.0, "mrm": 1.0}
 
 
-def peer_losses(model, batch, masks, clip_loss):
-    """The MCR losses as plain PyTorch + timm + HF + open_clip compute them (model in peer mode)."""
-    vit = model.vit
+def share_parameters(module, owner):
+    """Make `module`'s parameters the very Parameter objects of `owner` (same names): both
+    compute with the same weights, and their gradients land on `owner`'s parameters."""
+    params = dict(owner.named_parameters())
+    for name, _ in list(module.named_parameters()):
+        path, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(path) if path else module, attr, params[name])
+    return module
+
+
+class Peer(torch.nn.Module):
+    """The encoders and decoder blocks as timm and transformers define them (timm's fused SDPA
+    attention, BERT on "sdpa"), holding the MCR model's parameters."""
+
+    def __init__(self, model):
+        from timm.models.vision_transformer import Block, VisionTransformer
+        from transformers import BertModel
+
+        super().__init__()
+        cfg = model.cfg
+        self.vit = share_parameters(VisionTransformer(
+            img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.vit_width,
+            depth=cfg.vit_depth, num_heads=cfg.vit_heads, num_classes=0, global_pool="token", class_token=True),
+            model.vit)
+        self.decoder_blocks = torch.nn.ModuleList(share_parameters(Block(cfg.decoder_width, cfg.decoder_heads,
+                                                                         qkv_bias=True), blk)
+                                                  for blk in model.decoder_blocks)
+        self.mrm_blocks = torch.nn.ModuleList(share_parameters(Block(cfg.text_width, cfg.text_heads, qkv_bias=True),
+                                                               blk) for blk in model.mrm_blocks)
+        self.bert = share_parameters(BertModel(model.bert_config, add_pooling_layer=False), model.bert)
+        self.bert.set_attn_implementation("sdpa")
+        for module in self.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = True
+
+
+def peer_losses(model, peer, batch, masks, clip_loss):
+    """The MCR losses as plain PyTorch + timm + HF + open_clip compute them (`peer`: the
+    model's encoders and blocks as those libraries define them)."""
+    vit = peer.vit
     imgs, ids, attn = batch["image"], batch["input_ids"], batch["attention_mask"]
-    ids_keep, ids_restore = masks["ids_keep"], masks["ids_restore"]
+    ids_keep, ids_restore = masks.ids_keep, masks.ids_restore
     x = vit.patch_embed(imgs) + vit.pos_embed[:, 1:]
     x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    mask = (ids_restore >= ids_keep.shape[1]).to(x.dtype)
+    mask = masks.patch_mask(x.dtype)
     cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
     latent = vit.norm(vit.blocks(torch.cat([cls, x], dim=1)))
     d = model.decoder_embed(latent)
@@ -76,15 +111,15 @@ def peer_losses(model, batch, masks, clip_loss):
     patches = torch.cat([d[:, 1:], fill], dim=1)
     patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d.shape[-1]))
     d = torch.cat([d[:, :1], patches], dim=1) + model.decoder_pos_embed
-    for blk in model.decoder_blocks:
+    for blk in peer.decoder_blocks:
         d = blk(d)
     pred = model.decoder_pred(model.decoder_norm(d))[:, 1:]
     masked_ids, labels = model.mask_text(ids, attn, batch["special_tokens_mask"], masks)
-    txt = model.bert(input_ids=masked_ids, attention_mask=attn).last_hidden_state
+    txt = peer.bert(input_ids=masked_ids, attention_mask=attn).last_hidden_state
     h = txt
     if model.image_to_text is not None:
         h = h + model.image_to_text(latent[:, 1:].mean(1)).unsqueeze(1)
-    for blk in model.mrm_blocks:
+    for blk in peer.mrm_blocks:
         h = blk(h, attn_mask=attn.bool()[:, None, None, :])
     logits = model.mlm_head(h)  # [B, L, V], every position
     mrm_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
@@ -103,51 +138,28 @@ class Bench:
 
     def __init__(self, preset_name, batch_size, device, amp_dtype, fused_adamw=True):
         from open_clip.loss import ClipLoss
-        from timm.layers import Attention as TimmAttention
 
         torch.manual_seed(0)
-        self.cfgs = {v: preset(preset_name, variant=v) for v in ("mcr", "dual-stream")}
-        self.cfg = self.cfgs["mcr"]
-        self.model = MCR(self.cfg, pad_token_id=PAD, mask_token_id=MASK).to(device)
+        self.cfg = preset(preset_name, variant="mcr")
+        self.model = build_model(self.cfg, pad_token_id=PAD, mask_token_id=MASK).to(device)
+        dual_stream = build_model(preset(preset_name, variant="dual-stream"), pad_token_id=PAD, mask_token_id=MASK)
+        self.dual_stream = share_parameters(dual_stream.to(device), self.model)
+        self.peer = Peer(self.model).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=fused_adamw)
         self.batch = random_batch(self.cfg, batch_size, device)
-        self.masks = self.model.draw_masks(batch_size, device=device, generator=torch.Generator(device).manual_seed(0))
+        self.masks = masking.draw(self.cfg, batch_size, device=device, generator=torch.Generator(device).manual_seed(0))
         self.device, self.amp_dtype = device, amp_dtype
         self.clip_loss = ClipLoss()
-        self.timm_attention = TimmAttention
-
-    def peer_mode(self, on):
-        """Plain timm / transformers attention (SDPA) in the model, or mcr_kernels' again."""
-        if on:
-            integrations.revert(self.model)
-            self.model.bert.set_attn_implementation("sdpa")
-            for module in self.model.modules():
-                if isinstance(module, self.timm_attention):
-                    module.fused_attn = True
-        else:
-            integrations.apply_to_timm(self.model)
-            integrations.apply_to_hf(self.model.bert)
-            self.model.set_unpad_reports(True)  # as MCR.__init__
 
     def losses(self, config, backend=None):
         """The configuration's losses; backend forces one for every op (else the config's choice)."""
-        self.model.cfg = self.cfgs["dual-stream" if config == "dual-stream" else "mcr"]
         if config == "peer":
-            self.peer_mode(True)
-            try:
-                return peer_losses(self.model, self.batch, self.masks, self.clip_loss)
-            finally:
-                self.peer_mode(False)
-        if config == "mcr-padded":
-            self.model.set_unpad_reports(False)
-            try:
-                return self.model(self.batch, self.masks)
-            finally:
-                self.model.set_unpad_reports(True)
+            return peer_losses(self.model, self.peer, self.batch, self.masks, self.clip_loss)
         forced = {"mcr-reference": ("reference",),
                   "mcr-autograd-blocks": ("reference", "gelu_mlp", "layer_norm_linear")}
+        model = self.dual_stream if config == "dual-stream" else self.model
         with mcr_kernels.use_backend(*((backend,) if backend else forced.get(config, (None,)))):
-            return self.model(self.batch, self.masks)
+            return model(self.batch, self.masks)
 
     def step(self, config):
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):

@@ -98,19 +98,16 @@ def gather_in_rank_order(local):
     return tuple(torch.cat(column) for column in zip(*parts))
 
 
-def transformer_blocks(model):
-    return [*model.vit.blocks, *model.decoder_blocks, *model.mrm_blocks, *model.bert.encoder.layer]
-
-
 def shard_model(model, device):
     """FSDP (fully_shard): each transformer block is a unit whose parameters, gradients and
     AdamW state are split over the ranks and gathered around its forward and backward; the
-    root unit holds the rest (embeddings, heads, temperature)."""
+    root unit holds the rest (embeddings, heads, temperature). The blocks are the model's
+    transformer_blocks()."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for block in transformer_blocks(model):
+    for block in model.transformer_blocks():
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
 

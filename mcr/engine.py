@@ -13,13 +13,12 @@ import time
 import torch
 from tqdm import tqdm
 
-from mcr import checkpoint
+from mcr import checkpoint, masking
 from mcr.config import config_to_dict, is_unmasked_step
 from mcr.distributed import (
     full_value,
     mean_over_ranks,
     rank0_decides,
-    transformer_blocks,
 )
 from mcr.eval.embedding import evaluate, flatten_results, format_results
 
@@ -33,7 +32,7 @@ def autocast_dtype(precision, device):
 
 def compile_blocks(model, backend="inductor"):
     """torch.compile every transformer block (fullgraph: no graph break on the hot path)."""
-    for block in transformer_blocks(model):
+    for block in model.transformer_blocks():
         block.compile(fullgraph=True, backend=backend)
 
 
@@ -100,8 +99,8 @@ def train_step(runner, model, optimizer, batch, cfg, step, total_steps, ctx):
     grad_norm). runner: the model, or its DDP wrapper. Unmasked steps: is_unmasked_step."""
     per_rank = cfg.batch_size // ctx.world
     rows = slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
-    masks = model.draw_masks(cfg.batch_size, device=ctx.device, generator=step_generator(cfg.seed, step, ctx.device))
-    masks = {k: v[rows] for k, v in masks.items()}
+    masks = masking.draw(cfg.model, cfg.batch_size, device=ctx.device,
+                         generator=step_generator(cfg.seed, step, ctx.device)).rows(rows)
     amp_dtype = autocast_dtype(cfg.precision, ctx.device)
     with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         losses = runner(batch, masks=masks, unmasked=is_unmasked_step(cfg, step, total_steps))

@@ -11,11 +11,21 @@ import argparse
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mcr import masking
+
 PAD, CLS, SEP, MASK = 0, 2, 3, 4  # token ids of random_batch (a WordPiece vocabulary's order)
 
 
+def seeded_masks(model, batch, seed=0):
+    """The masks of `batch` drawn from a generator seeded with `seed` (mcr.masking.draw)."""
+    device = batch["image"].device
+    return masking.draw(model.cfg, batch["image"].shape[0], device=device,
+                        generator=torch.Generator(device=device).manual_seed(seed))
+
+
 def saved_activation_bytes(model, batch):
-    """Bytes of distinct non-parameter tensors autograd saves for one forward of `model(batch)`."""
+    """Bytes of distinct non-parameter tensors autograd saves for one masked forward of
+    `model` on `batch` (seeded_masks)."""
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
@@ -26,18 +36,20 @@ def saved_activation_bytes(model, batch):
             seen[ptr] = storage.nbytes()
         return t
 
+    masks = seeded_masks(model, batch)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        losses = model(batch)
+        losses = model(batch, masks)
     del losses
     return sum(seen.values())
 
 
 def step_flops(model, batch, weights=None):
-    """FLOPs of forward + backward of the weighted loss sum on `batch`."""
+    """FLOPs of forward + backward of the weighted loss sum of a masked step on `batch`."""
     weights = weights or {"contrastive": 0.1, "mim": 1.0, "mrm": 1.0}
+    masks = seeded_masks(model, batch)
     counter = FlopCounterMode(display=False)
     with counter:
-        losses = model(batch)
+        losses = model(batch, masks)
         sum(weights[k] * v for k, v in losses.items()).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
@@ -46,9 +58,7 @@ def step_flops(model, batch, weights=None):
 def step_costs(model, batch):
     """{"activation_bytes_per_sample", "flops_per_sample"} of one training step on `batch`."""
     batch_size = batch["image"].shape[0]
-    torch.manual_seed(0)
     act = saved_activation_bytes(model, batch)
-    torch.manual_seed(0)
     flops = step_flops(model, batch)
     return {"activation_bytes_per_sample": act / batch_size, "flops_per_sample": flops / batch_size}
 
@@ -73,7 +83,7 @@ def random_batch(cfg, batch_size, device="cpu", seed=0):
 def proxy_table(preset_names=("small", "paper"), variants=("dual-stream", "mcr", "abm"), batch_size=4):
     """Rows of per-sample activation bytes and FLOPs, with ratios to dual-stream."""
     from mcr.config import preset
-    from mcr.models.mcr import MCR
+    from mcr.models import build_model
 
     rows = []
     for name in preset_names:
@@ -81,7 +91,7 @@ def proxy_table(preset_names=("small", "paper"), variants=("dual-stream", "mcr",
         for variant in variants:
             torch.manual_seed(0)
             cfg = preset(name, variant=variant)
-            model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK)
+            model = build_model(cfg, pad_token_id=PAD, mask_token_id=MASK)
             costs[variant] = step_costs(model, random_batch(cfg, batch_size))
         base = costs["dual-stream"]
         for variant, c in costs.items():

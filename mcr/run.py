@@ -23,9 +23,7 @@ from mcr.config import config_from_dict, config_to_dict, resolve_config
 from mcr.data.batching import Collate
 from mcr.data.registry import open_dataset
 from mcr.data.tokenizer import load_tokenizer, shipped_tokenizer, train_wordpiece
-from mcr.models.mcr import MCR
-from mcr.models.mpma import MPMA
-from mcr.models.reclf import RECLF
+from mcr.models import build_model as build_variant
 from mcr.models.weights import load_pretrained
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "final.json", "config.yaml", "tokenizer", "tensorboard")
@@ -160,9 +158,8 @@ def build_tokenizer(cfg, train_set, ctx, resuming=False):
 
 
 def build_model(model_cfg, tokenizer):
-    """The model of model_cfg.variant: MPMA, RECLF, or MCR (mcr, dual-stream, abm)."""
-    model_class = {"mpma": MPMA, "reclf": RECLF}.get(model_cfg.variant, MCR)
-    return model_class(model_cfg, pad_token_id=tokenizer.pad_token_id, mask_token_id=tokenizer.mask_token_id)
+    """The model of model_cfg.variant (mcr.models.build_model) with the tokenizer's special ids."""
+    return build_variant(model_cfg, pad_token_id=tokenizer.pad_token_id, mask_token_id=tokenizer.mask_token_id)
 
 
 def collate_for(cfg, tokenizer):

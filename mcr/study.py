@@ -83,7 +83,7 @@ def step_costs(rows, common, vocab_size, batch_size, repeats=12):
     masked step."""
     from mcr.config import unmasked_share
     from mcr.engine import build_optimizer
-    from mcr.profiling import random_batch, saved_activation_bytes
+    from mcr.profiling import random_batch, saved_activation_bytes, seeded_masks
 
     models, times = {}, {}
     for name, flags in rows.items():
@@ -96,7 +96,7 @@ def step_costs(rows, common, vocab_size, batch_size, repeats=12):
 
     def one_step(model, batch, optimizer, unmasked):
         start = time.perf_counter()
-        losses = model(batch, generator=torch.Generator().manual_seed(0), unmasked=unmasked)
+        losses = model(batch, None if unmasked else seeded_masks(model, batch), unmasked=unmasked)
         optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         optimizer.step()
@@ -119,7 +119,6 @@ def step_costs(rows, common, vocab_size, batch_size, repeats=12):
     out = {}
     for name, (_cfg, model, batch, _) in models.items():
         ratio = statistics.median(mean_step(name, r) / mean_step(first, r) for r in range(repeats))
-        torch.manual_seed(0)
         act = saved_activation_bytes(model, batch) / batch_size
         out[name] = {"step_s": base * ratio, "activation_bytes_per_sample": act}
     return out

@@ -73,6 +73,7 @@ def test_cpu_backend_is_the_default_on_cpu_tensors_and_runs(cpu_calls):
 
 
 def test_model_step_on_default_cpu_backends_matches_reference(tiny_config, cpu_calls):
+    from mcr import masking
     from mcr.models.mcr import MCR
 
     model = MCR(tiny_config(), pad_token_id=0, mask_token_id=1)
@@ -81,7 +82,7 @@ def test_model_step_on_default_cpu_backends_matches_reference(tiny_config, cpu_c
     attn = (torch.arange(L)[None] < torch.tensor([[L], [6], [2]])).long()
     batch = {"image": torch.randn(B, 1, 32, 32), "input_ids": ids, "attention_mask": attn,
              "special_tokens_mask": torch.zeros_like(ids)}
-    masks = model.draw_masks(B, generator=torch.Generator().manual_seed(0))
+    masks = masking.draw(model.cfg, B, generator=torch.Generator().manual_seed(0))
     params = [p for p in model.parameters() if p.requires_grad]
     results = []
     for forced in ("reference", None):

@@ -5,8 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mcr import masking
 from mcr.engine import build_optimizer
-from mcr.models.mcr import MCR, mask_report_tokens, sincos_position_embedding
+from mcr.masking import mask_report_tokens
+from mcr.models import build_model
+from mcr.models.mcr import MCR, sincos_position_embedding
 
 PAD, CLS, SEP, MASK = 0, 2, 3, 4
 
@@ -25,11 +28,16 @@ def make_batch(cfg, B=4, L=12, seed=0):
             "input_ids": ids, "attention_mask": attn, "special_tokens_mask": special}
 
 
+def draw(cfg, batch_size, seed=0):
+    """The Masks of a batch from a generator seeded with `seed`."""
+    return masking.draw(cfg, batch_size, generator=torch.Generator().manual_seed(seed))
+
+
 @pytest.mark.parametrize("variant", ["mcr", "dual-stream", "abm"])
 def test_forward_backward_every_variant(tiny_config, variant):
     cfg = tiny_config(variant=variant)
-    model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK)
-    losses = model(make_batch(cfg))
+    model = build_model(cfg, pad_token_id=PAD, mask_token_id=MASK)
+    losses = model(make_batch(cfg), draw(cfg, 4))
     assert set(losses) == {"contrastive", "mim", "mrm"}
     for value in losses.values():
         assert value.dim() == 0 and torch.isfinite(value)
@@ -43,39 +51,42 @@ def test_forward_backward_every_variant(tiny_config, variant):
 
 def plain_reconstruction(model, batch, masks):
     """MIM loss and MRM decoder states as MAE and BERT compute them: every patch predicted,
-    then the masked mean over the dropped ones; the MRM blocks on every padded position, then
-    the masked positions' rows ([M, text_width])."""
+    then the masked mean over the dropped ones; the MRM blocks on each report alone (its
+    non-padding tokens, no packing), then the masked positions' rows ([M, text_width])."""
     imgs, attn = batch["image"], batch["attention_mask"]
-    latent, mask = model.encode_image(imgs, masks["ids_keep"], masks["ids_restore"])
-    pred = model.reconstruct_image(latent, masks["ids_restore"])
+    latent = model.encode_image(imgs, masks.ids_keep)
+    mask = masks.patch_mask(imgs.dtype)
+    pred = model.reconstruct_image(latent, masks.ids_restore)
     mim = (((pred - model.patchify(imgs)) ** 2).mean(-1) * mask).sum() / mask.sum()
     masked_ids, labels = model.mask_text(batch["input_ids"], attn, batch["special_tokens_mask"], masks)
-    txt = model.encode_text(masked_ids, attn)
-    h = model.condition_report(txt, latent)
-    for blk in model.mrm_blocks:
-        h = blk(h, attn_mask=attn.bool()[:, None, None, :])
+    states, packing = model.encode_text(masked_ids, attn)
+    x = model.condition_report(states, packing, latent)
     chosen = labels != -100
-    return mim, h[chosen], (txt, latent, chosen)
+    rows = []
+    for b, (start, end) in enumerate(zip(packing.cu_seqlens[:-1].tolist(), packing.cu_seqlens[1:].tolist())):
+        h = x[start:end].unsqueeze(0)
+        for blk in model.mrm_blocks:
+            h = blk(h)
+        rows.append(h[0][chosen[b, :end - start]])
+    return mim, torch.cat(rows), (states, packing, latent, chosen)
 
 
 @pytest.mark.parametrize("depths", [(1, 1), (2, 2), (3, 0)])
-@pytest.mark.parametrize("unpad", [True, False])
-def test_reconstruction_on_the_loss_rows_equals_the_full_prediction(tiny_config, depths, unpad):
+def test_reconstruction_on_the_loss_rows_equals_the_full_prediction(tiny_config, depths):
     """The last decoder blocks compute only the dropped patches and the masked report tokens:
     the MIM loss, the MRM states the MLM head reads and every gradient equal those of the full
     prediction (float64)."""
     cfg = tiny_config(image_size=48, decoder_depth=depths[0], mrm_decoder_depth=depths[1], image_mask_ratio=0.6)
     model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK).double()
-    model.set_unpad_reports(unpad)
     batch = make_batch(cfg, B=5, L=13, seed=3)  # lengths 13, 10, 5, 12, 13
     batch["image"] = batch["image"].double()
-    masks = model.draw_masks(5, generator=torch.Generator().manual_seed(2))  # 9 patches, 4 kept
+    masks = draw(cfg, 5, seed=2)  # 9 patches, 4 kept
     params = [p for p in model.parameters() if p.requires_grad]
-    want_mim, want_hidden, (txt, latent, chosen) = plain_reconstruction(model, batch, masks)
+    want_mim, want_hidden, (states, packing, latent, chosen) = plain_reconstruction(model, batch, masks)
     assert 0 < chosen.sum() < (batch["attention_mask"] > 0).sum()
-    dropped = masks["ids_restore"].argsort(dim=1)[:, masks["ids_keep"].shape[1]:]
-    got_mim = model.mim_loss(batch["image"], model.reconstruct_image(latent, masks["ids_restore"], dropped), dropped)
-    got_hidden = model.mrm_hidden(txt, batch["attention_mask"], latent, chosen)
+    dropped = masks.ids_dropped
+    got_mim = model.mim_loss(batch["image"], model.reconstruct_image(latent, masks.ids_restore, dropped), dropped)
+    got_hidden = model.mrm_hidden(states, packing, latent, chosen)
     torch.testing.assert_close(got_mim, want_mim, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(got_hidden, want_hidden, atol=1e-12, rtol=1e-10)
     g = torch.randn_like(want_hidden)
@@ -94,40 +105,15 @@ def test_reconstruction_on_the_loss_rows_equals_the_full_prediction(tiny_config,
     torch.testing.assert_close(losses["mrm"].double(), want_mrm, atol=0, rtol=1e-6)  # linear_cross_entropy: fp32
 
 
-@pytest.mark.parametrize("variant", ["mcr", "dual-stream"])
-def test_unpadded_reports_give_the_padded_model_losses_and_gradients(tiny_config, variant):
-    cfg = tiny_config(variant=variant)
-    model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK).double()
-    batch = make_batch(cfg, B=5, L=13)  # lengths 13, 10, 5, 12, 13
-    batch["image"] = batch["image"].double()
-    masks = model.draw_masks(5, generator=torch.Generator().manual_seed(1))
-    results = []
-    for unpad in (True, False):
-        model.set_unpad_reports(unpad)
-        assert ("forward" in model.bert.encoder.__dict__) == unpad
-        model.zero_grad()
-        losses = model(batch, masks)
-        sum(losses.values()).backward()
-        results.append((losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (packed, packed_grads), (padded, padded_grads) = results
-    for name in padded:  # float64: the packed and padded paths differ only in rounding
-        torch.testing.assert_close(packed[name], padded[name], atol=1e-12, rtol=1e-10)
-    assert packed_grads.keys() == padded_grads.keys()
-    for name in padded_grads:
-        torch.testing.assert_close(packed_grads[name], padded_grads[name], atol=1e-12, rtol=1e-9, msg=name)
-
-
 def test_encoder_sees_only_kept_patches(tiny_config):
-    cfg = tiny_config(image_size=64, image_mask_ratio=0.75)  # 16 patches, keep 4 + CLS
-    model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK)
     seen = []
-    model.vit.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
-    model(make_batch(cfg))
-    assert seen == [5]
-    seen.clear()
-    model.cfg.variant = "dual-stream"
-    model(make_batch(cfg))
-    assert seen == [5, 17]  # masked pass, then the unmasked pass for alignment
+    for variant, want in (("mcr", [5]), ("dual-stream", [5, 17])):  # dual-stream: then the unmasked pass
+        cfg = tiny_config(variant=variant, image_size=64, image_mask_ratio=0.75)  # 16 patches, keep 4 + CLS
+        model = build_model(cfg, pad_token_id=PAD, mask_token_id=MASK)
+        model.vit.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+        model(make_batch(cfg), draw(cfg, 4))
+        assert seen == want, variant
+        seen.clear()
 
 
 def test_each_loss_reacts_to_its_inputs(tiny_config):
@@ -136,8 +122,7 @@ def test_each_loss_reacts_to_its_inputs(tiny_config):
     batch = make_batch(cfg)
 
     def run(b, seed=1):
-        torch.manual_seed(seed)
-        return {k: v.item() for k, v in model(b).items()}
+        return {k: v.item() for k, v in model(b, draw(cfg, 4, seed)).items()}
 
     base = run(batch)
     assert run(batch) == base  # same randomness, same losses
@@ -172,8 +157,7 @@ def test_short_training_lowers_the_loss(tiny_config):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     totals = []
     for step in range(40):
-        torch.manual_seed(step)
-        losses = model(batch)
+        losses = model(batch, draw(cfg, 8, step))
         total = 0.1 * losses["contrastive"] + losses["mim"] + losses["mrm"]
         opt.zero_grad()
         total.backward()
@@ -189,12 +173,12 @@ def test_text_pooling_without_mask_positions(tiny_config):
     cfg = tiny_config(pool_text_masked=False)
     model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK)
     batch = make_batch(cfg)
-    masks = model.draw_masks(4, generator=torch.Generator().manual_seed(3))
+    masks = draw(cfg, 4, seed=3)
     masked_ids, _ = mask_report_tokens(batch["input_ids"], batch["attention_mask"], batch["special_tokens_mask"],
-                                       cfg.text_mask_ratio, MASK, cfg.vocab_size, noise=masks["text_noise"])
+                                       cfg.text_mask_ratio, MASK, cfg.vocab_size, noise=masks.text_noise)
     keep = batch["attention_mask"].bool() & (masked_ids != MASK)
-    latent, _ = model.encode_image(batch["image"], masks["ids_keep"], masks["ids_restore"])
-    txt = model.encode_text(masked_ids, batch["attention_mask"])
+    latent = model.encode_image(batch["image"], masks.ids_keep)
+    txt = model.embed_reports(masked_ids, batch["attention_mask"])
     head = model.text_head
     text_emb = torch.stack([head(txt[b][keep[b]]).mean(0) for b in range(4)])
     image_emb = model.image_head(latent[:, 1:]).mean(1)
@@ -210,7 +194,7 @@ def test_image_pooling_with_cls(tiny_config):
     model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK)
     batch = make_batch(cfg)
     img, _ = model.embed(batch["image"], batch["input_ids"], batch["attention_mask"])
-    latent, _ = model.encode_image(batch["image"])
+    latent = model.encode_image(batch["image"])
     expected = torch.nn.functional.normalize(model.image_head(latent).mean(1), dim=-1)
     torch.testing.assert_close(img, expected, rtol=1e-5, atol=1e-5)
 
@@ -245,7 +229,7 @@ def test_sincos_position_embeddings_stay_fixed(tiny_config):
         before = [t.detach().clone() for t in tables]
         opt = build_optimizer(model, type("Recipe", (), {"weight_decay": 0.05, "lr": 1e-2})())
         optimized = {id(p) for group in opt.param_groups for p in group["params"]}
-        sum(model(make_batch(cfg)).values()).backward()
+        sum(model(make_batch(cfg), draw(cfg, 4)).values()).backward()
         opt.step()
         for table, old in zip(tables, before):
             if kind == "sincos":

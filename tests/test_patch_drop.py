@@ -280,6 +280,7 @@ def test_model_runs_on_every_backend(tiny_config, name):
     """The MCR model calls these ops on its hot path: same losses and grads on every backend."""
     from test_model import make_batch
 
+    from mcr import masking
     from mcr.models.mcr import MCR
 
     ops = [op for op in OPS if name in mcr_kernels.available_backends(op, DEVICE)]
@@ -291,9 +292,9 @@ def test_model_runs_on_every_backend(tiny_config, name):
 
     def run(backend_name, *op_names):
         model.zero_grad()
-        torch.manual_seed(5)
+        masks = masking.draw(cfg, 2, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(5))
         with mcr_kernels.use_backend(backend_name, *op_names):
-            losses = model(batch)
+            losses = model(batch, masks)
         sum(losses.values()).backward()
         return {k: v.item() for k, v in losses.items()}, model.mask_token.grad.clone()
 

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("matplotlib")
 
-from mcr import plot
+from mcr import masking, plot
 from mcr.eval import pictures
 from mcr.eval.protocols import retrieval_metrics
 from mcr.models.mcr import MCR
@@ -103,7 +103,7 @@ def test_reconstruction_error_is_the_models_mim_loss(tiny_run):
     assert mask.shape == (5, 9) and (mask.sum(1) == 9 - int(9 * (1 - cfg.model.image_mask_ratio))).all()
     dropped = mask.reshape(5, 3, 3).repeat_interleave(16, 1).repeat_interleave(16, 2).bool()
     mse = ((pred[:, 0] - batch["image"][:, 0]) ** 2)[dropped].mean()
-    masks = model.draw_masks(5, generator=torch.Generator().manual_seed(3))
+    masks = masking.draw(cfg.model, 5, generator=torch.Generator().manual_seed(3))
     model.eval()
     with torch.no_grad():
         losses = model(batch, masks=masks)

@@ -84,12 +84,12 @@ def test_a_row_added_later_keeps_the_stored_costs(tmp_path):
 
 
 def test_step_costs_time_each_rows_own_variant_model():
-    """mpma and reclf rows are costed with their own classes (they add local alignment), not MCR."""
+    """Each row is costed with its variant's own class, as training builds it."""
     from mcr.study import row_model, train_config
 
     names = {variant: type(row_model(train_config(["--variant", variant]), 64)).__name__
-             for variant in ("mcr", "mpma", "reclf", "abm")}
-    assert names == {"mcr": "MCR", "mpma": "MPMA", "reclf": "RECLF", "abm": "MCR"}
+             for variant in ("mcr", "mpma", "reclf", "abm", "dual-stream")}
+    assert names == {"mcr": "MCR", "mpma": "MPMA", "reclf": "RECLF", "abm": "AbM", "dual-stream": "DualStream"}
 
 
 def test_pool_studies_merges_seeds_across_studies(tmp_path):

@@ -1,18 +1,44 @@
 """The mpma and reclf variants: losses, gradients, their modules' behaviour, the CLI."""
 import pytest
 import torch
-from test_model import MASK, PAD, make_batch
+from test_model import MASK, PAD, draw, make_batch
 from test_train import run_args
 
+import mcr_kernels
 from mcr import checkpoint
-from mcr.models.mpma import MPMA
+from mcr.config import VARIANTS
+from mcr.models import VARIANT_MODELS, AbM, DualStream, build_model
+from mcr.models.mcr import MCR
+from mcr.models.mpma import MPMA, CrossAttentionBlock
 from mcr.models.reclf import RECLF
 from mcr.train import main
 
 
 def model_of(tiny_config, variant, **kw):
-    model_class = {"mpma": MPMA, "reclf": RECLF}[variant]
-    return model_class(tiny_config(variant=variant, **kw), pad_token_id=PAD, mask_token_id=MASK)
+    return build_model(tiny_config(variant=variant, **kw), pad_token_id=PAD, mask_token_id=MASK)
+
+
+def test_every_variant_is_a_subclass_of_mcr_built_in_one_place(tiny_config):
+    assert tuple(VARIANT_MODELS) == VARIANTS
+    for variant, cls in (("mcr", MCR), ("dual-stream", DualStream), ("abm", AbM), ("mpma", MPMA),
+                         ("reclf", RECLF)):
+        model = model_of(tiny_config, variant)
+        assert type(model) is cls and isinstance(model, MCR)
+    with pytest.raises(ValueError, match="--variant"):
+        build_model(tiny_config().__class__(variant="nope"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_transformer_blocks_names_every_block(tiny_config, variant):
+    """FSDP's units and --compile's graphs: every attention block of the model, MPMA's fusion too."""
+    from mcr.models.blocks import Block
+    from mcr.models.encoders import BertLayer
+
+    model = model_of(tiny_config, variant, mrm_decoder_depth=2)
+    blocks = model.transformer_blocks()
+    every = [m for m in model.modules() if isinstance(m, (Block, BertLayer, CrossAttentionBlock))]
+    assert len(blocks) == len(set(map(id, blocks))) and set(map(id, blocks)) == set(map(id, every))
+    assert len(every) == 1 + 1 + 2 + 1 + (2 if variant == "mpma" else 0)
 
 
 @pytest.mark.parametrize("variant,extra", [
@@ -21,7 +47,7 @@ def model_of(tiny_config, variant, **kw):
 ])
 def test_forward_backward_reaches_every_new_module(tiny_config, variant, extra):
     model = model_of(tiny_config, variant, local_scale_learnable=True)
-    losses = model(make_batch(model.cfg))
+    losses = model(make_batch(model.cfg), draw(model.cfg, 4))
     assert set(losses) == {"contrastive", "mim", "mrm", "local"}
     for value in losses.values():
         assert value.dim() == 0 and torch.isfinite(value)
@@ -33,7 +59,7 @@ def test_forward_backward_reaches_every_new_module(tiny_config, variant, extra):
 
 def test_local_loss_gradient_reaches_the_encoders_through_local_matching(tiny_config):
     model = model_of(tiny_config, "mpma")
-    model(make_batch(model.cfg))["local"].backward()
+    model(make_batch(model.cfg), draw(model.cfg, 4))["local"].backward()
     for name in ["vit.blocks.0.attn.qkv.weight", "bert.encoder.layer.0.attention.self.query.weight"]:
         assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
 
@@ -51,11 +77,38 @@ def test_mpma_reconstruction_reads_the_image_and_the_memory(tiny_config):
     assert isinstance(model, MPMA) and len(model.fusion_blocks) == 2
     cfg = model.cfg
     text, latent = torch.randn(2, 6, cfg.text_width), torch.randn(2, 4, cfg.vit_width)
-    base = model.condition_report(text, latent)
-    assert not torch.allclose(base, model.condition_report(text, latent + 1.0))
+    states, packing = packed(text, torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6], dtype=torch.bool))
+    base = model.condition_report(states, packing, latent)
+    assert not torch.allclose(base, model.condition_report(states, packing, latent + 1.0))
     with torch.no_grad():
         model.memory.add_(1.0)
-    assert not torch.allclose(base, model.condition_report(text, latent))
+    assert not torch.allclose(base, model.condition_report(states, packing, latent))
+
+
+def packed(tokens, mask):
+    """(packed tokens, Packing) of tokens [B, L, D] at mask bool [B, L]."""
+    from mcr.models.encoders import Packing
+
+    x, indices, cu_seqlens, max_seqlen = mcr_kernels.unpad_input(tokens, mask)
+    return x, Packing(indices, cu_seqlens, max_seqlen, *mask.shape)
+
+
+def test_cross_attention_on_packed_reports_equals_the_padded_batch():
+    """Each packed report attends to its own context: the rows of the padded computation
+    (float64), gradients included."""
+    torch.manual_seed(0)
+    block = CrossAttentionBlock(16, 2).double()
+    tokens, context = torch.randn(3, 5, 16, dtype=torch.float64), torch.randn(3, 4, 16, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    x, packing = packed(tokens, mask)
+    got = block(x, context, varlen=packing.varlen)
+    want = block(tokens, context)[mask]
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    g = torch.randn_like(got)
+    got_grads = torch.autograd.grad((got * g).sum(), list(block.parameters()))
+    want_grads = torch.autograd.grad((want * g).sum(), list(block.parameters()))
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-9)
 
 
 def test_reclf_word_weights_irm_and_srm(tiny_config):

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from mcr import masking
 from mcr.data.batching import IMAGE_MEAN, IMAGE_STD
 from mcr.eval.embedding import embed, split_reports
 from mcr.eval.protocols import identical_texts, require_finite
@@ -166,15 +167,15 @@ def reconstruct(model, images, seed=0):
     was_training = model.training
     model.eval()
     device = images.device
-    masks = model.draw_masks(images.shape[0], device=device,
-                             generator=torch.Generator(device=device).manual_seed(seed))
-    latent, mask = model.encode_image(images, masks["ids_keep"], masks["ids_restore"])
-    pred = model.reconstruct_image(latent, masks["ids_restore"]).float()
+    masks = masking.draw(model.cfg, images.shape[0], device=device,
+                         generator=torch.Generator(device=device).manual_seed(seed))
+    latent = model.encode_image(images, masks.ids_keep)
+    pred = model.reconstruct_image(latent, masks.ids_restore).float()
     if model.cfg.norm_pix_loss:
         target = model.patchify(images).float()
         pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
     model.train(was_training)
-    return mask.float(), unpatchify(pred, model.cfg.patch_size, images.shape[1])
+    return masks.patch_mask(), unpatchify(pred, model.cfg.patch_size, images.shape[1])
 
 
 def to_pixels(images):

@@ -5,24 +5,26 @@ of report tokens replaced by [MASK]. The same masked features feed
   - masked image modelling: an MAE decoder restores the sequence and predicts pixels,
   - masked report modelling: an MLM head (optionally image-conditioned) predicts tokens,
   - MbA alignment: every local token mapped into the joint space, then pooled, InfoNCE.
-Variants: "dual-stream" (unmasked second pass for the contrastive loss, the baseline) and
-"abm" (aggregate, then map); "mpma" and "reclf" subclass MCR (mcr.models.mpma, .reclf,
-built by mcr.run.build_model). The hot spots go through mcr_kernels' public ops.
+The masks come from mcr.masking (drawn once per step by the engine). The encoders and
+decoders are the project's own (mcr.models.encoders, .blocks) with timm's and Hugging Face's
+parameter names; the report tokens are packed once per step and stay packed through the
+report encoder and the MRM decoder. The variants (dual-stream, abm, mpma, reclf) subclass
+MCR; mcr.models.build_model picks one.
 """
 import math
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
-from transformers import BertConfig, BertModel
+from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
 import mcr_kernels
+from mcr import masking
+from mcr.models.blocks import Block
+from mcr.models.encoders import ReportEncoder, VisionTransformer
 from mcr_kernels import ProjectionHead
-from mcr_kernels.integrations import apply_to_hf, apply_to_timm
-from mcr_kernels.integrations._patching import unpatch_forward
 
 
 def bert_config(cfg, pad_token_id=0):
@@ -32,48 +34,6 @@ def bert_config(cfg, pad_token_id=0):
         num_attention_heads=cfg.text_heads, intermediate_size=cfg.text_intermediate,
         max_position_embeddings=max(512, cfg.max_text_len), pad_token_id=pad_token_id,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-
-
-def mask_report_tokens(input_ids, attention_mask, special_mask, ratio, mask_id, vocab_size,
-                       replace=False, generator=None, noise=None):
-    """BERT-style masking of round(ratio * n) ordinary tokens per report (at least one).
-
-    input_ids/attention_mask/special_mask [B, L]. Returns (masked_ids, labels) with labels
-    = original id at masked positions and -100 elsewhere. replace=True applies 80/10/10.
-    noise: optional float [B, >=L, 2] uniform draws (see MCR.draw_masks); else drawn here.
-    """
-    B, L = input_ids.shape
-    if noise is None:
-        noise = torch.rand(B, L, 2, device=input_ids.device, generator=generator)
-    scores, u = noise[:, :L, 0], noise[:, :L, 1]
-    candidates = attention_mask.bool() & ~special_mask.bool()
-    scores = scores.masked_fill(~candidates, 2.0)
-    rank = scores.argsort(dim=1).argsort(dim=1)
-    num = (candidates.sum(1, keepdim=True) * ratio).round().clamp(min=1)
-    chosen = (rank < num) & candidates
-    labels = input_ids.masked_fill(~chosen, -100)
-    masked = input_ids.masked_fill(chosen, mask_id)
-    if replace:  # u in [0.8, 0.9): a random token (drawn from u itself), [0.9, 1): unchanged
-        random_ids = ((u - 0.8) * 10 * vocab_size).long().clamp(0, vocab_size - 1)
-        masked = torch.where(chosen & (u >= 0.8) & (u < 0.9), random_ids, masked)
-        masked = torch.where(chosen & (u >= 0.9), input_ids, masked)
-    return masked, labels
-
-
-def balanced_keep_indices(batch_size, grid, num_keep, *, device=None, generator=None):
-    """MAE-convention masks (ids_keep int64 [B, K], ids_restore int64 [B, N]) that keep the
-    same number of patches, chosen at random, in every 2x2 block of a grid x grid patch grid,
-    so that every region of the image stays represented (grid even, K divisible by the
-    number of blocks)."""
-    half = grid // 2
-    by, bx = torch.meshgrid(torch.arange(half, device=device), torch.arange(half, device=device), indexing="ij")
-    dy, dx = torch.tensor([0, 0, 1, 1], device=device), torch.tensor([0, 1, 0, 1], device=device)
-    block_patches = ((2 * by.reshape(-1, 1) + dy) * grid + 2 * bx.reshape(-1, 1) + dx)  # [blocks, 4]
-    per_block = num_keep // block_patches.shape[0]
-    order = torch.rand(batch_size, *block_patches.shape, device=device, generator=generator).argsort(-1)
-    ranked = block_patches.expand(batch_size, -1, -1).gather(-1, order)
-    ids_shuffle = torch.cat([ranked[..., :per_block].flatten(1), ranked[..., per_block:].flatten(1)], dim=1)
-    return ids_shuffle[:, :num_keep].contiguous(), ids_shuffle.argsort(dim=1)
 
 
 def sincos_position_embedding(grid, dim):
@@ -120,33 +80,25 @@ class MCR(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.mask_token_id = mask_token_id
-        # image encoder: timm ViT, attention through mcr_kernels
-        self.vit = VisionTransformer(
-            img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
-            embed_dim=cfg.vit_width, depth=cfg.vit_depth, num_heads=cfg.vit_heads,
-            num_classes=0, global_pool="token", class_token=True)
-        apply_to_timm(self.vit)
+        # image encoder: a ViT with timm's names
+        self.vit = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.in_chans, cfg.vit_width, cfg.vit_depth,
+                                     cfg.vit_heads)
         num_patches = self.vit.patch_embed.num_patches
         # MAE decoder
         self.decoder_embed = nn.Linear(cfg.vit_width, cfg.decoder_width)
         self.mask_token = nn.Parameter(torch.zeros(cfg.decoder_width))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, cfg.decoder_width))
-        self.decoder_blocks = nn.ModuleList(
-            Block(cfg.decoder_width, cfg.decoder_heads, qkv_bias=True) for _ in range(cfg.decoder_depth))
-        apply_to_timm(self.decoder_blocks)
+        self.decoder_blocks = nn.ModuleList(Block(cfg.decoder_width, cfg.decoder_heads)
+                                            for _ in range(cfg.decoder_depth))
         self.decoder_norm = nn.LayerNorm(cfg.decoder_width)
         self.decoder_pred = nn.Linear(cfg.decoder_width, cfg.patch_size ** 2 * cfg.in_chans)
-        # report encoder: HF BERT, attention through mcr_kernels
+        # report encoder: a BERT with Hugging Face's names, on packed reports
         self.bert_config = bert_config(cfg, pad_token_id)
-        self.bert = BertModel(self.bert_config, add_pooling_layer=False)
-        apply_to_hf(self.bert)
+        self.bert = ReportEncoder(self.bert_config)
         # masked report modelling: optional image conditioning + small encoder + MLM head
         self.image_to_text = nn.Linear(cfg.vit_width, cfg.text_width) if cfg.image_conditioned_mrm else None
-        self.mrm_blocks = nn.ModuleList(
-            Block(cfg.text_width, cfg.text_heads, qkv_bias=True) for _ in range(cfg.mrm_decoder_depth))
-        apply_to_timm(self.mrm_blocks)
+        self.mrm_blocks = nn.ModuleList(Block(cfg.text_width, cfg.text_heads) for _ in range(cfg.mrm_decoder_depth))
         self.mlm_head = BertOnlyMLMHead(self.bert_config)
-        self.set_unpad_reports(True)
         # HF ties this output bias inside BertForMaskedLM; standalone, tie it here (one parameter)
         self.mlm_head.predictions.bias = self.mlm_head.predictions.decoder.bias
         # MbA heads and temperature
@@ -164,14 +116,10 @@ class MCR(nn.Module):
                 pos.data.copy_(sincos_position_embedding(grid, pos.shape[-1]))
                 pos.requires_grad_(False)
 
-    def set_unpad_reports(self, on):
-        """Run the report encoder and the MRM decoder on the non-padding tokens only (packed;
-        the default) or on every padded position (the same results where it is not padding)."""
-        self.unpad_reports = on
-        if on:
-            apply_to_hf(self.bert, unpad=True)
-        else:
-            unpatch_forward(self.bert.encoder)
+    def transformer_blocks(self):
+        """Every transformer block of the model (the encoders', the decoders', a variant's own):
+        the units of FSDP and of --compile (mcr.distributed, mcr.engine)."""
+        return [*self.vit.blocks, *self.decoder_blocks, *self.mrm_blocks, *self.bert.encoder.layer]
 
     # --- image ---------------------------------------------------------------------------
 
@@ -182,20 +130,10 @@ class MCR(nn.Module):
         x = imgs.reshape(B, C, H // p, p, W // p, p)
         return torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
 
-    def encode_image(self, imgs, ids_keep=None, ids_restore=None):
-        """-> latent [B, 1 + K, D] (CLS first), mask [B, N] (1 = dropped); only the patches
-        ids_keep [B, K] are encoded (all of them, mask None, when ids_keep is None)."""
-        vit = self.vit
-        x = vit.patch_embed(imgs) + vit.pos_embed[:, 1:]
-        mask = None
-        if ids_keep is not None:  # position embedding added before the drop (MAE)
-            x = mcr_kernels.gather_tokens(x, ids_keep)
-            mask = (ids_restore >= ids_keep.shape[1]).to(x.dtype)
-        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        for blk in vit.blocks:
-            x = blk(x)
-        return vit.norm(x), mask
+    def encode_image(self, imgs, ids_keep=None):
+        """-> latent [B, 1 + K, D] (CLS first) of the patches ids_keep int64 [B, K] only (all
+        N of them when ids_keep is None)."""
+        return self.vit(imgs, ids_keep)
 
     def reconstruct_image(self, latent, ids_restore, rows=None):
         """MAE decoder: latent [B, 1 + K, D] -> pixel predictions [B, N, p*p*C] of every patch,
@@ -225,28 +163,24 @@ class MCR(nn.Module):
     # --- text ----------------------------------------------------------------------------
 
     def encode_text(self, input_ids, attention_mask):
-        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        """input_ids, attention_mask int64 [B, L] -> (states [total, text_width] of the
+        non-padding tokens, packed in row-major order, and their encoders.Packing)."""
+        return self.bert(input_ids, attention_mask)
 
-    def mrm_hidden(self, text_tokens, attention_mask, image_latent, chosen):
+    def mrm_hidden(self, states, packing, image_latent, chosen):
         """MRM decoder states [M, text_width] of the positions chosen bool [B, L] (the masked
-        report tokens, row-major order): the masked report's tokens, conditioned on the image
+        report tokens, row-major order): the packed report states, conditioned on the image
         (condition_report), through the MRM blocks; the last block computes just those rows."""
-        x = self.condition_report(text_tokens, image_latent)
+        x = self.condition_report(states, packing, image_latent)
+        rows = chosen.flatten()[packing.indices].nonzero().squeeze(1)  # the packed rows that are chosen
         if not self.mrm_blocks:
-            return x[chosen]
-        if not self.unpad_reports:
-            key_padding = attention_mask.bool()[:, None, None, :]  # SDPA's key padding shape
-            for blk in self.mrm_blocks:
-                x = blk(x, attn_mask=key_padding)
-            return x[chosen]
-        x, indices, cu_seqlens, max_seqlen = mcr_kernels.unpad_input(x, attention_mask.bool())
+            return x[rows]
         *blocks, last = self.mrm_blocks
-        for blk in blocks:  # apply_to_timm's Block forward on packed sequences
-            x = blk(x, varlen=(cu_seqlens, max_seqlen))
+        for blk in blocks:
+            x = blk(x, varlen=packing.varlen)
         counts = chosen.sum(1)
-        rows = chosen.flatten()[indices].nonzero().squeeze(1)  # the packed rows that are chosen
         out_rows = (rows, F.pad(counts.cumsum(0), (1, 0)).int(), int(counts.max()))
-        return last(x, varlen=(cu_seqlens, max_seqlen), out_rows=out_rows)
+        return last(x, varlen=packing.varlen, out_rows=out_rows)
 
     def mrm_loss(self, hidden, labels):
         """Cross-entropy of hidden [M, text_width], the states of the masked positions, against
@@ -258,17 +192,18 @@ class MCR(nn.Module):
                                                  head.decoder.bias, labels, reduction="sum")
         return global_mean(total, torch.tensor(labels.numel(), device=labels.device))
 
-    def condition_report(self, text_tokens, image_latent):
-        """The MRM decoder's input: the report tokens plus the projected mean visible image
-        token (image_conditioned_mrm); the mpma variant replaces this with MA-CMF."""
+    def condition_report(self, states, packing, image_latent):
+        """The MRM decoder's input [total, text_width]: the packed report states plus the
+        projected mean visible image token of their report (image_conditioned_mrm); the mpma
+        variant replaces this with MA-CMF."""
         if self.image_to_text is None:
-            return text_tokens
-        return text_tokens + self.image_to_text(image_latent[:, 1:].mean(1)).unsqueeze(1)
+            return states
+        return states + self.image_to_text(image_latent[:, 1:].mean(1))[packing.sequence_ids()]
 
     # --- alignment -----------------------------------------------------------------------
 
     def contrastive_loss(self, img_tokens, txt_tokens, txt_mask):
-        """MbA (map every token, then pool) or AbM; img_tokens [B, K, D] as pooled (see
+        """InfoNCE of the pooled embeddings (pool); img_tokens [B, K, D] as pooled (see
         image_tokens). Under torch.distributed the negatives come from every rank (gradients
         flow back)."""
         scale = self.logit_scale.exp().clamp(max=100)
@@ -277,11 +212,9 @@ class MCR(nn.Module):
         return mcr_kernels.infonce_loss(image_emb, text_emb, scale, gather=gather)
 
     def pool(self, img_tokens, txt_tokens, txt_mask):
-        """Joint-space embeddings (image [B, E], text [B, E]), unnormalized: MbA maps every
-        token, then pools; AbM pools, then maps."""
-        if self.cfg.variant == "abm":
-            return (self.image_head(img_tokens.mean(1)),
-                    self.text_head(mcr_kernels.masked_mean(txt_tokens, txt_mask)))
+        """Joint-space embeddings (image [B, E], text [B, E]), unnormalized, of img_tokens
+        [B, K, D] and the positions txt_mask bool [B, L] of txt_tokens [B, L, D]: MbA maps
+        every token, then pools (the abm variant pools, then maps)."""
         return self.image_head.pool(img_tokens, None), self.text_head.pool(txt_tokens, txt_mask)
 
     def image_tokens(self, latent):
@@ -296,6 +229,11 @@ class MCR(nn.Module):
             mask = mask & (labels == -100)
         return mask
 
+    def embed_reports(self, input_ids, attention_mask):
+        """The report encoder's states padded back: [B, L, text_width], zeros at padding."""
+        states, packing = self.encode_text(input_ids, attention_mask)
+        return packing.pad(states)
+
     @torch.no_grad()
     def embed(self, imgs, input_ids, attention_mask, special_tokens_mask=None):
         """Retrieval embeddings, L2-normalized float32: (image [B, E], text [B, E]).
@@ -305,80 +243,65 @@ class MCR(nn.Module):
         inputs always embed the same; special_tokens_mask is needed then)."""
         n = self.cfg.embed_masks
         if n == 0:
-            latent, _ = self.encode_image(imgs)
-            txt = self.encode_text(input_ids, attention_mask)
-            image_emb, text_emb = self.pool(self.image_tokens(latent), txt, attention_mask.bool())
+            image_emb, text_emb = self.pool(self.image_tokens(self.encode_image(imgs)),
+                                            self.embed_reports(input_ids, attention_mask), attention_mask.bool())
             return F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
         if special_tokens_mask is None:
             raise ValueError("embed with embed_masks > 0 needs special_tokens_mask")
         generator = torch.Generator(device=imgs.device).manual_seed(0)
         image_sum, text_sum = 0, 0
         for _ in range(n):
-            masks = self.draw_masks(imgs.shape[0], device=imgs.device, generator=generator)
-            latent, _ = self.encode_image(imgs, masks["ids_keep"], masks["ids_restore"])
+            masks = masking.draw(self.cfg, imgs.shape[0], device=imgs.device, generator=generator)
+            latent = self.encode_image(imgs, masks.ids_keep)
             masked_ids, labels = self.mask_text(input_ids, attention_mask, special_tokens_mask, masks)
-            txt = self.encode_text(masked_ids, attention_mask)
+            txt = self.embed_reports(masked_ids, attention_mask)
             image_emb, text_emb = self.pool(self.image_tokens(latent), txt, self.text_pool_mask(attention_mask, labels))
             image_sum = image_sum + F.normalize(image_emb.float(), dim=-1)
             text_sum = text_sum + F.normalize(text_emb.float(), dim=-1)
         return F.normalize(image_sum, dim=-1), F.normalize(text_sum, dim=-1)
 
     def mask_text(self, input_ids, attention_mask, special_tokens_mask, masks):
-        """(masked ids, MRM labels) of a batch with the text noise of `masks`."""
+        """(masked ids, MRM labels) of a batch with the text noise of masking.Masks `masks`."""
         cfg = self.cfg
-        return mask_report_tokens(input_ids, attention_mask, special_tokens_mask, cfg.text_mask_ratio,
-                                  self.mask_token_id, cfg.vocab_size, cfg.text_mask_replace,
-                                  noise=masks["text_noise"])
+        return masking.mask_report_tokens(input_ids, attention_mask, special_tokens_mask, cfg.text_mask_ratio,
+                                          self.mask_token_id, cfg.vocab_size, cfg.text_mask_replace,
+                                          noise=masks.text_noise)
 
-    def draw_masks(self, batch_size, *, device=None, generator=None):
-        """The random masks of one batch, drawn once for a global batch so that every rank
-        (or a resumed run) can take its rows: ids_keep int64 [B, K], ids_restore int64 [B, N]
-        (MAE convention) and text_noise float32 [B, max_text_len, 2]."""
-        cfg = self.cfg
-        num_patches = self.vit.patch_embed.num_patches
-        num_keep = int(num_patches * (1 - cfg.image_mask_ratio))
-        if cfg.mask_sampling == "balanced":
-            ids_keep, ids_restore = balanced_keep_indices(
-                batch_size, cfg.image_size // cfg.patch_size, num_keep, device=device, generator=generator)
-        else:
-            ids_keep, ids_restore = mcr_kernels.random_keep_indices(
-                batch_size, num_patches, num_keep, device=device, generator=generator)
-        text_noise = torch.rand(batch_size, cfg.max_text_len, 2, device=device, generator=generator)
-        return {"ids_keep": ids_keep, "ids_restore": ids_restore, "text_noise": text_noise}
-
-    def forward(self, batch, masks=None, generator=None, unmasked=False):
-        """Masked forward; returns a dict of the three losses (float32 scalars).
-
-        masks: from draw_masks (rows of this batch); drawn here with `generator` if None.
-        unmasked=True: one unmasked pass per modality and the contrastive loss alone (the
-        reconstruction losses are zeros), for unmasked tuning at the end of training (FLIP)."""
-        cfg = self.cfg
+    def forward(self, batch, masks=None, unmasked=False):
+        """Masked forward with masking.Masks `masks` (this batch's rows); returns a dict of the
+        losses (float32 scalars). unmasked=True (no masks): one unmasked pass per modality and
+        the alignment losses alone (the reconstruction losses are zeros), for unmasked tuning
+        (FLIP)."""
         imgs, ids, attn = batch["image"], batch["input_ids"], batch["attention_mask"]
-        special = batch["special_tokens_mask"].bool()
         if unmasked:
-            latent, _ = self.encode_image(imgs)
-            txt = self.encode_text(ids, attn)
             zero = torch.zeros((), device=imgs.device)
-            return {"mim": zero, "mrm": zero, **self.alignment_losses(self.image_tokens(latent), txt, attn.bool(),
-                                                                      attn.bool() & ~special)}
+            return {"mim": zero, "mrm": zero, **self.unmasked_alignment(batch)}
         if masks is None:
-            masks = self.draw_masks(imgs.shape[0], device=imgs.device, generator=generator)
-        latent, _ = self.encode_image(imgs, masks["ids_keep"], masks["ids_restore"])
+            raise ValueError("MCR.forward needs masks (mcr.masking.draw) unless unmasked=True")
+        latent = self.encode_image(imgs, masks.ids_keep)
         masked_ids, labels = self.mask_text(ids, attn, batch["special_tokens_mask"], masks)
-        txt = self.encode_text(masked_ids, attn)
-        dropped = masks["ids_restore"].argsort(dim=1)[:, masks["ids_keep"].shape[1]:]  # [B, N - K]
+        states, packing = self.encode_text(masked_ids, attn)
         chosen = labels != -100
-        losses = {"mim": self.mim_loss(imgs, self.reconstruct_image(latent, masks["ids_restore"], dropped), dropped),
-                  "mrm": self.mrm_loss(self.mrm_hidden(txt, attn, latent, chosen), labels[chosen])}
-        if cfg.variant == "dual-stream":  # second, unmasked pass per modality for alignment
-            full_latent, _ = self.encode_image(imgs)
-            full_txt = self.encode_text(ids, attn)
-            losses.update(self.alignment_losses(self.image_tokens(full_latent), full_txt, attn.bool(),
-                                                attn.bool() & ~special))
-        else:
-            pool_mask = self.text_pool_mask(attn, labels)
-            losses.update(self.alignment_losses(self.image_tokens(latent), txt, pool_mask, pool_mask & ~special))
+        dropped = masks.ids_dropped
+        losses = {"mim": self.mim_loss(imgs, self.reconstruct_image(latent, masks.ids_restore, dropped), dropped),
+                  "mrm": self.mrm_loss(self.mrm_hidden(states, packing, latent, chosen), labels[chosen])}
+        losses.update(self.masked_alignment(batch, latent, packing.pad(states), labels))
         return losses
+
+    def masked_alignment(self, batch, latent, txt_tokens, labels):
+        """The alignment losses on the masked pass's features: latent [B, 1 + K, D], the report
+        states txt_tokens [B, L, D] (padded back), the MRM labels [B, L]."""
+        special = batch["special_tokens_mask"].bool()
+        pool_mask = self.text_pool_mask(batch["attention_mask"], labels)
+        return self.alignment_losses(self.image_tokens(latent), txt_tokens, pool_mask, pool_mask & ~special)
+
+    def unmasked_alignment(self, batch):
+        """The alignment losses of one unmasked pass per modality."""
+        attn = batch["attention_mask"]
+        latent = self.encode_image(batch["image"])
+        txt = self.embed_reports(batch["input_ids"], attn)
+        words = attn.bool() & ~batch["special_tokens_mask"].bool()
+        return self.alignment_losses(self.image_tokens(latent), txt, attn.bool(), words)
 
     def alignment_losses(self, img_tokens, txt_tokens, txt_mask, word_mask):
         """{"contrastive": InfoNCE}; the mpma and reclf variants add their local loss.

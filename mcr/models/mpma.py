@@ -19,7 +19,7 @@ from mcr.models.mcr import MCR
 
 
 class CrossAttentionBlock(nn.Module):
-    """Pre-norm residual cross-attention (x [B, L, D] attends to context [B, M, D]), then an MLP."""
+    """Pre-norm residual cross-attention (each sequence of x attends to its context), then an MLP."""
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -28,13 +28,25 @@ class CrossAttentionBlock(nn.Module):
         self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
         self.mlp = Mlp(dim, 4 * dim)
 
-    def forward(self, x, context):
-        B, L, D = x.shape
-        H = self.heads
-        q = self.q(self.norm_x(x)).view(B, L, H, D // H).transpose(1, 2)
-        k, v = self.kv(self.norm_context(context)).view(B, -1, 2, H, D // H).permute(2, 0, 3, 1, 4)
-        out = mcr_kernels.flash_attention(q, k, v)
-        x = x + self.proj(out.transpose(1, 2).reshape(B, L, D))
+    def forward(self, x, context, varlen=None):
+        """x [B, L, D] attends to context [B, M, D] -> [B, L, D]; with varlen=(cu_seqlens int32
+        [B + 1], max_seqlen), x is packed sequences [total, D] (sequence b attends to
+        context[b]) -> [total, D]."""
+        D, H = x.shape[-1], self.heads
+        B, M, _ = context.shape
+        q = self.q(self.norm_x(x))
+        kv = self.kv(self.norm_context(context))
+        if varlen is None:
+            L = x.shape[1]
+            k, v = kv.view(B, M, 2, H, D // H).permute(2, 0, 3, 1, 4)
+            out = mcr_kernels.flash_attention(q.view(B, L, H, D // H).transpose(1, 2), k, v).transpose(1, 2)
+        else:
+            cu_seqlens, max_seqlen = varlen
+            k, v = kv.view(B * M, 2, H, D // H).unbind(1)
+            cu_seqlens_context = torch.arange(0, (B + 1) * M, M, dtype=torch.int32, device=x.device)
+            out = mcr_kernels.flash_attention_varlen(q.view(-1, H, D // H), k, v, cu_seqlens, cu_seqlens_context,
+                                                     max_seqlen, M)
+        x = x + self.proj(out.reshape(x.shape))
         return x + self.mlp(self.norm_mlp(x))
 
 
@@ -50,15 +62,18 @@ class MPMA(MCR):
         self.fusion_blocks = nn.ModuleList(CrossAttentionBlock(D, cfg.text_heads) for _ in range(cfg.memory_depth))
         self.local_alignment = LocalAlignment(cfg)
 
-    def condition_report(self, text_tokens, image_latent):
-        """MA-CMF: the visible image tokens read the memory; the report tokens attend to
-        [those tokens ; the memory]. MCR's MRM blocks and MLM head follow."""
+    def transformer_blocks(self):
+        return [*super().transformer_blocks(), self.memory_read, *self.fusion_blocks]
+
+    def condition_report(self, states, packing, image_latent):
+        """MA-CMF: the visible image tokens read the memory; each report's packed tokens attend
+        to [its image's tokens ; the memory]. MCR's MRM blocks and MLM head follow."""
         img = self.image_to_text(image_latent[:, 1:])
         memory = self.memory.to(img.dtype).expand(img.shape[0], -1, -1)
         context = torch.cat([self.memory_read(img, memory), memory], dim=1)
-        x = text_tokens
+        x = states
         for blk in self.fusion_blocks:
-            x = blk(x, context)
+            x = blk(x, context, varlen=packing.varlen)
         return x
 
     def alignment_losses(self, img_tokens, txt_tokens, txt_mask, word_mask):
