@@ -17,7 +17,16 @@ import sys
 
 import yaml
 
-from mcr.config import VARIANTS, ModelConfig, TrainConfig, config_from_dict, config_to_dict, flag
+from mcr.config import (
+    VARIANTS,
+    ModelConfig,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    flag,
+    model_sections,
+    section_flat_names,
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -31,19 +40,28 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     pass
 
 
-def add_fields(parser, cls, defaults):
-    """One flag per field of dataclass `cls` (not nested dataclasses), defaults from `defaults`."""
+def add_fields(parser, cls, defaults, prefix=""):
+    """One flag per field of dataclass `cls` (not nested dataclasses), defaults from `defaults`;
+    prefix: the flag prefix of a ModelConfig section's fields (its dest is the flat name,
+    e.g. local_attn_scale)."""
     for f in dataclasses.fields(cls):
-        if f.type is ModelConfig:
+        if f.type is ModelConfig or "prefix" in f.metadata:
             continue
-        meta, default = f.metadata, getattr(defaults, f.name)
+        meta, default, name = f.metadata, getattr(defaults, f.name), flag(prefix + f.name)
         if f.type is bool:
-            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default,
-                                help=meta["help"])
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
         else:
-            parser.add_argument(flag(f.name), type=f.type, choices=meta.get("choices"), default=default,
+            parser.add_argument(name, type=f.type, choices=meta.get("choices"), default=default,
                                 metavar=None if meta.get("choices") else f.type.__name__.upper(),
                                 help=meta["help"])
+
+
+def add_model_fields(parser, defaults):
+    """The flags of ModelConfig `defaults`' fields, then of each variant section's, in a group each."""
+    add_fields(parser.add_argument_group("model (defaults: the preset's shape)"), ModelConfig, defaults)
+    for name, cls, prefix in model_sections():
+        field_help = next(f for f in dataclasses.fields(ModelConfig) if f.name == name).metadata["help"]
+        add_fields(parser.add_argument_group(f"model.{name} ({field_help})"), cls, getattr(defaults, name), prefix)
 
 
 def read_config_file(path, parser):
@@ -81,11 +99,11 @@ def parse_train_args(argv=None, prog="python -m mcr.train", description=None):
     parser.add_argument("--config", metavar="FILE.yaml", help="read fields from this YAML file (flags override it)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     add_fields(parser, TrainConfig, base)
-    add_fields(parser.add_argument_group("model (defaults: the preset's shape)"), ModelConfig, base.model)
+    add_model_fields(parser, base.model)
     args = vars(parser.parse_args(argv))
     print_config = args.pop("print_config")
     args.pop("config")
-    model_names = {f.name for f in dataclasses.fields(ModelConfig)}
+    model_names = {f.name for f in dataclasses.fields(ModelConfig)} | set(section_flat_names())
     model = {k: args.pop(k) for k in list(args) if k in model_names}
     try:
         cfg = config_from_dict({**args, "model": model})

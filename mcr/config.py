@@ -34,6 +34,43 @@ def from_preset(help, minimum=None):
     return option(None, help, minimum=minimum)
 
 
+def section(cls, prefix, help):
+    """A ModelConfig field holding one variant's settings (dataclass `cls`, made with its
+    defaults); its fields' flags are --<prefix><field>."""
+    return field(default_factory=cls, metadata={"help": help, "prefix": prefix})
+
+
+@dataclass
+class LocalConfig:
+    """The local (word-to-region) alignment of the mpma and reclf variants (docs/method.md);
+    flags --local-<field>."""
+    attn_scale: float = option(4.0, "mpma/reclf: scale of the word-to-region attention logits (GLoRIA's gamma1)")
+    agg_scale: float = option(5.0, "mpma: scale of the log-sum-exp over a pair's word matchings (GLoRIA's "
+                              "gamma2)", minimum=1e-4)
+    logit_scale: float = option(10.0, "mpma/reclf: the local loss's logits are the local matching scores times "
+                                "this (GLoRIA's gamma3); the initial value when learnable", minimum=1e-4)
+    scale_learnable: bool = option(False, "mpma/reclf: learn the local logit scale (log-parametrized, capped at 100)")
+
+
+@dataclass
+class MPMAConfig:
+    """MA-CMF, the memory-augmented fusion of the mpma variant's report reconstruction."""
+    memory_slots: int = option(16, "mpma: slots S of MA-CMF's learned cross-modal memory", minimum=1)
+    memory_depth: int = option(1, "mpma: cross-attention blocks from report tokens to [visible image tokens; "
+                               "memory]", minimum=1)
+
+
+@dataclass
+class RECLFConfig:
+    """The word weights of the reclf variant's local loss."""
+    irm_hidden: int = option(64, "reclf: hidden width of the IRM head (a non-negative importance per word)",
+                             minimum=1)
+    srm_mix: float = option(0.5, "reclf: share of a word's weight that SRM takes from its related words "
+                            "(0 = IRM only)", minimum=0, maximum=1)
+    srm_temperature: float = option(0.1, "reclf: temperature of SRM's row-softmax over the report's token "
+                                    "cosine similarities", minimum=1e-4)
+
+
 @dataclass
 class ModelConfig:
     """Shapes and method choices of the MCR model (defaults: the small preset)."""
@@ -75,24 +112,29 @@ class ModelConfig:
     pool_image_cls: bool = option(False, "MbA pools the CLS token with the kept patches")
     embed_masks: int = option(0, "retrieval embeddings: 0 = of the unmasked inputs; n = mean over n masks at the "
                               "training ratios", minimum=0)
-    # local (word-to-region) alignment of the mpma and reclf variants (docs/method.md)
-    local_attn_scale: float = option(4.0, "mpma/reclf: scale of the word-to-region attention logits (GLoRIA's "
-                                     "gamma1)")
-    local_agg_scale: float = option(5.0, "mpma: scale of the log-sum-exp over a pair's word matchings (GLoRIA's "
-                                    "gamma2)", minimum=1e-4)
-    local_logit_scale: float = option(10.0, "mpma/reclf: the local loss's logits are the local matching scores "
-                                      "times this (GLoRIA's gamma3); the initial value when learnable", minimum=1e-4)
-    local_scale_learnable: bool = option(False, "mpma/reclf: learn the local logit scale (log-parametrized, "
-                                         "capped at 100)")
-    memory_slots: int = option(16, "mpma: slots S of MA-CMF's learned cross-modal memory", minimum=1)
-    memory_depth: int = option(1, "mpma: cross-attention blocks from report tokens to [visible image tokens; "
-                               "memory]", minimum=1)
-    irm_hidden: int = option(64, "reclf: hidden width of the IRM head (a non-negative importance per word)",
-                             minimum=1)
-    srm_mix: float = option(0.5, "reclf: share of a word's weight that SRM takes from its related words "
-                            "(0 = IRM only)", minimum=0, maximum=1)
-    srm_temperature: float = option(0.1, "reclf: temperature of SRM's row-softmax over the report's token "
-                                    "cosine similarities", minimum=1e-4)
+    local: LocalConfig = section(LocalConfig, "local_", "mpma/reclf: the local word-to-region alignment")
+    mpma: MPMAConfig = section(MPMAConfig, "", "mpma: the memory-augmented fusion MA-CMF")
+    reclf: RECLFConfig = section(RECLFConfig, "", "reclf: the IRM and SRM word weights")
+
+def model_sections():
+    """(section name, its dataclass, its flag prefix) of each variant section of ModelConfig."""
+    return [(f.name, f.type, f.metadata["prefix"]) for f in dataclasses.fields(ModelConfig) if "prefix" in f.metadata]
+
+
+def section_flat_names():
+    """{flat name: (section, field)}: the flag-style names of the section fields (local_attn_scale,
+    memory_slots, ...), the names a flat config.yaml (written before the sections) uses."""
+    return {prefix + f.name: (name, f.name) for name, cls, prefix in model_sections() for f in dataclasses.fields(cls)}
+
+
+def nest_sections(values):
+    """A copy of model field values with flat section names (memory_slots: 3) moved into their
+    section ({"mpma": {"memory_slots": 3}})."""
+    values = dict(values)
+    for flat, (name, field_name) in section_flat_names().items():
+        if flat in values and flat not in {f.name for f in dataclasses.fields(ModelConfig)}:
+            values[name] = {**(values.get(name) or {}), field_name: values.pop(flat)}
+    return values
 
 
 PRESETS = {
@@ -191,18 +233,23 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
-def check_fields(cfg):
-    """ValueError naming the flag when a value is outside its choices or bounds."""
+def check_fields(cfg, prefix=""):
+    """ValueError naming the flag when a value is outside its choices or bounds (the fields of
+    a ModelConfig's sections too; prefix: the flag prefix of a section's fields)."""
     for f in dataclasses.fields(cfg):
         value, meta = getattr(cfg, f.name), f.metadata
+        if "prefix" in meta:
+            check_fields(value, meta["prefix"])
+            continue
         if value is None or isinstance(value, (ModelConfig, dict)):
             continue
+        name = flag(prefix + f.name)
         if meta.get("choices") and value not in meta["choices"]:
-            raise ValueError(f"{flag(f.name)} {value!r} is not one of: {', '.join(meta['choices'])}")
+            raise ValueError(f"{name} {value!r} is not one of: {', '.join(meta['choices'])}")
         if meta.get("min") is not None and value < meta["min"]:
-            raise ValueError(f"{flag(f.name)} must be >= {meta['min']}, got {value}")
+            raise ValueError(f"{name} must be >= {meta['min']}, got {value}")
         if meta.get("max") is not None and value > meta["max"]:
-            raise ValueError(f"{flag(f.name)} must be <= {meta['max']}, got {value}")
+            raise ValueError(f"{name} must be <= {meta['max']}, got {value}")
 
 
 def validate(cfg):
@@ -232,13 +279,22 @@ def validate(cfg):
 
 
 def preset(name, **overrides):
-    """A copy of preset `name`'s ModelConfig with fields replaced; ValueError names what is unknown."""
+    """A copy of preset `name`'s ModelConfig with fields replaced (a section by a dict of its
+    fields, or its fields by their flat names: memory_slots=3); ValueError names what is unknown."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets are {', '.join(PRESETS)}")
+    overrides = nest_sections(overrides)
     unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
+    base = PRESETS[name]
+    for section_name, cls, _ in model_sections():
+        values = overrides.get(section_name, {})
+        if isinstance(values, dict):  # a copy: no two configs share a section
+            unknown |= {f"{section_name}.{k}" for k in set(values) - {f.name for f in dataclasses.fields(cls)}}
+            if not unknown:
+                overrides[section_name] = dataclasses.replace(getattr(base, section_name), **values)
     if unknown:
         raise ValueError(f"unknown model config fields {sorted(unknown)}")
-    cfg = dataclasses.replace(PRESETS[name], **overrides)
+    cfg = dataclasses.replace(base, **overrides)
     validate(cfg)
     return cfg
 
@@ -280,9 +336,10 @@ def config_from_dict(values):
     if "variant" in values:  # config.yaml / state.json written before variant lived in ModelConfig
         model.setdefault("variant", values.pop("variant"))
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)} | set(section_flat_names())
     for name in [k for k in values if k not in known and k in model_fields]:
         model[name] = values.pop(name)  # a flat file may name model fields at top level
+    model = nest_sections(model)  # a file written before the variant sections names their fields flat
     unknown = sorted(set(values) - known) + sorted(set(model) - model_fields)
     if unknown:
         raise ValueError(f"unknown config fields {unknown}")

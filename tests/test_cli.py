@@ -20,6 +20,7 @@ from mcr.config import (
     TrainConfig,
     config_from_dict,
     config_to_dict,
+    model_sections,
 )
 
 
@@ -69,11 +70,15 @@ def help_text(capsys, *argv):
 
 def test_every_flag_has_help_and_the_default_after_the_preset(capsys):
     text = help_text(capsys)
-    for cls in (TrainConfig, ModelConfig):
+    sections = [(cls, prefix) for _, cls, prefix in model_sections()]
+    for cls, prefix in ((TrainConfig, ""), (ModelConfig, ""), *sections):
         for f in dataclasses.fields(cls):
-            if f.type is not ModelConfig:
+            if f.type is not ModelConfig and "prefix" not in f.metadata:
                 assert f.metadata["help"], f.name
-                assert "--" + f.name.replace("_", "-") in text, f.name
+                assert "--" + (prefix + f.name).replace("_", "-") in text, f.name
+    flat = " ".join(text.split())
+    assert "--memory-slots INT mpma: slots S of MA-CMF's learned cross-modal memory (default: 16)" in flat
+    assert "--local-scale-learnable, --no-local-scale-learnable" in flat
     assert "{" + ",".join(VARIANTS) + "}" in text and "{auto,bf16,fp32}" in text
     assert {"mcr", "dual-stream", "abm", "mpma", "reclf"} <= set(VARIANTS)
     assert "--resume, --no-resume" in text
@@ -201,3 +206,28 @@ def test_no_import_cycle_inside_mcr():
 def test_nothing_imports_the_clis():
     for module, deps in mcr_imports().items():
         assert not deps & {"mcr.train", "mcr.evaluate", "mcr.prepare"}, module
+
+
+def test_variant_section_flags_set_the_nested_config(tmp_path, capsys):
+    """The variant settings live in ModelConfig.local / .mpma / .reclf; their flags keep their
+    flat names, --print-config writes them nested, and a flat config.yaml (written before the
+    sections) still reads."""
+    cfg = cli.parse_train_args(["--variant", "mpma", "--memory-slots", "3", "--local-attn-scale", "2.5",
+                                "--srm-mix", "0.25", "--local-scale-learnable"])
+    assert (cfg.model.mpma.memory_slots, cfg.model.local.attn_scale, cfg.model.reclf.srm_mix) == (3, 2.5, 0.25)
+    assert cfg.model.local.scale_learnable and cfg.model.mpma.memory_depth == 1
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_train_args(["--memory-slots", "3", "--print-config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["mpma"] == {"memory_slots": 3, "memory_depth": 1} and "memory_slots" not in printed["model"]
+    flat = {**printed, "model": {k: v for k, v in printed["model"].items() if k not in ("local", "mpma", "reclf")}}
+    flat["model"].update(memory_slots=5, local_agg_scale=7.0, irm_hidden=8)
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(flat))
+    cfg = cli.parse_train_args(["--config", str(path)])
+    assert (cfg.model.mpma.memory_slots, cfg.model.local.agg_scale, cfg.model.reclf.irm_hidden) == (5, 7.0, 8)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_train_args(["--memory-slots", "0"])
+    assert exit_info.value.code == 2
+    assert "--memory-slots must be >= 1, got 0" in capsys.readouterr().err

@@ -118,7 +118,7 @@ def test_reclf_word_weights_irm_and_srm(tiny_config):
     word_mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 1, 0, 0, 0]], dtype=torch.bool)
     importance = model.word_weights(tokens, word_mask)       # IRM alone
     assert (importance >= 0).all() and (importance[~word_mask] == 0).all()
-    model.cfg.srm_mix = 1.0                                  # SRM alone: R u with R row-stochastic
+    model.cfg.reclf.srm_mix = 1.0                            # SRM alone: R u with R row-stochastic
     propagated = model.word_weights(tokens, word_mask)
     assert (propagated[~word_mask] == 0).all() and propagated[2, 2] == 0  # no other word to relate to
     assert propagated[:2].sum(1).max() <= importance[:2].sum(1).max() * 3

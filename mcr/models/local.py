@@ -14,10 +14,11 @@ class LocalAlignment(nn.Module):
     positive is report i. Negatives come from this process's batch only."""
 
     def __init__(self, cfg):
+        """cfg: a ModelConfig; its `local` section sets the scales."""
         super().__init__()
         self.cfg = cfg
-        log_scale = torch.full((1,), math.log(cfg.local_logit_scale))
-        if cfg.local_scale_learnable:
+        log_scale = torch.full((1,), math.log(cfg.local.logit_scale))
+        if cfg.local.scale_learnable:
             self.log_scale = nn.Parameter(log_scale)
         else:
             self.register_buffer("log_scale", log_scale, persistent=False)
@@ -27,8 +28,8 @@ class LocalAlignment(nn.Module):
         [B, L] bool: the words a report is matched by. Returns a float32 scalar."""
         cfg = self.cfg
         scores = mcr_kernels.local_matching(img_local, None, txt_local, word_mask,
-                                            attn_scale=cfg.local_attn_scale, agg=agg,
-                                            agg_scale=cfg.local_agg_scale, word_weights=word_weights)
+                                            attn_scale=cfg.local.attn_scale, agg=agg,
+                                            agg_scale=cfg.local.agg_scale, word_weights=word_weights)
         logits = self.log_scale.exp().clamp(max=100) * scores
         labels = torch.arange(logits.shape[0], device=logits.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2

@@ -57,9 +57,9 @@ class MPMA(MCR):
         super().__init__(cfg, **kwargs)
         D = cfg.text_width
         self.image_to_text = nn.Linear(cfg.vit_width, D)  # every visible token (MCR: their mean)
-        self.memory = nn.Parameter(torch.randn(cfg.memory_slots, D) * 0.02)
+        self.memory = nn.Parameter(torch.randn(cfg.mpma.memory_slots, D) * 0.02)
         self.memory_read = CrossAttentionBlock(D, cfg.text_heads)
-        self.fusion_blocks = nn.ModuleList(CrossAttentionBlock(D, cfg.text_heads) for _ in range(cfg.memory_depth))
+        self.fusion_blocks = nn.ModuleList(CrossAttentionBlock(D, cfg.text_heads) for _ in range(cfg.mpma.memory_depth))
         self.local_alignment = LocalAlignment(cfg)
 
     def transformer_blocks(self):

@@ -25,8 +25,8 @@ class RECLF(MCR):
 
     def __init__(self, cfg, **kwargs):
         super().__init__(cfg, **kwargs)
-        self.irm = nn.Sequential(nn.Linear(cfg.text_width, cfg.irm_hidden), nn.GELU(),
-                                 nn.Linear(cfg.irm_hidden, 1))
+        self.irm = nn.Sequential(nn.Linear(cfg.text_width, cfg.reclf.irm_hidden), nn.GELU(),
+                                 nn.Linear(cfg.reclf.irm_hidden, 1))
         self.local_alignment = LocalAlignment(cfg)
 
     def word_weights(self, txt_tokens, word_mask):
@@ -36,10 +36,10 @@ class RECLF(MCR):
         t = F.normalize(txt_tokens.float(), dim=-1)
         L = t.shape[1]
         related = word_mask[:, :, None] & word_mask[:, None, :] & ~torch.eye(L, dtype=torch.bool, device=t.device)
-        similarity = (t @ t.transpose(1, 2) / cfg.srm_temperature).masked_fill(~related, torch.finfo(t.dtype).min)
+        similarity = (t @ t.transpose(1, 2) / cfg.reclf.srm_temperature).masked_fill(~related, torch.finfo(t.dtype).min)
         relation = torch.softmax(similarity, dim=-1) * related      # a word with no other word: 0
         propagated = (relation @ importance.unsqueeze(-1)).squeeze(-1)
-        return (1 - cfg.srm_mix) * importance + cfg.srm_mix * propagated
+        return (1 - cfg.reclf.srm_mix) * importance + cfg.reclf.srm_mix * propagated
 
     def alignment_losses(self, img_tokens, txt_tokens, txt_mask, word_mask):
         losses = super().alignment_losses(img_tokens, txt_tokens, txt_mask, word_mask)
