@@ -146,3 +146,45 @@ def test_cli_trains_each_variant(tmp_path, variant, flags):
                             "--memory-slots", "4", "--loss-local", "0.5", *flags))
     assert 0 <= results["i2t"]["R@1"] <= 100
     assert checkpoint.read_state(checkpoint.latest_checkpoint(tmp_path))["variant"] == variant
+
+
+def flatten_sections(config):
+    """A config dict as written before the variant sections: their fields flat in `model`."""
+    model = dict(config["model"])
+    model.update(memory_slots=model["mpma"]["memory_slots"], memory_depth=model["mpma"]["memory_depth"],
+                 **{f"local_{k}": v for k, v in model.pop("local").items()}, **model.pop("reclf"))
+    del model["mpma"]
+    return {**config, "model": model}
+
+
+def test_run_folder_written_before_the_sections_loads_and_resumes(tmp_path):
+    """config.yaml and state.json with flat variant fields: the run loads with its settings,
+    and --resume continues it to the same weights as an uninterrupted run."""
+    import json
+    import shutil
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from mcr.run import load_trained
+
+    full, old = tmp_path / "full", tmp_path / "old"
+    flags = ["--max-steps", "4", "--save-every", "2", "--eval-every", "0", "--keep-checkpoints", "5",
+             "--variant", "mpma", "--memory-slots", "3", "--local-attn-scale", "3.0"]
+    main(run_args(full, *flags))
+    shutil.copytree(full, old)
+    shutil.rmtree(old / "checkpoints" / "step_00000004")
+    (old / "checkpoints" / "latest").write_text("step_00000002\n")
+    config_path, state_path = old / "config.yaml", old / "checkpoints" / "step_00000002" / "state.json"
+    config_path.write_text(yaml.safe_dump(flatten_sections(yaml.safe_load(config_path.read_text()))))
+    state = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps({**state, "config": flatten_sections(state["config"])}))
+    assert "memory_slots: 3" in config_path.read_text()
+    model, cfg, *_ = load_trained(str(old))
+    assert (cfg.model.mpma.memory_slots, cfg.model.local.attn_scale) == (3, 3.0) and model.memory.shape[0] == 3
+    main(["--config", str(config_path), "--out-dir", str(old), "--resume", "--max-steps", "4", "--no-pictures"])
+    a = load_file(full / "checkpoints" / "step_00000004" / "model.safetensors")
+    b = load_file(old / "checkpoints" / "step_00000004" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
