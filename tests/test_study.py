@@ -1,4 +1,6 @@
-"""The study runner: rows x seeds, equal-time rows, the table, resuming a killed study."""
+"""The study runner (experiments/study.py): rows x seeds, equal-time rows, the table, resuming a
+killed study."""
+import importlib.util
 import json
 import os
 import shutil
@@ -8,7 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from mcr.study import main, paired_ratio, parse_rows
+EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+_spec = importlib.util.spec_from_file_location("study", EXPERIMENTS / "study.py")
+study_runner = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(study_runner)
+main, paired_ratio, parse_rows = study_runner.main, study_runner.paired_ratio, study_runner.parse_rows
 
 COMMON = ("--image-size 32 --vit-width 32 --vit-depth 1 --vit-heads 2 --decoder-width 32 --decoder-depth 1 "
           "--decoder-heads 2 --text-width 32 --text-depth 1 --text-heads 2 --text-intermediate 64 "
@@ -85,22 +91,21 @@ def test_a_row_added_later_keeps_the_stored_costs(tmp_path):
 
 def test_step_costs_time_each_rows_own_variant_model():
     """Each row is costed with its variant's own class, as training builds it."""
-    from mcr.study import row_model, train_config
-
+    row_model, train_config = study_runner.row_model, study_runner.train_config
     names = {variant: type(row_model(train_config(["--variant", variant]), 64)).__name__
              for variant in ("mcr", "mpma", "reclf", "abm", "dual-stream")}
     assert names == {"mcr": "MCR", "mpma": "MPMA", "reclf": "RECLF", "abm": "AbM", "dual-stream": "DualStream"}
 
 
 def test_pool_studies_merges_seeds_across_studies(tmp_path):
-    """benchmarks/pool_studies.py: seeds of two studies pooled; the ratio pairs seeds across them."""
+    """experiments/pool_studies.py: seeds of two studies pooled; the ratio pairs seeds across them."""
     def figures(r1):
         return {"i2t_R@1": r1, "t2i_R@1": r1, "i2t_P@5": r1, "fg_i2t_R@1": r1, "fg_i2t_pairwise": r1, "step": 9}
     for name, runs in (("a", {"mcr": {"0": figures(1.0)}, "dual": {"0": figures(2.0), "1": figures(4.0)}}),
                        ("b", {"mcr": {"1": figures(3.0)}})):
         (tmp_path / f"{name}.json").write_text(json.dumps({"runs": runs}))
     (tmp_path / "costs.json").write_text("{}")
-    script = Path(__file__).parents[1] / "benchmarks" / "pool_studies.py"
+    script = EXPERIMENTS / "pool_studies.py"
     subprocess.run([sys.executable, script, "--out", tmp_path, "--costs", tmp_path / "costs.json",
                     "--pair", "mcr:dual", tmp_path / "a.json", tmp_path / "b.json"], check=True)
     table = (tmp_path / "pooled.md").read_text()

@@ -1,7 +1,7 @@
 """Study runner: train configurations x seeds on the same data, tokenizer and recipe,
 evaluate each, and tabulate mean +- std over seeds.
 
-    python -m mcr.study --out runs/study --seeds 0 1 2 --steps 1500 \
+    python experiments/study.py --out runs/study --seeds 0 1 2 --steps 1500 \
         --row mcr= --row "dual-stream=--variant dual-stream" \
         --row "dual-stream@time=--variant dual-stream" --row "flip10=--unmasked-tuning 0.1"
 
@@ -351,7 +351,7 @@ def write_text(path, text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m mcr.study", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python experiments/study.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="study folder (runs, costs.json, study.json, study.md)")
     parser.add_argument("--row", action="append", required=True, metavar="NAME=FLAGS",

@@ -1,16 +1,16 @@
-"""Pool the runs of several `mcr.study` outputs (e.g. seeds 0-2 of one study, 3-5 of another) into
-one table, and for each --pair ROW:REFERENCE the ratio ROW / REFERENCE seed by seed (each seed
+"""Pool the runs of several studies (experiments/study.py outputs, e.g. seeds 0-2 of one study, 3-5
+of another) into one table, and for each --pair ROW:REFERENCE the ratio ROW / REFERENCE seed by seed (each seed
 draws its own corpus, so two rows of one seed share data and held-out pairs), the ratio of the
-means and its 90% bootstrap interval (mcr.study.paired_ratio).
+means and its 90% bootstrap interval (study.paired_ratio).
 
-    python benchmarks/pool_studies.py --out DIR --costs A/costs.json --pair default:dual-stream \
+    python experiments/pool_studies.py --out DIR --costs A/costs.json --pair default:dual-stream \
         A/study.json B/study.json          # writes DIR/pooled.md and DIR/pooled.json
 """
 import argparse
 import json
 from pathlib import Path
 
-from mcr.study import RATIO_KEYS, markdown_table, paired_ratio, summarize, write_json, write_text
+from study import RATIO_KEYS, markdown_table, paired_ratio, summarize, write_json, write_text
 
 
 def pooled_runs(sources, rows):

@@ -1,7 +1,7 @@
 """Evaluation-only diagnostic of trained runs: retrieval R@1 with each side embedded on clean
 inputs or as the mean of 4 masked views at the training ratios (MCR.embed, embed_masks=4).
 
-    python benchmarks/results/study-2026-12-06-2000/masked_views.py OUT.json RUN [RUN ...]
+    python experiments/study-2026-12-06-2000/masked_views.py OUT.json RUN [RUN ...]
 """
 import dataclasses
 import json
