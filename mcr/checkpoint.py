@@ -83,7 +83,8 @@ def _optimizer_from_flat(tensors, meta):
 
 def save_checkpoint(out_dir, step, model, model_state, optimizer_state, state, keep=2):
     """Write checkpoint `step` from full_state_dicts' output (state: JSON-able dict), then
-    prune to the newest `keep`. One process calls it (rank 0)."""
+    prune to the newest `keep`. One process calls it (rank 0). The state also records
+    `log_rows`, the rows out_dir/metrics.jsonl holds now: a resume cuts the log back to them."""
     root = os.path.join(out_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     name = f"step_{step:08d}"
@@ -99,7 +100,8 @@ def save_checkpoint(out_dir, step, model, model_state, optimizer_state, state, k
         rng.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file({**opt_tensors, **rng}, os.path.join(tmp, "optimizer.safetensors"))
     _atomic_write_text(os.path.join(tmp, "state.json"),
-                       json.dumps({**state, "step": step, "optimizer": opt_meta}, indent=1))
+                       json.dumps({**state, "step": step, "log_rows": _log_rows(out_dir), "optimizer": opt_meta},
+                                  indent=1))
     aside = os.path.join(root, f".{name}.old{os.getpid()}")
     if os.path.isdir(final):  # saved again: keep the old one until the new one is in place
         os.replace(final, aside)
@@ -110,6 +112,14 @@ def save_checkpoint(out_dir, step, model, model_state, optimizer_state, state, k
     for old in complete[:-keep] if keep > 0 else []:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     return final
+
+
+def _log_rows(out_dir):
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return 0
+    with open(path, "rb") as f:
+        return f.read().count(b"\n")
 
 
 def latest_checkpoint(out_dir):

@@ -8,11 +8,20 @@ deletes the run's files (checkpoints/, metrics.jsonl, final.json, config.yaml, t
 tensorboard/; nothing else) and starts over; neither is an InputError that spells out the
 choice. Every input is checked before any work (paths, device, the run folder, the
 checkpoint's model config): `check_inputs` raises InputError, the CLIs exit with status 2.
+
+One writer per run folder: the training process (rank 0 under torchrun) holds an exclusive
+flock on out_dir/run.lock while it trains; a second one is an InputError naming the holder.
+A resumed run first cuts metrics.jsonl back to the rows its checkpoint had seen, so that
+the steps it trains again are not logged twice.
 """
 import dataclasses
+import fcntl
+import json
 import os
 import shutil
+import socket
 import sys
+import time
 
 import torch
 import yaml
@@ -27,6 +36,7 @@ from mcr.models import build_model as build_variant
 from mcr.models.weights import load_pretrained
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "final.json", "config.yaml", "tokenizer", "tensorboard")
+LOCK_FILE = "run.lock"
 
 
 class InputError(ValueError):
@@ -111,6 +121,78 @@ def claim_run_folder(cfg, ctx):
     distributed.barrier()
 
 
+def lock_run_folder(out_dir):
+    """Hold out_dir/LOCK_FILE (an exclusive fcntl.flock) for as long as the returned file stays
+    open; release_run_folder lets go. The kernel drops the flock when its process dies, kill -9
+    included: a lock file left by a dead process is taken over, said in one line on stderr.
+    InputError naming the holder (pid, host, start time) while a live process holds it."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, LOCK_FILE)
+    while True:
+        lock = open(path, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise InputError(f"--out-dir {out_dir!r} is in use: {holder} trains in it ({path}); wait for it to "
+                             f"end or stop it, or choose another --out-dir") from None
+        try:  # a holder that released the lock removed the file we opened: lock the new one
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        lock.close()
+    lock.seek(0)
+    previous = lock.read().strip()
+    if previous:
+        print(f"{path}: taking over the lock of {previous}, a process that ended without releasing it",
+              file=sys.stderr)
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+               f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n")
+    lock.flush()
+    return lock
+
+
+def release_run_folder(lock):
+    """Remove the lock file lock_run_folder returned, then let go of its flock."""
+    os.remove(lock.name)
+    lock.close()
+
+
+def truncate_log(out_dir, state):
+    """Cut out_dir/metrics.jsonl back to what it held when the checkpoint with JSON state
+    `state` was saved (its `log_rows`; for a checkpoint that does not record them, the rows
+    up to its step), or to nothing when `state` is None (a fresh start): the rows a resumed
+    run logs again are never doubled. A torn last row (a kill while writing) is dropped too.
+    Atomic (written aside, then renamed). Returns how many rows were dropped."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines(keepends=True)
+    keep = []
+    if state is not None:
+        for line in lines[:state.get("log_rows", len(lines))]:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                break
+            if not line.endswith("\n") or not isinstance(row, dict) or row.get("step", 0) > state["step"]:
+                break
+            keep.append(line)
+    if len(keep) == len(lines):
+        return 0
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
 def write_config(cfg):
     """out_dir/config.yaml: the resolved config (`--config` reads it back)."""
     with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
@@ -173,6 +255,15 @@ def train(cfg, on_validate=None):
     validation results {"i2t": {...}, "t2i": {...}} (on every rank). on_validate: see
     engine.fit (mcr.train passes mcr.eval.pictures.log_to_tensorboard)."""
     resume_path = check_inputs(cfg)
+    lock = lock_run_folder(cfg.out_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        return _train(cfg, resume_path, on_validate)
+    finally:
+        if lock is not None:
+            release_run_folder(lock)
+
+
+def _train(cfg, resume_path, on_validate):
     ctx = distributed.init_distributed(cfg.device)
     if cfg.batch_size % ctx.world:
         raise InputError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
@@ -183,6 +274,12 @@ def train(cfg, on_validate=None):
     claim_run_folder(cfg, ctx)
     if cfg.resume and resume_path is None and ctx.is_main:
         print(f"--resume: no checkpoint under {cfg.out_dir}, starting fresh", file=sys.stderr)
+    if cfg.resume and ctx.is_main:
+        dropped = truncate_log(cfg.out_dir, checkpoint.read_state(resume_path) if resume_path else None)
+        if dropped:
+            print(f"--resume: removed {dropped} metrics.jsonl rows logged after "
+                  f"{os.path.basename(resume_path) if resume_path else 'the start'} (they are logged again)",
+                  file=sys.stderr)
     torch.manual_seed(cfg.seed)
 
     train_set = build_dataset(cfg, "train")

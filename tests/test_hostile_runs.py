@@ -1,9 +1,12 @@
 """Careless and hostile uses of a run folder and of the CLIs, kept as regression tests:
-nothing written before is lost, every bad input ends in
+nothing written before is lost, one process writes a run folder at a time, a resumed run
+logs each step once, every bad input ends in
 status 2 and one line before any work, a broken checkpoint is named and passed over."""
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 
@@ -15,7 +18,7 @@ from test_train import run_args
 from mcr import checkpoint, evaluate
 from mcr.config import TrainConfig
 from mcr.data.tokenizer import load_tokenizer, shipped_tokenizer
-from mcr.run import InputError, check_inputs, load_trained
+from mcr.run import LOCK_FILE, InputError, check_inputs, load_trained, lock_run_folder, release_run_folder
 from mcr.train import main
 
 STEPS = ["--eval-every", "0", "--keep-checkpoints", "5"]
@@ -50,7 +53,7 @@ def exit_message(capsys, fn, *args):
     return err
 
 
-# --- 13.1: a run folder is never reused by accident ----------------------------------------
+# --- a run folder is never reused by accident -----------------------------------------------
 
 @pytest.mark.parametrize("extra", [[], ["--no-resume"]])
 def test_a_run_folder_needs_resume_or_overwrite(base_run, tmp_path, capsys, extra):
@@ -116,7 +119,97 @@ def test_resuming_a_finished_run_does_not_rewrite_its_checkpoint(base_run, tmp_p
     assert os.stat(run / "checkpoints" / "step_00000004").st_ino == inode
 
 
-# --- 13.1 and 13.8: latest missing or broken, a corrupt checkpoint ---------------------------
+# --- one writer per run folder ---------------------------------------------------------------
+
+def hold_lock(run):
+    """A live process other than this one holding `run`'s lock, as a trainer would."""
+    code = ("import sys, time; from mcr.run import lock_run_folder; lock = lock_run_folder(sys.argv[1]); "
+            "print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_second_writer_exits_2_naming_the_holder(base_run, tmp_path, capsys):
+    run = copy_run(base_run, tmp_path)
+    holder = hold_lock(run)
+    try:
+        before = snapshot(run)
+        for extra in (["--resume"], ["--overwrite"]):
+            err = exit_message(capsys, main, run_args(run, "--max-steps", "6", *extra, *STEPS))
+            assert f"is in use: pid {holder.pid} on {socket.gethostname()} since 20" in err
+        assert snapshot(run) == before                      # the holder's run is left alone
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_left_by_a_killed_trainer_is_taken_over_and_released_on_exit(base_run, tmp_path, capsys):
+    run = copy_run(base_run, tmp_path)
+    holder = hold_lock(run)
+    os.kill(holder.pid, signal.SIGKILL)                     # kill -9: the lock file stays, its flock goes
+    holder.wait()
+    assert (run / LOCK_FILE).read_text().startswith(f"pid {holder.pid} ")
+    main(run_args(run, "--max-steps", "6", "--resume", *STEPS))
+    err = capsys.readouterr().err
+    assert f"taking over the lock of pid {holder.pid} " in err
+    assert not (run / LOCK_FILE).exists()                   # released when training ended
+    release_run_folder(lock_run_folder(str(run)))          # and free to take
+    assert "taking over" not in capsys.readouterr().err
+
+
+# --- a resumed run logs each step once --------------------------------------------------------
+
+def logged_steps(run):
+    """{kind: [steps in log order]} of run/metrics.jsonl."""
+    steps = {}
+    for line in open(run / "metrics.jsonl"):
+        row = json.loads(line)
+        steps.setdefault(row["kind"], []).append(row["step"])
+    return steps
+
+
+def strictly_increasing(steps):
+    return all(a < b for a, b in zip(steps, steps[1:]))
+
+
+@pytest.mark.parametrize("state_records_rows", [True, False])
+def test_a_run_resumed_after_a_kill_logs_each_step_once(base_run, tmp_path, capsys, state_records_rows):
+    """Killed after step 4 was logged with the newest checkpoint at step 2: the resume drops
+    the rows of steps 3-4 (and the final validation) before it logs them again. A checkpoint
+    that does not record its log rows is cut back by step."""
+    run = copy_run(base_run, tmp_path)
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    os.remove(run / "checkpoints" / "latest")
+    os.remove(run / "final.json")
+    if not state_records_rows:
+        state_file = run / "checkpoints" / "step_00000002" / "state.json"
+        state = json.loads(state_file.read_text())
+        del state["log_rows"]
+        state_file.write_text(json.dumps(state))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "kind": "tr')                  # a row torn by the kill
+    main(run_args(run, "--max-steps", "4", "--resume", *STEPS))
+    assert "removed 3 metrics.jsonl rows logged after step_00000002" in capsys.readouterr().err
+    assert logged_steps(run) == logged_steps(base_run) == {"train": [2, 4], "val": [4]}
+
+
+def test_a_finished_run_resumed_logs_its_final_validation_once(base_run, tmp_path):
+    run = copy_run(base_run, tmp_path)
+    main(run_args(run, "--max-steps", "4", "--resume", *STEPS))
+    main(run_args(run, "--max-steps", "6", "--save-every", "2", "--resume", *STEPS))
+    steps = logged_steps(run)
+    assert steps == {"train": [2, 4, 6], "val": [6]} and all(map(strictly_increasing, steps.values()))
+
+
+def test_a_resume_without_a_checkpoint_starts_the_log_over(base_run, tmp_path):
+    run = copy_run(base_run, tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    main(run_args(run, "--max-steps", "2", "--resume", *STEPS))
+    assert logged_steps(run) == {"train": [2], "val": [2]}
+
+
+# --- latest missing or broken, a corrupt checkpoint -----------------------------------------
 
 def break_run(run, how):
     root = run / "checkpoints"
@@ -182,7 +275,7 @@ def test_resume_passes_over_a_corrupt_latest_and_cleans_killed_saves(base_run, t
                                rtol=0, atol=0)
 
 
-# --- 13.3 and 13.10: every value checked before any work ----------------------------------
+# --- every value checked before any work ----------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "-8"], "--batch-size must be >= 1, got -8"),
@@ -238,7 +331,7 @@ def test_bad_evaluate_values_exit_2(base_run, tmp_path, capsys):
         assert message in exit_message(capsys, evaluate.main, ["--checkpoint", str(base_run), *argv])
 
 
-# --- 13.4: evaluate reads the checkpoint's own tokenizer --------------------------------------
+# --- evaluate reads the checkpoint's own tokenizer ------------------------------------------
 
 def test_evaluate_uses_the_tokenizer_of_the_checkpoints_own_run_folder(base_run, tmp_path, monkeypatch):
     """A run trained with --out-dir run (relative), moved, and evaluated from a folder where
