@@ -13,20 +13,33 @@ row added to a study later is timed beside the time reference and scaled to its 
 so the costs already stored, and the @time rows' steps, stay as they were.
 Every run lives in OUT/NAME/seedK and is trained by a `python -m mcr.train` subprocess, so a
 killed study resumes where it stopped: finished runs are kept, interrupted ones continue
-from their last checkpoint (--resume). After training, each run is also scored on the
-fine-grained protocol (mcr.eval.finegrained). OUT/study.json holds every run's figures and
-OUT/study.md the table: retrieval both ways (R@1/5/10, P@5 with chance), fine-grained R@1
+from their last checkpoint (--resume). A run is reused only when the settings it records
+(OUT/NAME/seedK/study-run.json: its flags and their resolved config) are those the study
+would train now, and a stored cost only when its row's flags are; otherwise the study says
+which differ and stops, or with --rerun-changed trains (or times) it again, the old run
+kept beside it as seedK.changed-N. The training processes stay in the study's process
+group and, on Linux, are killed by the kernel when the study process ends (kill -9
+included); mcr.train's run-folder lock turns away a second writer anyway. Every flag is
+checked before any cost measurement or run: one line, exit status 2. After training, each
+run is also scored on the fine-grained protocol (mcr.eval.finegrained). OUT/study.json holds
+every run's figures and OUT/study.md the table: retrieval both ways (R@1/5/10, P@5 with chance), fine-grained R@1
 and pairwise accuracy, steps, step time and activation bytes per sample (masked steps;
 unmasked-tuning steps are counted as their share of the steps) with ratios to dual-stream,
 and each row's ratio of means to the --ratio-to row (default dual-stream) over the seeds both
 ran, with a 90% bootstrap interval over those seed pairs.
 """
 import argparse
+import contextlib
+import ctypes
 import dataclasses
+import functools
+import io
 import json
 import os
 import random
+import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -35,6 +48,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from mcr.cli import Parser
+
 COLUMNS = (  # (key in a run's flat figures, header)
     ("i2t_R@1", "i2t R@1"), ("i2t_R@5", "i2t R@5"), ("i2t_R@10", "i2t R@10"), ("i2t_P@5", "i2t P@5"),
     ("t2i_R@1", "t2i R@1"), ("t2i_R@5", "t2i R@5"), ("t2i_R@10", "t2i R@10"), ("t2i_P@5", "t2i P@5"),
@@ -42,26 +57,80 @@ COLUMNS = (  # (key in a run's flat figures, header)
     ("fg_t2i_R@1", "FG t2i R@1"), ("fg_t2i_pairwise", "FG t2i pair"),
 )
 RATIO_KEYS = ("i2t_R@1", "t2i_R@1", "i2t_P@5", "fg_i2t_R@1", "fg_i2t_pairwise")
+STUDY_FILES = ("costs.json", "study.json", "study.md")  # OUT's own files, beside one folder per row
+RUN_RECORD = "study-run.json"  # in each run folder: the flags it was trained with, resolved
+ROW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@-]{0,63}")
+NOT_COMPARED = ("out_dir", "resume", "overwrite")  # config fields that differ between two tries of one run
 
 
 def parse_rows(specs):
-    """['NAME=FLAGS', ...] -> {name: [flags]} in order; names must be unique folder names."""
+    """['NAME=FLAGS', ...] -> {name: [flags]} in order. A NAME is a folder name of at most 64
+    letters, digits and ._+@- (not starting with one of those four), unique, not one of the
+    study's own files (STUDY_FILES)."""
     rows = {}
     for spec in specs:
         name, sep, flags = spec.partition("=")
         name = name.strip()
-        if not sep or not name or "/" in name or name.startswith("."):
-            raise ValueError(f"--row must be NAME=FLAGS with a folder-safe NAME, got {spec!r}")
+        if not sep or not ROW_NAME.fullmatch(name):
+            raise ValueError(f"--row must be NAME=FLAGS with NAME of 1-64 letters, digits and ._+@- (starting with "
+                             f"a letter or digit), got {spec[:80]!r}")
+        if any(name == f or name.startswith(f + ".") for f in STUDY_FILES):
+            raise ValueError(f"--row name {name!r} is taken by the study's own file {name.split('.tmp')[0]}")
         if name in rows:
             raise ValueError(f"--row name {name!r} given twice")
         rows[name] = shlex.split(flags)
     return rows
 
 
-def train_config(flags):
+def train_config(flags, label="--row"):
+    """The TrainConfig `python -m mcr.train FLAGS` would train with; ValueError starting with
+    `label` for flags it refuses (its one-line message) or that make it print and exit."""
     from mcr.cli import parse_train_args
 
-    return parse_train_args(flags)
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()):
+            return parse_train_args(flags)
+    except SystemExit:
+        message = said.getvalue().strip().rpartition("error: ")[2].removesuffix(" (see --help)")
+        raise ValueError(f"{label}: {message or 'flags that make mcr.train print and exit (--help, --print-config)'}"
+                         ) from None
+
+
+def study_flags(run_dir, seed, steps):
+    """The flags the study sets for each run (rows may not)."""
+    return ["--out-dir", run_dir, "--seed", str(seed), "--max-steps", str(steps), "--max-minutes", "0"]
+
+
+def check_row_flags(flags, label):
+    """ValueError unless mcr.train accepts `flags` after the study's own and they leave the
+    study's settings (folder, seed, steps, no time limit, resume) alone."""
+    first = train_config([*study_flags("/study/a", 0, 1), "--no-resume", "--no-overwrite", *flags], label)
+    for field in ("resume", "overwrite"):
+        if getattr(first, field):
+            raise ValueError(f"{label} sets --{field}: the study resumes its own runs")
+    second = train_config([*study_flags("/study/b", 1, 2), "--max-minutes", "1", *flags], label)
+    for field, flag, instead in (("out_dir", "--out-dir", "--out"), ("seed", "--seed", "--seeds"),
+                                 ("max_steps", "--max-steps", "--steps or NAME@time"),
+                                 ("max_minutes", "--max-minutes", "--steps")):
+        if getattr(first, field) == getattr(second, field):
+            raise ValueError(f"{label} sets {flag}: the study sets it for every run (use {instead})")
+
+
+def comparable(cfg):
+    """A resolved config as flat {field: value}, without the fields two tries of a run may differ in."""
+    from mcr.config import config_to_dict
+
+    values = config_to_dict(cfg)
+    flat = {k: v for k, v in values.items() if k not in NOT_COMPARED and k != "model"}
+    flat.update({f"model.{k}": v for k, v in values["model"].items()})
+    return json.loads(json.dumps(flat))  # as a record reads back: lists, not tuples
+
+
+def differences(then, now):
+    """'field then (now now), ...' for the fields where two comparable() dicts differ, or ''."""
+    keys = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
+    return ", ".join(f"{k} {then.get(k)!r} (now {now.get(k)!r})" for k in keys)
 
 
 def row_model(cfg, vocab_size):
@@ -124,22 +193,144 @@ def step_costs(rows, common, vocab_size, batch_size, repeats=12):
     return out
 
 
+class StudyError(ValueError):
+    """The study cannot go on as asked (a stored run or cost no longer matches); exit status 2."""
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with(study_pid):
+    """preexec_fn of a training process: the kernel kills it when the study process ends
+    (Linux prctl PR_SET_PDEATHSIG; kill -9 of the study included)."""
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != study_pid:  # the study ended before the prctl
+            os._exit(1)
+
+
 class Study:
     def __init__(self, args):
+        """Every check of the arguments, before anything is written or measured (ValueError)."""
         self.args = args
         self.rows = parse_rows(args.row)
         self.common = shlex.split(args.common)
         self.out = args.out
-        os.makedirs(self.out, exist_ok=True)
+        if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+            raise ValueError(f"--seeds must be distinct and >= 0, got {' '.join(map(str, args.seeds))}")
+        for name, value, minimum in (("--steps", args.steps, 1), ("--jobs", args.jobs, 1),
+                                     ("--threads", args.threads, 0), ("--cost-batch", args.cost_batch, 1),
+                                     ("--finegrained-studies", args.finegrained_studies, 1)):
+            if value < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        if args.time_reference and args.time_reference not in self.rows:
+            raise ValueError(f"--time-reference {args.time_reference!r} is not a row (rows: {', '.join(self.rows)})")
+        if args.ratio_to is not None and args.ratio_to not in self.rows:
+            raise ValueError(f"--ratio-to {args.ratio_to!r} is not a row (rows: {', '.join(self.rows)})")
+        self.ratio_to = args.ratio_to or ("dual-stream" if "dual-stream" in self.rows else None)
+        self.time_reference = args.time_reference or next(iter(self.rows))
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ValueError(f"--out {self.out!r} is a file, not a folder")
+        existing = os.path.abspath(self.out)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {self.out!r}: {existing!r} is not a writable folder")
+        check_row_flags(self.common, "--common")
+        for name, flags in self.rows.items():
+            check_row_flags([*self.common, *flags], f"--row {name}")
 
     def run_dir(self, name, seed):
         return os.path.join(self.out, name, f"seed{seed}")
 
+    def run_flags(self, name, seed, steps):
+        return [*study_flags(self.run_dir(name, seed), seed, steps), *self.common, *self.rows[name]]
+
     def steps_of(self, name, costs):
+        """The row's training steps; None for an @time row while a cost it needs is not known."""
         if not name.endswith("@time"):
             return self.args.steps
-        ref = self.args.time_reference or next(iter(self.rows))
+        ref = self.time_reference
+        if ref not in costs or name not in costs:
+            return None
         return max(1, round(self.args.steps * costs[ref]["step_s"] / costs[name]["step_s"]))
+
+    def recorded(self, run_dir):
+        """comparable() settings a run folder was trained with: its RUN_RECORD, else (a run of
+        an older study) its config.yaml without the vocabulary size, which is the tokenizer's;
+        {} for a folder that holds nothing, None for one whose settings are unknown."""
+        import yaml
+
+        from mcr.config import config_from_dict
+
+        if not os.path.isdir(run_dir) or not os.listdir(run_dir):
+            return {}
+        record = os.path.join(run_dir, RUN_RECORD)
+        if os.path.isfile(record):
+            with open(record) as f:
+                return json.load(f)["config"]
+        config = os.path.join(run_dir, "config.yaml")
+        if os.path.isfile(config):
+            with open(config) as f:
+                return {**comparable(config_from_dict(yaml.safe_load(f))), "model.vocab_size": None}
+        return None
+
+    def check_runs(self, jobs):
+        """StudyError naming the runs among `jobs` [(name, seed, steps)] whose folders were
+        trained with other settings than they would be now; with --rerun-changed they are
+        moved aside (seedK.changed-N) to be trained again."""
+        changed = []
+        for name, seed, steps in jobs:
+            run_dir = self.run_dir(name, seed)
+            then = self.recorded(run_dir)
+            if then == {}:
+                continue
+            now = comparable(train_config(self.run_flags(name, seed, steps)))
+            if then is None:
+                changed.append((run_dir, f"it holds files but no {RUN_RECORD} or config.yaml"))
+                continue
+            if then.get("model.vocab_size", 0) is None:  # an older study's run: its config.yaml's own
+                now["model.vocab_size"] = None
+            if then != now:
+                changed.append((run_dir, differences(then, now)))
+        if changed and (self.args.report_only or not self.args.rerun_changed):
+            (run_dir, why), more = changed[0], len(changed) - 1
+            raise StudyError(f"run {run_dir} was trained with other settings: {why}"
+                             + (f" (and {more} more runs)" if more else "")
+                             + "; pass --rerun-changed to train them again (each old run kept as seedK.changed-N), "
+                               "or choose another --out")
+        for run_dir, why in changed:
+            aside = next(f"{run_dir}.changed-{n}" for n in range(1, 10**6)
+                         if not os.path.exists(f"{run_dir}.changed-{n}"))
+            os.replace(run_dir, aside)
+            print(f"{run_dir}: trained with other settings ({why}); moved to {aside}, training it again",
+                  file=sys.stderr)
+
+    def check_costs(self, costs):
+        """The stored costs whose row flags differ from now: a StudyError naming them, or with
+        --rerun-changed they are dropped (measured again). Costs stored without their flags
+        (older studies) are kept."""
+        changed = {}
+        for name, cost in costs.items():
+            if name in self.rows and "flags" in cost:
+                try:
+                    then = comparable(train_config(shlex.split(cost["flags"]), f"row {name} in costs.json"))
+                except ValueError as err:
+                    raise StudyError(str(err)) from None
+                why = differences(then, comparable(train_config([*self.common, *self.rows[name]])))
+                if why:
+                    changed[name] = why
+        if changed and (self.args.report_only or not self.args.rerun_changed):
+            name, why = next(iter(changed.items()))
+            raise StudyError(f"the cost of row {name} in {os.path.join(self.out, 'costs.json')} was measured with "
+                             f"other flags: {why}" + (f" (and {len(changed) - 1} more rows)" if len(changed) > 1
+                                                      else "")
+                             + "; pass --rerun-changed to measure and train them again, or choose another --out")
+        for name in changed:
+            print(f"costs.json: row {name} was timed with other flags ({changed[name]}); timing it again",
+                  file=sys.stderr)
+            del costs[name]
 
     def train_one(self, name, seed, steps, threads):
         """Train (or resume, or skip) one run in a subprocess; returns its folder."""
@@ -147,16 +338,18 @@ class Study:
         if os.path.isfile(os.path.join(run_dir, "final.json")):
             return run_dir
         os.makedirs(run_dir, exist_ok=True)
-        flags = ["--out-dir", run_dir, "--seed", str(seed), "--max-steps", str(steps), "--max-minutes", "0",
-                 *self.common, *self.rows[name]]
+        flags = self.run_flags(name, seed, steps)
+        record = os.path.join(run_dir, RUN_RECORD)
         if os.listdir(run_dir):  # an earlier attempt: continue it (from scratch when it saved no checkpoint)
             flags.append("--resume")
+        if not os.path.isfile(record):
+            write_json(record, {"flags": self.run_flags(name, seed, steps), "config": comparable(train_config(flags))})
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         with open(os.path.join(run_dir, "train.log"), "a") as log:
             log.write(f"\n$ python -m mcr.train {shlex.join(flags)}\n")
             log.flush()
             done = subprocess.run([sys.executable, "-m", "mcr.train", *flags], stdout=log, stderr=subprocess.STDOUT,
-                                  env=env)
+                                  env=env, preexec_fn=functools.partial(_die_with, os.getpid()))
         if done.returncode != 0:
             raise RuntimeError(f"run {run_dir} failed (exit {done.returncode}); see {run_dir}/train.log")
         return run_dir
@@ -196,13 +389,15 @@ class Study:
         reference row was measured before, it is timed again beside them and their times are
         scaled to its stored one, so that stored costs, and the steps of the @time rows trained
         from them, never change when a row is added."""
-        ref = self.args.time_reference or next(iter(self.rows))
+        ref = self.time_reference
         rows = {name: self.rows[name] for name in ([ref] if ref in stored else []) + names}
         costs = step_costs(rows, self.common, vocab_size(self.common), self.args.cost_batch)
         if ref in stored:
             scale = stored[ref]["step_s"] / costs.pop(ref)["step_s"]
             for cost in costs.values():
                 cost["step_s"] *= scale
+        for name, cost in costs.items():
+            cost["flags"] = shlex.join([*self.common, *self.rows[name]])
         return costs
 
     def run(self):
@@ -213,14 +408,21 @@ class Study:
                 costs = json.load(f)
         else:
             costs = {}
-        missing = [name for name in self.rows if name not in costs]
-        if not args.report_only and missing:
-            costs.update(self.measure_costs(missing, costs))
-            write_json(costs_path, costs)
+        self.check_costs(costs)
         pairs = ([(name, seed) for name in self.rows for seed in args.seeds] if args.order == "rows"
                  else [(name, seed) for seed in args.seeds for name in self.rows])
+        known = [(name, seed, self.steps_of(name, costs)) for name, seed in pairs]
+        self.check_runs([job for job in known if job[2] is not None])  # before the cost measurement
+        missing = [name for name in self.rows if name not in costs]
+        if not args.report_only and missing:
+            os.makedirs(self.out, exist_ok=True)
+            costs.update(self.measure_costs(missing, costs))
+            write_json(costs_path, costs)
         jobs = [(name, seed, self.steps_of(name, costs)) for name, seed in pairs]
+        self.check_runs([job for job, before in zip(jobs, known) if before[2] is None and job[2] is not None])
+        jobs = [job for job in jobs if job[2] is not None]  # --report-only: @time rows never timed
         threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+        os.makedirs(self.out, exist_ok=True)
         if not args.report_only:
             with ThreadPoolExecutor(args.jobs) as pool:
                 for future in [pool.submit(self.train_one, n, s, k, threads) for n, s, k in jobs]:
@@ -235,7 +437,7 @@ class Study:
                                                            "common": args.common, "costs": costs,
                                                            "runs": runs, "summary": summary})
         table = markdown_table(summary)
-        ratios = ratio_table(runs, self.rows, args.ratio_to)
+        ratios = ratio_table(runs, self.rows, self.ratio_to) if self.ratio_to else ""
         if ratios:
             table += "\n\n" + ratios
         write_text(os.path.join(self.out, "study.md"), table + "\n")
@@ -351,8 +553,8 @@ def write_text(path, text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python experiments/study.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python experiments/study.py", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="study folder (runs, costs.json, study.json, study.md)")
     parser.add_argument("--row", action="append", required=True, metavar="NAME=FLAGS",
                         help="a configuration: NAME=train flags; NAME@time trains for the time reference's time")
@@ -366,23 +568,26 @@ def main(argv=None):
                         help="torch threads of each run (default: cpu_count / jobs)")
     parser.add_argument("--order", choices=("seeds", "rows"), default="seeds",
                         help="training order: seeds = every row's seed 0 first; rows = all seeds of a row first")
-    parser.add_argument("--ratio-to", default="dual-stream",
-                        help="the row every other row's figures are divided by, seed by seed (default dual-stream)")
+    parser.add_argument("--ratio-to", default=None,
+                        help="the row every other row's figures are divided by, seed by seed (default: the row "
+                             "named dual-stream, if any)")
     parser.add_argument("--cost-batch", type=int, default=32, help="batch of the step-time measurement (default 32)")
     parser.add_argument("--finegrained-studies", type=int, default=300,
                         help="queries of the fine-grained protocol (default 300)")
     parser.add_argument("--report-only", action="store_true",
                         help="tabulate finished runs; train and time nothing (no cost columns unless measured before)")
+    parser.add_argument("--rerun-changed", action="store_true",
+                        help="train (and time) again the runs and costs stored with other settings than now; the "
+                             "old run folder is kept as seedK.changed-N (default: stop and say which differ)")
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     try:
         study = Study(args)
-    except ValueError as err:
+    except ValueError as err:  # checked before any work
         parser.error(str(err))
-    return study.run()
+    try:
+        return study.run()
+    except StudyError as err:  # a stored run or cost that no longer matches, before training or timing it
+        parser.error(str(err))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,110 @@ def test_pool_studies_merges_seeds_across_studies(tmp_path):
     assert "| i2t_R@1 | 0.50 | 0.75 | 0.67 | 0.50–0.75 |" in table      # (1 + 3) / (2 + 4)
     ratios = json.load(open(tmp_path / "pooled.json"))["ratios"]["mcr:dual"]
     assert ratios["t2i_R@1"]["per_seed"] == [0.5, 0.75]
+
+
+# --- every argument checked before any work; a stored run reused only when it matches --------
+
+def exit_message(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+def tiny_study_args(out, *extra):
+    return ["--out", str(out), "--seeds", "0", "--steps", "2", "--common", COMMON, "--finegrained-studies", "4",
+            "--cost-batch", "4", "--row", "mcr=", *extra]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seeds", "0", "0"], "--seeds must be distinct"),
+    (["--row", "seeded=--seed 3"], "--row seeded sets --seed: the study sets it for every run (use --seeds)"),
+    (["--row", "seeded=--se 3"], "--row seeded sets --seed"),
+    (["--row", "moved=--out-dir elsewhere"], "--row moved sets --out-dir"),
+    (["--row", "long=--max-steps 9"], "--row long sets --max-steps"),
+    (["--row", "again=--resume"], "--row again sets --resume"),
+    (["--common", "--seed 1"], "--common sets --seed"),
+    (["--row", "typo=--vit-deepth 2"], "--row typo: unrecognized arguments: --vit-deepth 2"),
+    (["--row", "costs.json=--variant abm"], "--row name 'costs.json' is taken by the study's own file costs.json"),
+    (["--row", "study.md.tmp1=--variant abm"], "is taken by the study's own file study.md"),
+    (["--row", "x" * 300 + "="], "--row must be NAME=FLAGS with NAME of 1-64 letters"),
+    (["--row", "a b=--variant abm"], "--row must be NAME=FLAGS"),
+    (["--time-reference", "nope"], "--time-reference 'nope' is not a row (rows: mcr)"),
+    (["--ratio-to", "nope"], "--ratio-to 'nope' is not a row (rows: mcr)"),
+    (["--threads", "-1"], "--threads must be >= 0"),
+    (["--jobs", "0"], "--jobs must be >= 1"),
+])
+def test_bad_arguments_exit_2_before_any_work(tmp_path, capsys, extra, message):
+    out = tmp_path / "study"
+    assert message in exit_message(capsys, tiny_study_args(out, *extra))
+    assert not out.exists()                                  # no cost measured, no run started
+
+
+def test_an_out_that_is_a_file_exits_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    err = exit_message(capsys, tiny_study_args(tmp_path / "file"))
+    assert f"--out '{tmp_path / 'file'}' is a file, not a folder" in err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_stored_run_is_reused_only_when_its_settings_match(tmp_path, capsys):
+    """--steps, a row's flags or --common changed: the stored run (and cost) is named and the
+    study stops before any work; --rerun-changed trains it again and keeps the old one aside."""
+    main(tiny_study_args(tmp_path))
+    run = tmp_path / "mcr" / "seed0"
+    record = json.loads((run / "study-run.json").read_text())
+    assert record["config"]["max_steps"] == 2 and record["config"]["seed"] == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    main(tiny_study_args(tmp_path))                          # the same study again: everything reused
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "study.json"} == {
+        p: b for p, b in before.items() if p.name != "study.json"}
+
+    err = exit_message(capsys, tiny_study_args(tmp_path, "--steps", "3"))
+    assert f"run {run} was trained with other settings: max_steps 2 (now 3)" in err and "--rerun-changed" in err
+    changed_row = tiny_study_args(tmp_path)
+    changed_row[changed_row.index("mcr=")] = "mcr=--vit-depth 2"
+    err = exit_message(capsys, changed_row)
+    assert "the cost of row mcr" in err and "model.vit_depth 1 (now 2)" in err
+    changed_common = tiny_study_args(tmp_path)
+    changed_common[changed_common.index(COMMON)] = COMMON.replace("--embed-dim 16", "--embed-dim 8")
+    assert "model.embed_dim 16 (now 8)" in exit_message(capsys, changed_common)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before   # nothing touched
+
+    summary = main(tiny_study_args(tmp_path, "--steps", "3", "--rerun-changed"))
+    assert summary["mcr"]["step"][0] == 3
+    assert json.loads((tmp_path / "mcr" / "seed0.changed-1" / "final.json").read_text())["step"] == 2
+
+
+def alive(pid):
+    """Whether process `pid` runs (a zombie left for a reaper does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(") ")[2][0]
+    except FileNotFoundError:
+        return False
+    return state not in "ZX"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_a_trainer_dies_with_its_study_killed_by_sigkill(tmp_path):
+    out = tmp_path / "study"
+    runner = subprocess.Popen([sys.executable, EXPERIMENTS / "study.py", *tiny_study_args(out, "--steps", "5000")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = out / "mcr" / "seed0" / "run.lock"
+    deadline = time.time() + 240
+    while not (lock.exists() and lock.read_text().startswith("pid ")) and runner.poll() is None:
+        assert time.time() < deadline, "the study's trainer never took its run folder's lock"
+        time.sleep(0.2)
+    trainer = int(lock.read_text().split()[1])
+    runner.kill()
+    runner.wait()
+    try:
+        deadline = time.time() + 30
+        while alive(trainer) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not alive(trainer)
+    finally:
+        if alive(trainer):
+            os.kill(trainer, signal.SIGKILL)
