@@ -253,7 +253,8 @@ def collate_for(cfg, tokenizer):
 def train(cfg, on_validate=None):
     """Train with `cfg` (one process, or one rank under torchrun); returns the final
     validation results {"i2t": {...}, "t2i": {...}} (on every rank). on_validate: see
-    engine.fit (mcr.train passes mcr.eval.pictures.log_to_tensorboard)."""
+    engine.fit (mcr.train passes mcr.eval.pictures.log_to_tensorboard). Rank 0 holds the run
+    folder's lock (lock_run_folder) from after the checks until it returns or raises."""
     resume_path = check_inputs(cfg)
     lock = lock_run_folder(cfg.out_dir) if int(os.environ.get("RANK", "0")) == 0 else None
     try:
@@ -264,6 +265,7 @@ def train(cfg, on_validate=None):
 
 
 def _train(cfg, resume_path, on_validate):
+    """train's work once the inputs are checked and the run folder is locked."""
     ctx = distributed.init_distributed(cfg.device)
     if cfg.batch_size % ctx.world:
         raise InputError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
