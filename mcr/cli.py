@@ -67,10 +67,12 @@ def add_model_fields(parser, defaults):
 def read_config_file(path, parser):
     """The fields set in YAML file `path` (a dict), or a parser error naming the file."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             values = yaml.safe_load(f) or {}
+    except UnicodeDecodeError as err:
+        parser.error(f"--config {path}: not UTF-8 text ({err.reason} at byte {err.start})")
     except (OSError, yaml.YAMLError) as err:
-        parser.error(f"--config {path}: {err}")
+        parser.error(f"--config {path}: {' '.join(str(err).split())}")
     if not isinstance(values, dict):
         parser.error(f"--config {path}: expected a mapping of field: value, got {type(values).__name__}")
     return values

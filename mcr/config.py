@@ -10,6 +10,7 @@ paper-shaped abm model with the paper's recipe, whoever builds it (the CLI, a st
 What comes from the paper and what this project chose is in docs/method.md.
 """
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from mcr.data.registry import DATASETS
@@ -233,9 +234,53 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+
+
+def checked_type(name, kind, value):
+    """`value` as field `name`'s type `kind` (bool, int, float or str), or a ValueError naming
+    the flag: no strings for numbers or booleans (YAML's "no" is a string), no bools for
+    numbers, integral values within 64 bits only for ints, finite values only (no inf, nan,
+    1e400)."""
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:  # an int beyond float's range is an overflow too
+            ok = math.isfinite(float(value)) and (kind is float or (float(value).is_integer()
+                                                                    and abs(value) < 2 ** 63))
+        except OverflowError:
+            ok = False
+    if not ok:
+        got = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        if not isinstance(value, (int, float)):
+            got += f" ({type(value).__name__})"
+        elif not isinstance(value, bool) and abs(value) >= 2 ** 63:
+            got += " (out of range)"
+        raise ValueError(f"{flag(name)} expects {TYPE_NAMES[kind]}, got {got}")
+    return kind(value)
+
+
+def check_types(cfg, prefix=""):
+    """Convert every set field of `cfg` to its declared type in place (8.0 -> 8 for an int);
+    ValueError naming the flag (checked_type) otherwise. A nested section (`model`) must be
+    its dataclass, a mapping of its fields, or None; prefix: the flag prefix of a section's
+    fields."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None:
+            continue
+        if dataclasses.is_dataclass(f.type):
+            if not isinstance(value, (f.type, dict)):
+                raise ValueError(f"{f.name} expects a mapping of {f.type.__name__} fields (field: value), got "
+                                 f"{value!r} ({type(value).__name__})")
+        elif f.type in TYPE_NAMES:
+            setattr(cfg, f.name, checked_type(prefix + f.name, f.type, value))
+
+
 def check_fields(cfg, prefix=""):
-    """ValueError naming the flag when a value is outside its choices or bounds (the fields of
-    a ModelConfig's sections too; prefix: the flag prefix of a section's fields)."""
+    """ValueError naming the flag when a value has the wrong type or is outside its choices
+    or bounds (the fields of a ModelConfig's sections too; prefix: the flag prefix of a
+    section's fields)."""
+    check_types(cfg, prefix)
     for f in dataclasses.fields(cfg):
         value, meta = getattr(cfg, f.name), f.metadata
         if "prefix" in meta:
@@ -303,6 +348,7 @@ def resolve_config(cfg):
     """Fill `cfg`'s None fields from its preset, build its ModelConfig, validate; returns cfg.
 
     Idempotent; TrainConfig calls it when built, so every entry point goes through it."""
+    check_types(cfg)
     if cfg.preset not in TRAINING_PRESETS:
         raise ValueError(f"--preset {cfg.preset!r} is not one of: {', '.join(TRAINING_PRESETS)}")
     left_to_preset = {name for name in TRAINING_PRESETS[cfg.preset] if getattr(cfg, name) is None}
@@ -332,7 +378,11 @@ def config_from_dict(values):
     ValueError names unknown fields; a checkpoint's top-level `variant` (before it moved
     into the model) is read into the model."""
     values = dict(values)
-    model = dict(values.pop("model", None) or {})
+    model = values.pop("model", None)
+    if model is not None and not isinstance(model, dict):
+        raise ValueError(f"model expects a mapping of ModelConfig fields (field: value), got {model!r} "
+                         f"({type(model).__name__})")
+    model = dict(model or {})
     if "variant" in values:  # config.yaml / state.json written before variant lived in ModelConfig
         model.setdefault("variant", values.pop("variant"))
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -340,7 +390,7 @@ def config_from_dict(values):
     for name in [k for k in values if k not in known and k in model_fields]:
         model[name] = values.pop(name)  # a flat file may name model fields at top level
     model = nest_sections(model)  # a file written before the variant sections names their fields flat
-    unknown = sorted(set(values) - known) + sorted(set(model) - model_fields)
+    unknown = sorted(set(values) - known, key=str) + sorted(set(model) - model_fields, key=str)
     if unknown:
         raise ValueError(f"unknown config fields {unknown}")
     return TrainConfig(**values, model=model)
