@@ -78,6 +78,38 @@ def read_config_file(path, parser):
     return values
 
 
+def pretrained_shape(args, model, given, parser):
+    """{model field: value} that --text-weights (its config.json) and --image-weights (its
+    tensors) fix, for the fields the user did not set (`given`: flags and --config fields);
+    a parser error when a given value contradicts the weights or they cannot be read.
+    --patch-size and --vit-heads, when given, win (the patch projection is resampled; heads
+    are not in the tensors: mcr.models.weights.vit_heads_for says what is taken instead)."""
+    from mcr.models import weights  # torch only when weights are named: --help answers at once
+
+    shape, source = {}, {}
+    try:
+        if args["text_weights"]:
+            text = weights.text_shape(args["text_weights"])
+            text.pop("max_positions")
+            shape.update(text)
+            source.update(dict.fromkeys(text, f"--text-weights {args['text_weights']} (config.json)"))
+        if args["image_weights"]:
+            image = weights.image_shape(args["image_weights"])
+            if "patch_size" in given:
+                image.pop("patch_size")
+            if "vit_heads" not in given:
+                image["vit_heads"] = weights.vit_heads_for(image["vit_width"], model["vit_heads"])
+            shape.update(image)
+            source.update(dict.fromkeys(image, f"--image-weights {args['image_weights']}"))
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    for name, value in shape.items():
+        if name in given and model[name] != value:
+            parser.error(f"{flag(name)} {model[name]} contradicts {source[name]}, which has {value}; leave "
+                         f"{flag(name)} out to take it from the weights")
+    return {name: value for name, value in shape.items() if name not in given}
+
+
 def parse_train_args(argv=None, prog="python -m mcr.train", description=None):
     """argv -> a resolved TrainConfig. Order of precedence: flags, then --config FILE, then
     the preset's recipe and shape, then the dataclass defaults."""
@@ -107,10 +139,18 @@ def parse_train_args(argv=None, prog="python -m mcr.train", description=None):
     args.pop("config")
     model_names = {f.name for f in dataclasses.fields(ModelConfig)} | set(section_flat_names())
     model = {k: args.pop(k) for k in list(args) if k in model_names}
+    taken = {}
+    if args["text_weights"] or args["image_weights"]:
+        unset = object()  # the flags given are those that the parse sets to something else
+        parser.set_defaults(**dict.fromkeys([*args, *model], unset))
+        flags = {name for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
+        given = {*flags, *(values.get("model") or {}), *values}
+        taken = pretrained_shape(args, model, given, parser)
     try:
-        cfg = config_from_dict({**args, "model": model})
+        cfg = config_from_dict({**args, "model": {**model, **taken}})
     except ValueError as err:
-        parser.error(str(err))
+        parser.error(f"{err} (with the shape taken from the pretrained weights: "
+                     f"{', '.join(f'{flag(k)} {v}' for k, v in taken.items())})" if taken else str(err))
     if print_config:
         sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         parser.exit(0)

@@ -167,8 +167,13 @@ class TrainConfig:
                             "package (when --vocab-size >= its 569 tokens), else WordPiece trained on the "
                             "training reports; train: always train one; else a local Hugging Face "
                             "tokenizer folder")
-    image_weights: str = option("", "pretrained ViT/MAE weights file (.safetensors, .pth)")
-    text_weights: str = option("", "pretrained BERT folder (Hugging Face layout)")
+    image_weights: str = option("", "pretrained timm ViT / MAE weights file (.safetensors, .pth); its tensors set "
+                                "--vit-width, --vit-depth and --patch-size, and --vit-heads is width/64 (timm's "
+                                "ViTs) or, for a width not a multiple of 64, the preset's; flags given win over "
+                                "--patch-size and --vit-heads, and must agree on the rest")
+    text_weights: str = option("", "pretrained BERT folder (Hugging Face layout); its config.json sets "
+                               "--text-width, --text-depth, --text-heads, --text-intermediate and --vocab-size "
+                               "(flags given must agree); pass its tokenizer with --tokenizer")
     batch_size: int = from_preset("global batch, split evenly over torchrun's processes", minimum=1)
     epochs: float = from_preset("epochs over the training split; > 0 overrides --max-steps", minimum=0)
     max_steps: int = from_preset("optimizer steps (when --epochs is 0)", minimum=1)

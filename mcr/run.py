@@ -28,12 +28,12 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from mcr import checkpoint, distributed, engine
-from mcr.config import config_from_dict, config_to_dict, resolve_config
+from mcr.config import config_from_dict, config_to_dict, flag, resolve_config
 from mcr.data.batching import Collate
 from mcr.data.registry import open_dataset
 from mcr.data.tokenizer import load_tokenizer, shipped_tokenizer, train_wordpiece
 from mcr.models import build_model as build_variant
-from mcr.models.weights import load_pretrained
+from mcr.models.weights import image_shape, load_pretrained, text_shape
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "final.json", "config.yaml", "tokenizer", "tensorboard")
 LOCK_FILE = "run.lock"
@@ -85,6 +85,8 @@ def _check_inputs(cfg):
         raise FileNotFoundError(f"--tokenizer {cfg.tokenizer!r} is not a folder (nor auto or train)")
     distributed.pick_device(cfg.device)
     check_out_dir(cfg.out_dir)
+    resuming = holds_run(cfg.out_dir) and cfg.resume
+    check_pretrained(cfg, os.path.join(cfg.out_dir, "tokenizer") if resuming else cfg.tokenizer)
     if not holds_run(cfg.out_dir):
         return None
     if not (cfg.resume or cfg.overwrite):
@@ -101,10 +103,51 @@ def _check_inputs(cfg):
     if path is not None:
         saved = checkpoint.read_state(path)["config"]
         saved_model = config_from_dict(saved).model
-        checkpoint.check_same_config(  # the vocabulary size comes from the run's own tokenizer
-            {**dataclasses.asdict(saved_model), "vocab_size": None},
-            {**dataclasses.asdict(cfg.model), "vocab_size": None})
+        try:
+            checkpoint.check_same_config(  # the vocabulary size comes from the run's own tokenizer
+                {**dataclasses.asdict(saved_model), "vocab_size": None},
+                {**dataclasses.asdict(cfg.model), "vocab_size": None})
+        except ValueError as err:
+            raise InputError(f"{err}; --config {os.path.join(cfg.out_dir, 'config.yaml')} --resume continues "
+                             f"with the run's own config") from None
     return path
+
+
+def check_pretrained(cfg, tokenizer):
+    """InputError unless --text-weights / --image-weights are readable and fit cfg.model (the
+    CLI takes their shape when no flag sets it; mcr.cli.pretrained_shape) and the text
+    weights come with a tokenizer folder of their vocabulary size (`tokenizer`: the one the
+    run will use). Reads the files; builds nothing."""
+    if cfg.text_weights:
+        path = cfg.text_weights
+        shape = text_shape(path)
+        max_positions, vocab_size = shape.pop("max_positions"), shape.pop("vocab_size")
+        check_weights_agree(cfg.model, shape, f"--text-weights {path} (config.json)")
+        if cfg.model.max_text_len > max_positions:
+            raise InputError(f"--max-text-len {cfg.model.max_text_len} exceeds the {max_positions} positions of "
+                             f"--text-weights {path}")
+        if tokenizer in ("auto", "train"):
+            raise InputError(f"--text-weights {path} needs the tokenizer it was trained with: pass --tokenizer "
+                             f"{path} (or that tokenizer's folder)")
+        if not os.path.isdir(tokenizer):
+            raise InputError(f"--tokenizer {tokenizer!r} is not a folder")
+        size = len(load_tokenizer(tokenizer))
+        if size != vocab_size:
+            raise InputError(f"--tokenizer {tokenizer} has {size} tokens, the vocabulary of --text-weights {path} "
+                             f"{vocab_size}: pass the tokenizer the weights were trained with")
+    if cfg.image_weights:
+        shape = image_shape(cfg.image_weights)
+        shape.pop("patch_size")  # another patch size is resampled (mcr.models.weights.adapt_patch_embed)
+        check_weights_agree(cfg.model, shape, f"--image-weights {cfg.image_weights}")
+
+
+def check_weights_agree(model_cfg, shape, source):
+    """InputError naming every field of `shape` ({field: value of the weights}) that model_cfg sets otherwise."""
+    differs = [f"{flag(name)} {getattr(model_cfg, name)} (the weights: {value})"
+               for name, value in shape.items() if getattr(model_cfg, name) != value]
+    if differs:
+        raise InputError(f"{source} has another shape than {', '.join(differs)}; leave those flags out to take "
+                         f"the shape from the weights")
 
 
 def claim_run_folder(cfg, ctx):

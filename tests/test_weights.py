@@ -173,3 +173,133 @@ def test_training_flags_load_both(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "image weights" in out and "adapted ['pos_embed', 'patch_embed.proj.weight']" in out
     assert "text weights" in out
+
+
+# --- the model's shape taken from the weights ----------------------------------------
+
+RUN_FLAGS = ["--image-size", "32", "--decoder-width", "32", "--decoder-depth", "1", "--decoder-heads", "2",
+             "--embed-dim", "16", "--max-text-len", "48", "--train-size", "16", "--val-size", "8", "--batch-size", "8",
+             "--max-steps", "1", "--eval-every", "0", "--no-pictures"]
+
+
+@pytest.fixture
+def odd_bert(tmp_path):
+    """A BERT folder of a shape no preset has (3 layers, 48 wide, 3 heads, 96 feed-forward,
+    64 positions) with its own tokenizer saved beside it."""
+    tok = train_wordpiece([f"FINDINGS: finding number {i}. IMPRESSION: normal." for i in range(50)], 90)
+    path = str(tmp_path / "bert")
+    tok.save_pretrained(path)
+    config = BertConfig(vocab_size=len(tok), hidden_size=48, num_hidden_layers=3, num_attention_heads=3,
+                        intermediate_size=96, max_position_embeddings=64)
+    donor = BertForMaskedLM(config)
+    donor.save_pretrained(path)
+    return path, donor
+
+
+def test_text_weights_set_the_bert_shape_and_vocabulary(odd_bert, tmp_path):
+    from mcr import cli
+    from mcr.run import load_trained
+
+    path, donor = odd_bert
+    run = str(tmp_path / "run")
+    argv = RUN_FLAGS + ["--lr", "0", "--out-dir", run, "--text-weights", path, "--tokenizer", path]
+    cfg = cli.parse_train_args(argv)
+    assert (cfg.model.text_width, cfg.model.text_depth, cfg.model.text_heads, cfg.model.text_intermediate,
+            cfg.model.vocab_size) == (48, 3, 3, 96, donor.config.vocab_size)
+    main(argv)
+    model, saved, _, _, _ = load_trained(run)  # what mcr.evaluate builds: the shape read back from the run
+    assert saved.model == cfg.model
+    for key, value in donor.bert.state_dict().items():
+        if key in model.bert.state_dict() and key != "embeddings.position_embeddings.weight":
+            torch.testing.assert_close(model.bert.state_dict()[key], value, rtol=0, atol=0, msg=key)  # lr 0
+    positions = model.bert.state_dict()["embeddings.position_embeddings.weight"]
+    torch.testing.assert_close(positions[:64], donor.bert.embeddings.position_embeddings.weight, rtol=0, atol=0)
+    # the same command continues the run
+    main(argv[:argv.index("--max-steps")] + ["--max-steps", "2"] + argv[argv.index("--max-steps") + 2:]
+         + ["--resume"])
+    assert load_trained(run)[4].endswith("step_00000002")
+
+
+def vit_state(width=48, depth=2, patch=8, mae=False):
+    """A timm ViT's state dict (64 px), or an MAE checkpoint ({"model": encoder + decoder})."""
+    vit = VisionTransformer(img_size=64, patch_size=patch, in_chans=3, embed_dim=width, depth=depth, num_heads=2,
+                            num_classes=0)
+    state = {k: v.contiguous() for k, v in vit.state_dict().items()}
+    if mae:
+        grid = (64 // patch) ** 2
+        decoder = {"mask_token": torch.zeros(1, 1, 32), "decoder_pos_embed": torch.zeros(1, grid + 1, 32),
+                   "decoder_embed.weight": torch.zeros(32, width), "decoder_embed.bias": torch.zeros(32)}
+        state = {"model": {**state, **decoder}}
+    return state
+
+
+@pytest.mark.parametrize("layout", ["timm.safetensors", "timm.pth", "mae.pth"])
+def test_image_weights_set_the_vit_shape(tmp_path, layout, capsys):
+    from mcr import cli
+
+    path = str(tmp_path / f"vit-{layout}")
+    state = vit_state(mae=layout.startswith("mae"))
+    save_file(state, path) if path.endswith(".safetensors") else torch.save(state, path)
+    run = str(tmp_path / "run")
+    cfg = cli.parse_train_args(RUN_FLAGS + ["--out-dir", run, "--image-weights", path])
+    # 48 is no multiple of 64: the preset's 4 heads, which divide it
+    assert (cfg.model.vit_width, cfg.model.vit_depth, cfg.model.patch_size, cfg.model.vit_heads) == (48, 2, 8, 4)
+    main(RUN_FLAGS + ["--out-dir", run, "--image-weights", path])
+    assert "image weights" in capsys.readouterr().out
+
+
+def test_vit_heads_follow_timm_and_flags_win_where_the_loader_adapts(tmp_path):
+    from mcr import cli
+
+    path = str(tmp_path / "vit.safetensors")
+    save_file(vit_state(width=128), path)
+    cfg = cli.parse_train_args(RUN_FLAGS + ["--image-weights", path])
+    assert (cfg.model.vit_width, cfg.model.vit_heads) == (128, 2)  # timm's width / 64
+    cfg = cli.parse_train_args(RUN_FLAGS + ["--image-weights", path, "--vit-heads", "8", "--patch-size", "16"])
+    assert (cfg.model.vit_heads, cfg.model.patch_size, cfg.model.vit_depth) == (8, 16, 2)
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {patch_size: 16}\n")  # a --config field is given as a flag is
+    assert cli.parse_train_args(RUN_FLAGS + ["--config", str(config), "--image-weights", path]).model.patch_size == 16
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--text-width", "64"], "--text-width 64 contradicts --text-weights {bert} (config.json), which has 48"),
+    (["--text-depth", "3", "--text-heads", "4"], "--text-heads 4 contradicts --text-weights {bert} (config.json)"),
+    (["--vocab-size", "2048"], "--vocab-size 2048 contradicts --text-weights {bert}"),
+    (["--vit-width", "64"], "--vit-width 64 contradicts --image-weights {vit}, which has 48"),
+    (["--vit-heads", "5"], "--vit-width 48 must be a multiple of --vit-heads 5 (with the shape taken from the "
+                           "pretrained weights"),
+    (["--max-text-len", "100"], "--max-text-len 100 exceeds the 64 positions of --text-weights {bert}"),
+    (["--tokenizer", "auto"], "--text-weights {bert} needs the tokenizer it was trained with: pass --tokenizer"),
+])
+def test_flags_that_contradict_the_weights_exit_2_before_any_work(odd_bert, tmp_path, capsys, flags, message):
+    path, _ = odd_bert
+    vit = str(tmp_path / "vit.safetensors")
+    save_file(vit_state(), vit)
+    run = tmp_path / "run"
+    argv = RUN_FLAGS + ["--out-dir", str(run), "--text-weights", path, "--tokenizer", path, "--image-weights", vit]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + flags)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert message.format(bert=path, vit=vit) in err
+    assert not run.exists()
+
+
+def test_library_configs_are_checked_against_the_weights(odd_bert, tmp_path):
+    from mcr.config import TrainConfig
+    from mcr.run import InputError, check_inputs
+
+    path, _ = odd_bert
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), text_weights=path, tokenizer=path)
+    with pytest.raises(InputError, match=r"another shape than --text-width 128 \(the weights: 48\), --text-depth 2"):
+        check_inputs(cfg)
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), text_weights=path, tokenizer=path, model=dict(
+        text_width=48, text_depth=3, text_heads=3, text_intermediate=96, max_text_len=64))
+    assert check_inputs(cfg) is None
+    other = str(tmp_path / "other")
+    train_wordpiece(["another vocabulary entirely"] * 10, 40).save_pretrained(other)
+    cfg.tokenizer = other
+    with pytest.raises(InputError, match=f"--tokenizer {other} has .* tokens, the vocabulary of --text-weights"):
+        check_inputs(cfg)
+    assert not os.path.exists(tmp_path / "run")

@@ -11,6 +11,11 @@ Text: a local Hugging Face BERT directory (config.json + model.safetensors or
 pytorch_model.bin, e.g. BioClinicalBERT); `bert.*` keys go into model.bert and a `cls.*`
 MLM head, when present, into model.mlm_head. Nothing is downloaded.
 
+The shape comes from the weights before any model is built: `text_shape` reads BERT's width,
+depth, heads, feed-forward width and vocabulary from config.json (transformers' BertConfig;
+another model_type is refused), `image_shape` the ViT's width, depth and patch size from the
+tensors (heads are not in them: `vit_heads_for`); mcr.cli fills the flags the user left out.
+
 Loading never unpickles arbitrary objects (safetensors, or torch.load(weights_only=True)),
 and every mismatch is a ValueError that names the keys (and the flags to change).
 """
@@ -35,19 +40,27 @@ def read_state_dict(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file {path!r} does not exist")
     if path.endswith(".safetensors"):
-        state = load_file(path)
+        try:
+            state = load_file(path)
+        except Exception as err:  # safetensors raises its own SafetensorError for a damaged file
+            raise ValueError(f"{path!r} is not a readable .safetensors file ({_one_line(err)})") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises UnpicklingError and friends for non-tensor objects
-            raise ValueError(f"{path!r} is not a weights-only checkpoint (it pickles other objects: {err}); "
-                             f"save just its state dict, or convert it to .safetensors") from err
+        except Exception:  # torch raises UnpicklingError and friends for non-tensor objects
+            raise ValueError(f"{path!r} is not a weights-only checkpoint (it pickles other objects, or is "
+                             f"damaged); save just its state dict, or convert it to .safetensors") from None
     for key in WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path!r} does not hold a state dict of tensors")
     return state
+
+
+def _one_line(err):
+    """The first line of an exception's message (libraries' messages run over several)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _strip(key):
@@ -145,26 +158,131 @@ def load_image_weights(model, path):
     return {"loaded": sorted(encoder) + sorted(decoder), "adapted": adapted, "skipped": skipped, "ignored": ignored}
 
 
-def _read_hf_dir(path):
-    """(config dict, state dict) of a local HF model directory."""
+# HF config field -> ModelConfig field
+_TEXT_FIELDS = {"hidden_size": "text_width", "num_hidden_layers": "text_depth",
+                "num_attention_heads": "text_heads", "intermediate_size": "text_intermediate"}
+
+
+def read_bert_config(path):
+    """The transformers BertConfig of the local HF folder `path` (its config.json); ValueError
+    or FileNotFoundError naming --text-weights for a missing folder or file, a config that is
+    not JSON or not BERT's (model_type other than bert), or values BertConfig refuses."""
+    from transformers import BertConfig
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--text-weights {path!r} does not exist (or is not a folder)")
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"text weights directory {path!r} has no config.json")
-    with open(config_path) as f:
-        config = json.load(f)
+        raise FileNotFoundError(f"--text-weights {path!r} has no config.json")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise ValueError(f"--text-weights {config_path}: not a readable JSON config ({_one_line(err)})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--text-weights {config_path}: expected a JSON object, got {type(raw).__name__}")
+    if raw.get("model_type", "bert") != "bert":  # configs older than model_type are BERT's
+        raise ValueError(f"--text-weights {config_path}: model_type {raw['model_type']!r}, not a BERT model "
+                         f"(model_type 'bert')")
+    try:
+        config = BertConfig.from_pretrained(path, local_files_only=True)
+    except Exception as err:  # transformers validates field types with its own exceptions
+        raise ValueError(f"--text-weights {config_path}: not a usable BertConfig ({_one_line(err)})") from None
+    for name in (*_TEXT_FIELDS, "vocab_size", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"--text-weights {config_path}: {name} must be a positive integer, got {value!r}")
+    return config
+
+
+def _read_hf_dir(path):
+    """(BertConfig, state dict) of a local HF model directory."""
+    config = read_bert_config(path)
     files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) or \
         sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
     if not files:
-        raise FileNotFoundError(f"text weights directory {path!r} has no *.safetensors or pytorch_model*.bin")
+        raise FileNotFoundError(f"--text-weights {path!r} has no *.safetensors or pytorch_model*.bin")
     state = {}
     for file in files:
         state.update(read_state_dict(file))
     return config, state
 
 
-# HF config field -> (ModelConfig field, flag)
-_TEXT_FIELDS = {"hidden_size": "text_width", "num_hidden_layers": "text_depth",
-                "num_attention_heads": "text_heads", "intermediate_size": "text_intermediate"}
+def text_shape(path):
+    """The ModelConfig fields that the BERT in HF folder `path` fixes: text_width, text_depth,
+    text_heads, text_intermediate and vocab_size from its config.json, checked against its
+    word embeddings; also "max_positions" (not a field: the longest --max-text-len).
+    Reads the weights (never unpickling code); ValueError / FileNotFoundError otherwise."""
+    try:
+        config, state = _read_hf_dir(path)
+    except ValueError as err:
+        raise ValueError(f"--text-weights {err}" if not str(err).startswith("--") else str(err)) from None
+    shape = {ours: getattr(config, hf) for hf, ours in _TEXT_FIELDS.items()}
+    shape["vocab_size"] = config.vocab_size
+    words = state.get("bert.embeddings.word_embeddings.weight", state.get("embeddings.word_embeddings.weight"))
+    want = (config.vocab_size, config.hidden_size)
+    if words is None or tuple(words.shape) != want:
+        got = "no embeddings.word_embeddings.weight" if words is None else f"word embeddings {tuple(words.shape)}"
+        raise ValueError(f"--text-weights {path}: {got}, but its config.json says vocab_size x hidden_size {want}")
+    _check_numbered(state, "encoder.layer.", config.num_hidden_layers, f"--text-weights {path}",
+                    "num_hidden_layers in its config.json")
+    shape["max_positions"] = config.max_position_embeddings
+    return shape
+
+
+def _check_numbered(state, prefix, count, what, source):
+    """ValueError unless the keys <prefix>N.* (any leading 'bert.' dropped) are numbered 0 ...
+    count-1 and every N holds the same tensor names (a whole checkpoint, not a part)."""
+    names = {}
+    for key in state:
+        key = key[len("bert."):] if key.startswith("bert.") else key
+        index, _, rest = key[len(prefix):].partition(".")
+        if key.startswith(prefix) and index.isdigit():
+            names.setdefault(int(index), set()).add(rest)
+    if sorted(names) != list(range(count)):
+        raise ValueError(f"{what}: {prefix}N numbered {sorted(names)}, expected 0 ... {count - 1} ({source})")
+    odd = [n for n in names if names[n] != names[0]]
+    if odd:
+        raise ValueError(f"{what}: {prefix}{odd[0]} holds {sorted(names[odd[0]] ^ names[0])} unlike {prefix}0")
+
+
+def image_shape(path):
+    """The ModelConfig fields that a timm / MAE ViT checkpoint fixes, from its tensors:
+    vit_width and patch_size (patch_embed.proj.weight [D, C, p, p]) and vit_depth (the
+    blocks.N keys). Heads cannot be read from tensors (see vit_heads_for). ValueError /
+    FileNotFoundError naming --image-weights otherwise."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--image-weights {path!r} does not exist (or is not a file)")
+    try:
+        state = {_strip(k): v for k, v in read_state_dict(path).items()}
+    except ValueError as err:
+        raise ValueError(f"--image-weights {err}") from None
+    proj = state.get("patch_embed.proj.weight")
+    if proj is None or proj.ndim != 4 or proj.shape[-1] != proj.shape[-2]:
+        raise ValueError(f"--image-weights {path}: not a timm or MAE ViT checkpoint (no patch_embed.proj.weight "
+                         f"[width, channels, patch, patch])")
+    missing = [k for k in ("cls_token", "pos_embed", "norm.weight", "norm.bias") if k not in state]
+    if missing:
+        raise ValueError(f"--image-weights {path}: not a whole timm or MAE ViT checkpoint: no {missing}")
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    if not depth:
+        raise ValueError(f"--image-weights {path}: not a whole timm or MAE ViT checkpoint: no blocks.N")
+    _check_numbered(state, "blocks.", depth, f"--image-weights {path}", "the blocks it holds")
+    return {"vit_width": int(proj.shape[0]), "vit_depth": depth, "patch_size": int(proj.shape[-1])}
+
+
+def vit_heads_for(width, heads):
+    """ViT attention heads for pretrained weights of `width`, which tensors do not record:
+    timm's convention width / 64 when width is a multiple of 64 (ViT-S/B/L: 6, 12, 16), else
+    `heads` (the preset's) when it divides width; ValueError asking for --vit-heads otherwise."""
+    if width % 64 == 0:
+        return width // 64
+    if width % heads == 0:
+        return heads
+    raise ValueError(f"--image-weights: width {width} is not a multiple of 64 nor of --vit-heads {heads}: "
+                     f"pass the checkpoint's --vit-heads")
+
+
 
 
 def load_text_weights(model, path):
@@ -173,12 +291,12 @@ def load_text_weights(model, path):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"text weights directory {path!r} does not exist")
     config, state = _read_hf_dir(path)
-    differs = [f"{hf}={config.get(hf)} (now --{ours.replace('_', '-')} {getattr(model.cfg, ours)})"
-               for hf, ours in _TEXT_FIELDS.items() if config.get(hf) != getattr(model.cfg, ours)]
+    differs = [f"{hf}={getattr(config, hf)} (now --{ours.replace('_', '-')} {getattr(model.cfg, ours)})"
+               for hf, ours in _TEXT_FIELDS.items() if getattr(config, hf) != getattr(model.cfg, ours)]
     if differs:
         raise ValueError(f"text weights {path} have another BERT shape: {', '.join(differs)}")
-    if config.get("vocab_size") != model.bert_config.vocab_size:
-        raise ValueError(f"text weights {path} have vocab_size {config.get('vocab_size')}, the tokenizer has "
+    if config.vocab_size != model.bert_config.vocab_size:
+        raise ValueError(f"text weights {path} have vocab_size {config.vocab_size}, the tokenizer has "
                          f"{model.bert_config.vocab_size}: pass --tokenizer {path}")
     bert, head, ignored = {}, {}, []
     for key, value in state.items():
@@ -191,11 +309,12 @@ def load_text_weights(model, path):
             ignored.append(key)
     target = model.bert.state_dict()
     emb = "embeddings.position_embeddings.weight"
-    if emb in bert and bert[emb].shape[0] < target[emb].shape[0]:
+    if emb in bert and bert[emb].shape[0] < model.cfg.max_text_len:
         raise ValueError(f"text weights {path} have {bert[emb].shape[0]} positions, the model "
-                         f"{target[emb].shape[0]}: use --max-text-len <= {bert[emb].shape[0]}")
-    if emb in bert:
-        bert[emb] = bert[emb][: target[emb].shape[0]]
+                         f"{model.cfg.max_text_len}: use --max-text-len <= {bert[emb].shape[0]}")
+    if emb in bert:  # rows past the checkpoint's (past --max-text-len, never used) keep their initialisation
+        rows = target[emb].shape[0]
+        bert[emb] = torch.cat([bert[emb][:rows], target[emb][bert[emb].shape[0]:]])
     missing, unexpected = sorted(set(target) - set(bert)), sorted(set(bert) - set(target))
     if missing or unexpected:
         raise ValueError(f"text weights {path} do not match the BERT encoder: missing {missing}, "
