@@ -13,6 +13,7 @@ Exit status: 0 done, 1 shards failed verification or could not be written, 2 bad
 """
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -44,6 +45,54 @@ def at_least(low):
             raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= {low}")
         return value
     return parse
+
+
+TEMPORARY = re.compile(r"^(?P<name>.+\.json)\.tmp(?P<pid>\d+)$")  # shards' atomic JSON writes
+
+
+def remove_stale_temporaries(out_dir):
+    """Delete the <file>.json.tmpPID files that a killed mcr.prepare left in out_dir (a
+    process interrupted between writing and renaming one); a live process's stay.
+    Returns the names removed."""
+    removed = []
+    for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else ():
+        match = TEMPORARY.match(name)
+        if match and not process_alive(int(match["pid"])):
+            os.remove(os.path.join(out_dir, name))
+            removed.append(name)
+    return removed
+
+
+def process_alive(pid):
+    """Whether process `pid` runs (on this machine)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only looked up
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def open_pending_splits(args, parser):
+    """{split: dataset} for the splits this run will write (all named ones with --overwrite,
+    else those the manifest has not finished), opened before any file is touched: a source
+    that cannot be read (a missing CSV column, a missing file) is a parser error (exit 2)."""
+    manifest = None
+    if os.path.isdir(args.out) and not args.overwrite:
+        try:
+            manifest = shards.read_manifest(args.out)
+        except (shards.ShardError, ValueError) as err:
+            parser.error(f"--out: {err}")
+    done = set(manifest["splits"]) if manifest else set()
+    try:
+        return {split: open_dataset(args.data, args.data_root, split, args.image_size, args.data_options,
+                                    verbose=False)
+                for split in args.splits if split not in done}
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(f"--data {args.data} --data-root {args.data_root}: {err}")
 
 
 def build_parser():
@@ -98,12 +147,14 @@ def main(argv=None):
     except shards.ShardError as err:
         parser.error(f"--out: {err}")
 
+    datasets = open_pending_splits(args, parser)
+    for name in remove_stale_temporaries(args.out):
+        print(f"removed {os.path.join(args.out, name)} (left by an interrupted mcr.prepare)", file=sys.stderr)
+
     started = time.time()
     try:
         manifest = shards.prepare(
-            lambda split: open_dataset(args.data, args.data_root, split, args.image_size, args.data_options,
-                                       verbose=False),
-            args.out, args.splits, source=source, image_size=args.image_size,
+            lambda split: datasets[split], args.out, args.splits, source=source, image_size=args.image_size,
             overwrite=args.overwrite, workers=args.workers or None, chunk=args.chunk)
         shards.verify(args.out, args.splits)
     except shards.ShardError as err:

@@ -250,6 +250,18 @@ def build_dataset(cfg, split, size=None):
     return open_dataset(cfg.data, cfg.data_root, split, cfg.model.image_size, cfg.data_options, size, cfg.seed)
 
 
+def open_training_split(cfg):
+    """The training split, opened before the run folder is touched: a source that cannot be
+    read (a missing file or CSV column) or is smaller than one batch is an InputError."""
+    try:
+        train_set = build_dataset(cfg, "train")
+    except (ValueError, FileNotFoundError) as err:
+        raise InputError(f"--data {cfg.data} --data-root {cfg.data_root}: {err}") from None
+    if len(train_set) < cfg.batch_size:
+        raise InputError(f"the training split has {len(train_set)} pairs, fewer than one batch of {cfg.batch_size}")
+    return train_set
+
+
 def configured_tokenizer(cfg):
     """The tokenizer cfg names without training one: --tokenizer DIR, or the shipped vocabulary
     of the embedded corpus (auto); None when one must be trained on the reports."""
@@ -316,6 +328,7 @@ def _train(cfg, resume_path, on_validate):
     ctx.sharded = cfg.fsdp and ctx.world > 1
     if cfg.fsdp and ctx.world == 1:
         print("--fsdp: one process, nothing to shard; training unsharded", file=sys.stderr)
+    train_set = open_training_split(cfg)
     claim_run_folder(cfg, ctx)
     if cfg.resume and resume_path is None and ctx.is_main:
         print(f"--resume: no checkpoint under {cfg.out_dir}, starting fresh", file=sys.stderr)
@@ -327,9 +340,6 @@ def _train(cfg, resume_path, on_validate):
                   file=sys.stderr)
     torch.manual_seed(cfg.seed)
 
-    train_set = build_dataset(cfg, "train")
-    if len(train_set) < cfg.batch_size:
-        raise ValueError(f"the training split has {len(train_set)} pairs, fewer than one batch of {cfg.batch_size}")
     tokenizer = build_tokenizer(cfg, train_set, ctx, resuming=resume_path is not None)
     cfg.model = dataclasses.replace(cfg.model, vocab_size=len(tokenizer))
     if ctx.is_main:

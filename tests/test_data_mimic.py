@@ -163,3 +163,37 @@ def test_data_options_parse_and_reject():
         parse_options("colour=red")
     with pytest.raises(ValueError, match="mimic-cxr only"):
         parse_options("uncertain=1", "openi")
+
+
+def copy_without_column(tree, dest, table, column):
+    """A copy of the MIMIC tree whose `table` CSV (plain or gzipped) lacks `column`."""
+    import csv
+    import io
+
+    shutil.copytree(tree, dest)
+    path = next(os.path.join(dest, n) for n in os.listdir(dest) if n.startswith(f"mimic-cxr-2.0.0-{table}.csv"))
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        rows = list(csv.reader(io.TextIOWrapper(f, encoding="utf-8")))
+    keep = [k for k, name in enumerate(rows[0]) if name != column]
+    with opener(path, "wt", newline="") as f:
+        csv.writer(f).writerows([[row[k] for k in keep] for row in rows])
+    return str(dest)
+
+
+@pytest.mark.parametrize("table, column", [("metadata", "ViewPosition"), ("chexpert", "Edema"),
+                                           ("split", "subject_id")])
+def test_a_missing_column_stops_training_before_any_work(tree, tmp_path, capsys, table, column):
+    from mcr.train import main
+
+    root = copy_without_column(tree, tmp_path / "mimic", table, column)
+    with pytest.raises(ValueError, match=f"{table}.csv.*no column '{column}'"):
+        MimicCXR(root, "train")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")  # --overwrite must not delete the old run for nothing
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", "mimic-cxr", "--data-root", root, "--out-dir", str(run), "--overwrite"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and f"no column '{column}'" in err, err
+    assert sorted(os.listdir(run)) == ["checkpoints", "metrics.jsonl"]

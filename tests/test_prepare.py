@@ -177,3 +177,50 @@ def test_checksums_catch_corruption_and_bad_inputs_are_clear(prepared, tmp_path,
     with pytest.raises(SystemExit):
         prepare_main(["--data", "mimic-cxr"])
     assert "--data and --out are required" in capsys.readouterr().err
+
+
+def test_a_missing_column_exits_2_before_any_file_is_touched(tree, prepared, tmp_path, capsys):
+    import csv
+
+    root = tmp_path / "mimic"
+    shutil.copytree(tree, root)
+    with open(root / "mimic-cxr-2.0.0-metadata.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    with open(root / "mimic-cxr-2.0.0-metadata.csv", "w", newline="") as f:
+        csv.writer(f).writerows([row[:-1] for row in rows])  # no ViewPosition
+    out = tmp_path / "shards"
+    argv = ["--data", "mimic-cxr", "--data-root", str(root), "--image-size", "32", "--out", str(out)]
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as stop:
+            prepare_main(argv + extra)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.count("\n") == 1 and "no column 'ViewPosition'" in err, err
+        if not extra:
+            assert not out.exists()
+            shutil.copytree(prepared, out)
+            before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before  # --overwrite deleted nothing
+
+
+def test_a_rerun_removes_the_temporary_files_of_a_killed_one(tree, tmp_path, capsys):
+    out = tmp_path / "shards"
+    argv = ["--data", "mimic-cxr", "--data-root", tree, "--out", str(out), "--image-size", "32", "--workers", "1",
+            "--splits", "val"]
+    dead = subprocess_pid_that_exited()
+    out.mkdir()
+    (out / f"val.progress.json.tmp{dead}").write_text('{"done": 0')  # killed between write and rename
+    (out / f"manifest.json.tmp{dead}").write_text("{")
+    (out / f"val.progress.json.tmp{os.getppid()}").write_text("{}")  # a live process's: not ours to delete
+    assert prepare_main(argv) == 0
+    assert f"removed {out / f'val.progress.json.tmp{dead}'}" in capsys.readouterr().err
+    assert sorted(n for n in os.listdir(out) if ".tmp" in n) == [f"val.progress.json.tmp{os.getppid()}"]
+    assert prepare_main(["--verify", str(out)]) == 0
+
+
+def subprocess_pid_that_exited():
+    """The id of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
