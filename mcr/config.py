@@ -11,6 +11,7 @@ What comes from the paper and what this project chose is in docs/method.md.
 """
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 
 from mcr.data.registry import DATASETS
@@ -247,16 +248,16 @@ def checked_type(name, kind, value):
     the flag: no strings for numbers or booleans (YAML's "no" is a string), no bools for
     numbers, integral values within 64 bits only for ints, finite values only (no inf, nan,
     1e400)."""
-    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-    if kind in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:  # an int beyond float's range is an overflow too
+    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if kind in (int, float) and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:  # an int beyond float's range is an overflow too (numpy's numbers are numbers too)
             ok = math.isfinite(float(value)) and (kind is float or (float(value).is_integer()
                                                                     and abs(value) < 2 ** 63))
         except OverflowError:
             ok = False
     if not ok:
         got = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        if not isinstance(value, (int, float)):
+        if not isinstance(value, numbers.Real):
             got += f" ({type(value).__name__})"
         elif not isinstance(value, bool) and abs(value) >= 2 ** 63:
             got += " (out of range)"

@@ -91,6 +91,10 @@ def test_library_configs_check_types_too():
         TrainConfig(lr=float("nan"))
     with pytest.raises(ValueError, match="--text-mask-replace expects true or false"):
         TrainConfig(model={"text_mask_replace": "no"})
+    import numpy as np
+
+    cfg = TrainConfig(batch_size=np.int64(8), lr=np.float32(0.5), model={"vit_depth": np.int64(2)})
+    assert (type(cfg.batch_size), type(cfg.lr), type(cfg.model.vit_depth)) == (int, float, int)
 
 
 # --- every CLI over a table of bad inputs, as a user runs it ------------------------------
