@@ -4,8 +4,11 @@ Each field is one flag: `batch_size` -> --batch-size, ModelConfig's fields too (
 with the field's help text, its choices, its type, and as default the value in effect after
 --preset and --config (so `--help --preset paper` shows the paper recipe). Booleans are
 --x / --no-x. `--config FILE.yaml` sets fields (flags override it); `--print-config` prints
-the resolved config as YAML (feed it back with --config) and exits. A bad value exits with
-status 2 and one line naming the flag, before any work.
+the resolved config as YAML (feed it back with --config) and exits. --text-weights and
+--image-weights set the model shape fields that no flag or --config field sets, from the
+weights (pretrained_shape). A bad value exits with status 2 and one line naming the flag,
+before any work; a --config value must have its field's type (a YAML string is no number
+nor bool) and numbers must be finite.
 
 Why argparse and not tyro or jsonargparse: what we need from them is ~100 lines here (flags
 from fields, defaults after the preset, flat names for the nested model fields), and plain

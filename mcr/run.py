@@ -7,7 +7,9 @@ never written over unless asked: `resume=True` continues from the newest intact 
 deletes the run's files (checkpoints/, metrics.jsonl, final.json, config.yaml, tokenizer/,
 tensorboard/; nothing else) and starts over; neither is an InputError that spells out the
 choice. Every input is checked before any work (paths, device, the run folder, the
-checkpoint's model config): `check_inputs` raises InputError, the CLIs exit with status 2.
+pretrained weights against the model config and tokenizer, the checkpoint's model config):
+`check_inputs` raises InputError, the CLIs exit with status 2; the training split is opened
+(`open_training_split`) before the run folder is touched.
 
 One writer per run folder: the training process (rank 0 under torchrun) holds an exclusive
 flock on out_dir/run.lock while it trains; a second one is an InputError naming the holder.
