@@ -311,18 +311,21 @@ def train(cfg, on_validate=None):
     """Train with `cfg` (one process, or one rank under torchrun); returns the final
     validation results {"i2t": {...}, "t2i": {...}} (on every rank). on_validate: see
     engine.fit (mcr.train passes mcr.eval.pictures.log_to_tensorboard). Rank 0 holds the run
-    folder's lock (lock_run_folder) from after the checks until it returns or raises."""
+    folder's lock (lock_run_folder) from after the checks and the opening of the training
+    split until it returns or raises."""
     resume_path = check_inputs(cfg)
+    train_set = open_training_split(cfg)
     lock = lock_run_folder(cfg.out_dir) if int(os.environ.get("RANK", "0")) == 0 else None
     try:
-        return _train(cfg, resume_path, on_validate)
+        return _train(cfg, resume_path, train_set, on_validate)
     finally:
         if lock is not None:
             release_run_folder(lock)
 
 
-def _train(cfg, resume_path, on_validate):
-    """train's work once the inputs are checked and the run folder is locked."""
+def _train(cfg, resume_path, train_set, on_validate):
+    """train's work once the inputs are checked, the training split is open and the run
+    folder is locked."""
     ctx = distributed.init_distributed(cfg.device)
     if cfg.batch_size % ctx.world:
         raise InputError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
@@ -330,7 +333,6 @@ def _train(cfg, resume_path, on_validate):
     ctx.sharded = cfg.fsdp and ctx.world > 1
     if cfg.fsdp and ctx.world == 1:
         print("--fsdp: one process, nothing to shard; training unsharded", file=sys.stderr)
-    train_set = open_training_split(cfg)
     claim_run_folder(cfg, ctx)
     if cfg.resume and resume_path is None and ctx.is_main:
         print(f"--resume: no checkpoint under {cfg.out_dir}, starting fresh", file=sys.stderr)
