@@ -4,11 +4,11 @@ Each field is one flag: `batch_size` -> --batch-size, ModelConfig's fields too (
 with the field's help text, its choices, its type, and as default the value in effect after
 --preset and --config (so `--help --preset paper` shows the paper recipe). Booleans are
 --x / --no-x. `--config FILE.yaml` sets fields (flags override it); `--print-config` prints
-the resolved config as YAML (feed it back with --config) and exits. --text-weights and
---image-weights set the model shape fields that no flag or --config field sets, from the
-weights (pretrained_shape). A bad value exits with status 2 and one line naming the flag,
-before any work; a --config value must have its field's type (a YAML string is no number
-nor bool) and numbers must be finite.
+the resolved config as YAML (feed it back with --config) and exits. Model fields that no
+flag or --config field sets come from --text-weights / --image-weights (their shape:
+pretrained_shape) and, with --resume, from the run folder's config.yaml. A bad value exits
+with status 2 and one line naming the flag, before any work; a --config value must have its
+field's type (a YAML string is no number nor bool) and numbers must be finite.
 
 Why argparse and not tyro or jsonargparse: what we need from them is ~100 lines here (flags
 from fields, defaults after the preset, flat names for the nested model fields), and plain
@@ -16,6 +16,7 @@ argparse keeps the flags readable to anyone without a dependency between reader 
 """
 import argparse
 import dataclasses
+import os
 import sys
 
 import yaml
@@ -142,18 +143,27 @@ def parse_train_args(argv=None, prog="python -m mcr.train", description=None):
     args.pop("config")
     model_names = {f.name for f in dataclasses.fields(ModelConfig)} | set(section_flat_names())
     model = {k: args.pop(k) for k in list(args) if k in model_names}
-    taken = {}
-    if args["text_weights"] or args["image_weights"]:
+    from_run, from_weights = {}, {}
+    run_config = os.path.join(args["out_dir"], "config.yaml")
+    resuming = args["resume"] and os.path.isfile(run_config)
+    if args["text_weights"] or args["image_weights"] or resuming:
         unset = object()  # the flags given are those that the parse sets to something else
         parser.set_defaults(**dict.fromkeys([*args, *model], unset))
         flags = {name for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
         given = {*flags, *(values.get("model") or {}), *values}
-        taken = pretrained_shape(args, model, given, parser)
+        if resuming:  # the run's own model, where no flag or --config field sets another
+            saved = read_config_file(run_config, parser).get("model")
+            if not isinstance(saved, dict):
+                parser.error(f"--resume: {run_config} has no model section (field: value)")
+            from_run = {name: value for name, value in saved.items() if name in model and name not in given}
+        if args["text_weights"] or args["image_weights"]:
+            from_weights = pretrained_shape(args, model, given, parser)
     try:
-        cfg = config_from_dict({**args, "model": {**model, **taken}})
+        cfg = config_from_dict({**args, "model": {**model, **from_run, **from_weights}})
     except ValueError as err:
         parser.error(f"{err} (with the shape taken from the pretrained weights: "
-                     f"{', '.join(f'{flag(k)} {v}' for k, v in taken.items())})" if taken else str(err))
+                     f"{', '.join(f'{flag(k)} {v}' for k, v in from_weights.items())})" if from_weights else
+                     f"{err} (with the model of {run_config})" if from_run else str(err))
     if print_config:
         sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         parser.exit(0)

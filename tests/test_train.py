@@ -159,3 +159,14 @@ def test_evaluate_refuses_a_checkpoint_with_non_finite_weights(tmp_path, capsys)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "non-finite weights" in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.glob("checkpoints/*/eval_*.json"))
+
+
+def test_resume_takes_the_model_from_the_run_folder(tmp_path, capsys):
+    main(run_args(tmp_path, "--max-steps", "2", "--eval-every", "0"))
+    model_flags = TINY_FLAGS[:TINY_FLAGS.index("--train-size")]
+    others = TINY_FLAGS[len(model_flags):]
+    main(others + ["--out-dir", str(tmp_path), "--max-steps", "3", "--eval-every", "0", "--resume"])
+    assert "resumed from" in capsys.readouterr().out
+    first, last = (config_from_dict(checkpoint.read_state(tmp_path / "checkpoints" / f"step_0000000{k}")["config"])
+                   for k in (2, 3))
+    assert last.model == first.model and last.model.vit_width == 32
