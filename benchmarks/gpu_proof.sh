@@ -24,8 +24,8 @@ for arg in "$@"; do
 done
 
 BUDGET_S=480
-KERNEL_TESTS="tests/test_attention.py tests/test_attention_offsets.py tests/test_mba.py tests/test_patch_drop.py"
-for optional in tests/test_local_matching.py tests/test_linear_cross_entropy.py tests/test_gelu_mlp.py tests/test_layer_norm_linear.py; do
+KERNEL_TESTS="tests/kernels/test_attention.py tests/kernels/test_attention_offsets.py tests/kernels/test_mba.py tests/kernels/test_patch_drop.py"
+for optional in tests/kernels/test_local_matching.py tests/kernels/test_linear_cross_entropy.py tests/kernels/test_gelu_mlp.py tests/kernels/test_layer_norm_linear.py; do
   [[ -f $optional ]] && KERNEL_TESTS="$KERNEL_TESTS $optional"
 done
 

@@ -14,7 +14,6 @@ import json
 
 import pytest
 import torch
-from test_model import MASK, PAD, make_batch
 
 from mcr import masking, run
 from mcr.config import TrainConfig
@@ -73,8 +72,8 @@ def fill_parameters(model, seed=0):
             p.copy_(value)
 
 
-def build(cfg):
-    return build_model(cfg, pad_token_id=PAD, mask_token_id=MASK)
+def build(cfg, token_ids):
+    return build_model(cfg, pad_token_id=token_ids.pad, mask_token_id=token_ids.mask)
 
 
 def draw(model, batch_size, generator):
@@ -82,9 +81,9 @@ def draw(model, batch_size, generator):
 
 
 @pytest.mark.parametrize("variant", list(PINNED))
-def test_losses_and_embeddings_are_the_pinned_ones(tiny_config, variant):
+def test_losses_and_embeddings_are_the_pinned_ones(tiny_config, variant, make_batch, token_ids):
     cfg = tiny_config(variant=variant)
-    model = build(cfg)
+    model = build(cfg, token_ids)
     fill_parameters(model)
     batch = make_batch(cfg, B=4, L=12, seed=0)
     masked, unmasked, embedding_sums = PINNED[variant]
@@ -102,8 +101,8 @@ def test_losses_and_embeddings_are_the_pinned_ones(tiny_config, variant):
 
 
 @pytest.mark.parametrize("variant", list(PINNED_KEYS))
-def test_state_dict_keys_are_the_pinned_ones(tiny_config, variant):
-    keys = sorted((k, tuple(v.shape)) for k, v in build(tiny_config(variant=variant)).state_dict().items())
+def test_state_dict_keys_are_the_pinned_ones(tiny_config, variant, token_ids):
+    keys = sorted((k, tuple(v.shape)) for k, v in build(tiny_config(variant=variant), token_ids).state_dict().items())
     assert (len(keys), hashlib.sha256(repr(keys).encode()).hexdigest()[:16]) == PINNED_KEYS[variant]
 
 

@@ -11,11 +11,8 @@ from mcr.data.fake import OPENI_DEFECTS, make_openi_tree
 from mcr.data.openi import OpenI, image_key, mesh_labels, parse_report
 from mcr.train import main
 
-TINY_FLAGS = ["--image-size", "32", "--vit-width", "32", "--vit-depth", "1", "--vit-heads", "2",
-              "--decoder-width", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--text-width", "32",
-              "--text-depth", "1", "--text-heads", "2", "--text-intermediate", "64", "--embed-dim", "16",
-              "--vocab-size", "200", "--batch-size", "4", "--max-steps", "2", "--eval-every", "0",
-              "--warmup-steps", "1", "--log-every", "1"]
+RUN_FLAGS = ["--vocab-size", "200", "--batch-size", "4", "--max-steps", "2", "--eval-every", "0",
+            "--warmup-steps", "1", "--log-every", "1"]
 SPLITS = ("train", "val", "test")
 
 
@@ -82,8 +79,8 @@ def test_missing_root_and_empty_root(tmp_path):
     assert OPENI_DEFECTS[5] == "empty"
 
 
-def test_train_cli_on_openi(tree, tmp_path, capsys):
-    results = main(TINY_FLAGS + ["--data", "openi", "--data-root", tree, "--out-dir", str(tmp_path)])
+def test_train_cli_on_openi(tree, tmp_path, capsys, tiny_flags):
+    results = main(tiny_flags + RUN_FLAGS + ["--data", "openi", "--data-root", tree, "--out-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "openi train:" in out and "skipped: empty report" in out
     assert 0 <= results["i2t"]["R@1"] <= 100

@@ -7,7 +7,8 @@ from math import comb
 import numpy as np
 import pytest
 
-STUDY = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "finding-footprints", "footprints.py")
+STUDY = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "experiments", "finding-footprints",
+                     "footprints.py")
 
 
 @pytest.fixture(scope="module")

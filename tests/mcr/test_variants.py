@@ -1,8 +1,6 @@
 """The mpma and reclf variants: losses, gradients, their modules' behaviour, the CLI."""
 import pytest
 import torch
-from test_model import MASK, PAD, draw, make_batch
-from test_train import run_args
 
 import mcr_kernels
 from mcr import checkpoint
@@ -14,27 +12,27 @@ from mcr.models.reclf import RECLF
 from mcr.train import main
 
 
-def model_of(tiny_config, variant, **kw):
-    return build_model(tiny_config(variant=variant, **kw), pad_token_id=PAD, mask_token_id=MASK)
+def model_of(tiny_config, token_ids, variant, **kw):
+    return build_model(tiny_config(variant=variant, **kw), pad_token_id=token_ids.pad, mask_token_id=token_ids.mask)
 
 
-def test_every_variant_is_a_subclass_of_mcr_built_in_one_place(tiny_config):
+def test_every_variant_is_a_subclass_of_mcr_built_in_one_place(tiny_config, token_ids):
     assert tuple(VARIANT_MODELS) == VARIANTS
     for variant, cls in (("mcr", MCR), ("dual-stream", DualStream), ("abm", AbM), ("mpma", MPMA),
                          ("reclf", RECLF)):
-        model = model_of(tiny_config, variant)
+        model = model_of(tiny_config, token_ids, variant)
         assert type(model) is cls and isinstance(model, MCR)
     with pytest.raises(ValueError, match="--variant"):
         build_model(tiny_config().__class__(variant="nope"))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_transformer_blocks_names_every_block(tiny_config, variant):
+def test_transformer_blocks_names_every_block(tiny_config, variant, token_ids):
     """FSDP's units and --compile's graphs: every attention block of the model, MPMA's fusion too."""
     from mcr.models.blocks import Block
     from mcr.models.encoders import BertLayer
 
-    model = model_of(tiny_config, variant, mrm_decoder_depth=2)
+    model = model_of(tiny_config, token_ids, variant, mrm_decoder_depth=2)
     blocks = model.transformer_blocks()
     every = [m for m in model.modules() if isinstance(m, (Block, BertLayer, CrossAttentionBlock))]
     assert len(blocks) == len(set(map(id, blocks))) and set(map(id, blocks)) == set(map(id, every))
@@ -45,8 +43,8 @@ def test_transformer_blocks_names_every_block(tiny_config, variant):
     ("mpma", ["memory", "memory_read.kv.weight", "fusion_blocks.0.q.weight", "image_to_text.weight"]),
     ("reclf", ["irm.0.weight", "irm.2.weight"]),
 ])
-def test_forward_backward_reaches_every_new_module(tiny_config, variant, extra):
-    model = model_of(tiny_config, variant, local_scale_learnable=True)
+def test_forward_backward_reaches_every_new_module(tiny_config, variant, extra, make_batch, draw, token_ids):
+    model = model_of(tiny_config, token_ids, variant, local_scale_learnable=True)
     losses = model(make_batch(model.cfg), draw(model.cfg, 4))
     assert set(losses) == {"contrastive", "mim", "mrm", "local"}
     for value in losses.values():
@@ -57,23 +55,23 @@ def test_forward_backward_reaches_every_new_module(tiny_config, variant, extra):
         assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
 
 
-def test_local_loss_gradient_reaches_the_encoders_through_local_matching(tiny_config):
-    model = model_of(tiny_config, "mpma")
+def test_local_loss_gradient_reaches_the_encoders_through_local_matching(tiny_config, make_batch, draw, token_ids):
+    model = model_of(tiny_config, token_ids, "mpma")
     model(make_batch(model.cfg), draw(model.cfg, 4))["local"].backward()
     for name in ["vit.blocks.0.attn.qkv.weight", "bert.encoder.layer.0.attention.self.query.weight"]:
         assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
 
 
-def test_local_loss_is_log_batch_for_identical_pairs(tiny_config):
+def test_local_loss_is_log_batch_for_identical_pairs(tiny_config, token_ids):
     """Every image and report the same: all scores tie, so the local loss is ln B."""
-    model = model_of(tiny_config, "mpma")
+    model = model_of(tiny_config, token_ids, "mpma")
     img, txt = torch.randn(1, 5, 16).expand(6, -1, -1), torch.randn(1, 7, 16).expand(6, -1, -1)
     loss = model.local_alignment(img, txt, torch.ones(6, 7, dtype=torch.bool))
     assert loss.item() == pytest.approx(torch.log(torch.tensor(6.0)).item(), abs=1e-5)
 
 
-def test_mpma_reconstruction_reads_the_image_and_the_memory(tiny_config):
-    model = model_of(tiny_config, "mpma", memory_slots=3, memory_depth=2).eval()
+def test_mpma_reconstruction_reads_the_image_and_the_memory(tiny_config, token_ids):
+    model = model_of(tiny_config, token_ids, "mpma", memory_slots=3, memory_depth=2).eval()
     assert isinstance(model, MPMA) and len(model.fusion_blocks) == 2
     cfg = model.cfg
     text, latent = torch.randn(2, 6, cfg.text_width), torch.randn(2, 4, cfg.vit_width)
@@ -111,8 +109,8 @@ def test_cross_attention_on_packed_reports_equals_the_padded_batch():
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-9)
 
 
-def test_reclf_word_weights_irm_and_srm(tiny_config):
-    model = model_of(tiny_config, "reclf", srm_mix=0.0)
+def test_reclf_word_weights_irm_and_srm(tiny_config, token_ids):
+    model = model_of(tiny_config, token_ids, "reclf", srm_mix=0.0)
     assert isinstance(model, RECLF)
     tokens = torch.randn(3, 6, model.cfg.text_width)
     word_mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 1, 0, 0, 0]], dtype=torch.bool)
@@ -130,9 +128,9 @@ def test_reclf_word_weights_irm_and_srm(tiny_config):
             assert others.min() - 1e-6 <= propagated[b, k] <= others.max() + 1e-6
 
 
-def test_reclf_unmasked_setting_sees_every_patch(tiny_config):
+def test_reclf_unmasked_setting_sees_every_patch(tiny_config, make_batch, token_ids):
     """RECLF's original setting (--unmasked-tuning 1): unmasked inputs, global and local losses."""
-    model = model_of(tiny_config, "reclf")
+    model = model_of(tiny_config, token_ids, "reclf")
     seen = []
     model.vit.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
     losses = model(make_batch(model.cfg), unmasked=True)
@@ -141,7 +139,7 @@ def test_reclf_unmasked_setting_sees_every_patch(tiny_config):
 
 
 @pytest.mark.parametrize("variant,flags", [("mpma", []), ("reclf", []), ("reclf", ["--unmasked-tuning", "1"])])
-def test_cli_trains_each_variant(tmp_path, variant, flags):
+def test_cli_trains_each_variant(tmp_path, variant, flags, run_args):
     results = main(run_args(tmp_path, "--max-steps", "2", "--eval-every", "0", "--variant", variant,
                             "--memory-slots", "4", "--loss-local", "0.5", *flags))
     assert 0 <= results["i2t"]["R@1"] <= 100
@@ -157,7 +155,7 @@ def flatten_sections(config):
     return {**config, "model": model}
 
 
-def test_run_folder_written_before_the_sections_loads_and_resumes(tmp_path):
+def test_run_folder_written_before_the_sections_loads_and_resumes(tmp_path, run_args):
     """config.yaml and state.json with flat variant fields: the run loads with its settings,
     and --resume continues it to the same weights as an uninterrupted run."""
     import json

@@ -13,7 +13,6 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import run_args
 
 from mcr import checkpoint, evaluate
 from mcr.config import TrainConfig
@@ -25,7 +24,7 @@ STEPS = ["--eval-every", "0", "--keep-checkpoints", "5"]
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
+def base_run(tmp_path_factory, run_args):
     """A finished tiny run: checkpoints at steps 2 and 4."""
     out = tmp_path_factory.mktemp("base") / "run"
     main(run_args(out, "--max-steps", "4", "--save-every", "2", *STEPS))
@@ -56,7 +55,7 @@ def exit_message(capsys, fn, *args):
 # --- a run folder is never reused by accident -----------------------------------------------
 
 @pytest.mark.parametrize("extra", [[], ["--no-resume"]])
-def test_a_run_folder_needs_resume_or_overwrite(base_run, tmp_path, capsys, extra):
+def test_a_run_folder_needs_resume_or_overwrite(base_run, tmp_path, capsys, extra, run_args):
     run = copy_run(base_run, tmp_path)
     before = snapshot(run)
     err = exit_message(capsys, main, run_args(run, "--max-steps", "6", *extra))
@@ -64,7 +63,7 @@ def test_a_run_folder_needs_resume_or_overwrite(base_run, tmp_path, capsys, extr
     assert snapshot(run) == before
 
 
-def test_resume_with_a_value_is_refused_not_read_as_false(base_run, tmp_path, capsys):
+def test_resume_with_a_value_is_refused_not_read_as_false(base_run, tmp_path, capsys, run_args):
     run = copy_run(base_run, tmp_path)
     before = snapshot(run)
     for value in ("maybe", "y"):
@@ -72,7 +71,7 @@ def test_resume_with_a_value_is_refused_not_read_as_false(base_run, tmp_path, ca
     assert snapshot(run) == before
 
 
-def test_overwrite_starts_over_and_keeps_other_files(base_run, tmp_path):
+def test_overwrite_starts_over_and_keeps_other_files(base_run, tmp_path, run_args):
     run = copy_run(base_run, tmp_path)
     (run / "notes.txt").write_text("mine")
     main(run_args(run, "--max-steps", "1", "--overwrite", *STEPS))
@@ -112,7 +111,7 @@ def test_a_kill_while_saving_a_step_again_loses_nothing(base_run, tmp_path, monk
     assert not [n for n in os.listdir(root) if n.startswith(".")]
 
 
-def test_resuming_a_finished_run_does_not_rewrite_its_checkpoint(base_run, tmp_path):
+def test_resuming_a_finished_run_does_not_rewrite_its_checkpoint(base_run, tmp_path, run_args):
     run = copy_run(base_run, tmp_path)
     inode = os.stat(run / "checkpoints" / "step_00000004").st_ino
     main(run_args(run, "--max-steps", "4", "--resume", *STEPS))
@@ -130,7 +129,7 @@ def hold_lock(run):
     return holder
 
 
-def test_a_second_writer_exits_2_naming_the_holder(base_run, tmp_path, capsys):
+def test_a_second_writer_exits_2_naming_the_holder(base_run, tmp_path, capsys, run_args):
     run = copy_run(base_run, tmp_path)
     holder = hold_lock(run)
     try:
@@ -144,7 +143,7 @@ def test_a_second_writer_exits_2_naming_the_holder(base_run, tmp_path, capsys):
         holder.wait()
 
 
-def test_a_lock_left_by_a_killed_trainer_is_taken_over_and_released_on_exit(base_run, tmp_path, capsys):
+def test_a_lock_left_by_a_killed_trainer_is_taken_over_and_released_on_exit(base_run, tmp_path, capsys, run_args):
     run = copy_run(base_run, tmp_path)
     holder = hold_lock(run)
     os.kill(holder.pid, signal.SIGKILL)                     # kill -9: the lock file stays, its flock goes
@@ -174,7 +173,7 @@ def strictly_increasing(steps):
 
 
 @pytest.mark.parametrize("state_records_rows", [True, False])
-def test_a_run_resumed_after_a_kill_logs_each_step_once(base_run, tmp_path, capsys, state_records_rows):
+def test_a_run_resumed_after_a_kill_logs_each_step_once(base_run, tmp_path, capsys, state_records_rows, run_args):
     """Killed after step 4 was logged with the newest checkpoint at step 2: the resume drops
     the rows of steps 3-4 (and the final validation) before it logs them again. A checkpoint
     that does not record its log rows is cut back by step."""
@@ -194,7 +193,7 @@ def test_a_run_resumed_after_a_kill_logs_each_step_once(base_run, tmp_path, caps
     assert logged_steps(run) == logged_steps(base_run) == {"train": [2, 4], "val": [4]}
 
 
-def test_a_finished_run_resumed_logs_its_final_validation_once(base_run, tmp_path):
+def test_a_finished_run_resumed_logs_its_final_validation_once(base_run, tmp_path, run_args):
     run = copy_run(base_run, tmp_path)
     main(run_args(run, "--max-steps", "4", "--resume", *STEPS))
     main(run_args(run, "--max-steps", "6", "--save-every", "2", "--resume", *STEPS))
@@ -202,7 +201,7 @@ def test_a_finished_run_resumed_logs_its_final_validation_once(base_run, tmp_pat
     assert steps == {"train": [2, 4, 6], "val": [6]} and all(map(strictly_increasing, steps.values()))
 
 
-def test_a_resume_without_a_checkpoint_starts_the_log_over(base_run, tmp_path):
+def test_a_resume_without_a_checkpoint_starts_the_log_over(base_run, tmp_path, run_args):
     run = copy_run(base_run, tmp_path)
     shutil.rmtree(run / "checkpoints")
     main(run_args(run, "--max-steps", "2", "--resume", *STEPS))
@@ -254,7 +253,7 @@ def test_a_corrupt_checkpoint_is_named_and_passed_over(base_run, tmp_path, capsy
     assert "step_00000002" in capsys.readouterr().out and "i2t" in results
 
 
-def test_resume_passes_over_a_corrupt_latest_and_cleans_killed_saves(base_run, tmp_path, capsys):
+def test_resume_passes_over_a_corrupt_latest_and_cleans_killed_saves(base_run, tmp_path, capsys, run_args):
     """One resume with a truncated newest checkpoint, a dangling `latest` and the temporary
     folder of a killed save: continues from step 2, says so, removes the leftover."""
     run = copy_run(base_run, tmp_path)
@@ -284,12 +283,12 @@ def test_resume_passes_over_a_corrupt_latest_and_cleans_killed_saves(base_run, t
     (["--max-steps", "0"], "--max-steps must be >= 1"),
     (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
 ])
-def test_bad_sizes_and_devices_exit_2_before_any_work(tmp_path, capsys, argv, message):
+def test_bad_sizes_and_devices_exit_2_before_any_work(tmp_path, capsys, argv, message, run_args):
     assert message in exit_message(capsys, main, run_args(tmp_path / "run", *argv))
     assert not (tmp_path / "run").exists()
 
 
-def test_bad_paths_exit_2_before_any_work(tmp_path, capsys):
+def test_bad_paths_exit_2_before_any_work(tmp_path, capsys, run_args):
     a_file = tmp_path / "file"
     a_file.write_text("x")
     assert "is a file, not a folder" in exit_message(capsys, main, run_args(a_file))
@@ -352,7 +351,7 @@ def test_evaluate_uses_the_tokenizer_of_the_checkpoints_own_run_folder(base_run,
 
 # --- 14.6: the shipped vocabulary makes default runs repeatable ------------------------------
 
-def test_two_runs_with_the_default_tokenizer_give_the_same_figures(tmp_path):
+def test_two_runs_with_the_default_tokenizer_give_the_same_figures(tmp_path, run_args):
     tiny = [a for a in run_args(tmp_path / "a") if a not in ("--vocab-size", "200")]
     flags = ["--max-steps", "2", *STEPS]
     first = main(tiny + flags)

@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import killed_after, run_args
 
 from mcr import checkpoint
 from mcr.run import load_trained
@@ -37,7 +36,7 @@ def assert_same_weights(a, b, atol):
     assert worst <= atol, f"largest parameter difference {worst:.2e} > {atol:.0e}"
 
 
-def test_two_processes_train_the_one_process_model(tmp_path):
+def test_two_processes_train_the_one_process_model(tmp_path, run_args):
     one, two = tmp_path / "one", tmp_path / "two"
     main(run_args(one, *STEPS, "--save-every", "1", "--keep-checkpoints", "5"))
     out = torchrun(2, run_args(two, *STEPS, "--save-every", "1", "--keep-checkpoints", "5",
@@ -53,7 +52,7 @@ def test_two_processes_train_the_one_process_model(tmp_path):
                                                       "step_00000003"]
 
 
-def test_two_processes_resume_a_killed_one_process_run(tmp_path):
+def test_two_processes_resume_a_killed_one_process_run(tmp_path, run_args, killed_after):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     main(run_args(full, "--max-steps", "4", "--save-every", "2", "--eval-every", "0", "--keep-checkpoints", "3"))
     killed_after(full, resumed, 2)
@@ -66,7 +65,7 @@ def train_log(out_dir):
     return [json.loads(line) for line in open(out_dir / "metrics.jsonl") if '"train"' in line]
 
 
-def test_fsdp_continues_a_one_process_run_exactly(tmp_path):
+def test_fsdp_continues_a_one_process_run_exactly(tmp_path, run_args, killed_after):
     """Sharded training resumes a 1-process checkpoint, trains what 1 process trains (loss and
     parameters), logs the global loss, and writes full weights that load unsharded."""
     full, sharded = tmp_path / "full", tmp_path / "sharded"
@@ -89,20 +88,20 @@ def test_fsdp_continues_a_one_process_run_exactly(tmp_path):
     assert model.logit_scale.shape == (1,)
 
 
-def test_batch_not_divisible_by_processes_is_refused(tmp_path):
+def test_batch_not_divisible_by_processes_is_refused(tmp_path, run_args):
     cmd_args = run_args(tmp_path, "--max-steps", "1", "--batch-size", "7")
     with pytest.raises(AssertionError, match="divisible"):
         torchrun(2, cmd_args)
 
 
-def test_compile_runs_the_model_with_our_ops(tmp_path):
+def test_compile_runs_the_model_with_our_ops(tmp_path, run_args):
     torch._dynamo.reset()
     results = main(run_args(tmp_path, "--max-steps", "2", "--eval-every", "0", "--compile",
                             "--compile-backend", "aot_eager"))
     assert {"i2t", "t2i"} == set(results)
 
 
-def test_resume_after_a_kill_continues(tmp_path):
+def test_resume_after_a_kill_continues(tmp_path, run_args):
     """SIGKILL a run after its first checkpoints; --resume picks the newest complete one."""
     import signal
     import time

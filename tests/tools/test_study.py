@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).parents[2] / "experiments"
 _spec = importlib.util.spec_from_file_location("study", EXPERIMENTS / "study.py")
 study_runner = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(study_runner)

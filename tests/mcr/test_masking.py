@@ -3,7 +3,6 @@ import dataclasses
 
 import pytest
 import torch
-from test_model import MASK, PAD, make_batch
 
 import mcr_kernels
 from mcr import masking
@@ -53,9 +52,9 @@ def test_rows_are_a_ranks_share_of_the_global_draw(tiny_config):
         masks.ids_keep = masks.ids_dropped
 
 
-def test_a_masked_forward_needs_masks(tiny_config):
+def test_a_masked_forward_needs_masks(tiny_config, token_ids, make_batch):
     cfg = tiny_config()
-    model = build_model(cfg, pad_token_id=PAD, mask_token_id=MASK)
+    model = build_model(cfg, pad_token_id=token_ids.pad, mask_token_id=token_ids.mask)
     with pytest.raises(ValueError, match="needs masks"):
         model(make_batch(cfg))
     assert set(model(make_batch(cfg), unmasked=True)) == {"mim", "mrm", "contrastive"}

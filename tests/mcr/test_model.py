@@ -5,38 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mcr import masking
 from mcr.engine import build_optimizer
 from mcr.masking import mask_report_tokens
 from mcr.models import build_model
 from mcr.models.mcr import MCR, sincos_position_embedding
 
-PAD, CLS, SEP, MASK = 0, 2, 3, 4
-
-
-def make_batch(cfg, B=4, L=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([L, L - 3, 5, L - 1][:B] + [L] * max(0, B - 4))
-    ids = torch.randint(5, cfg.vocab_size, (B, L), generator=g)
-    positions = torch.arange(L)
-    attn = (positions < lengths[:, None]).long()
-    ids[:, 0] = CLS
-    ids[torch.arange(B), lengths - 1] = SEP
-    ids = ids.masked_fill(attn == 0, PAD)
-    special = ((ids == CLS) | (ids == SEP) | (ids == PAD)).long()
-    return {"image": torch.randn(B, cfg.in_chans, cfg.image_size, cfg.image_size, generator=g),
-            "input_ids": ids, "attention_mask": attn, "special_tokens_mask": special}
-
-
-def draw(cfg, batch_size, seed=0):
-    """The Masks of a batch from a generator seeded with `seed`."""
-    return masking.draw(cfg, batch_size, generator=torch.Generator().manual_seed(seed))
-
 
 @pytest.mark.parametrize("variant", ["mcr", "dual-stream", "abm"])
-def test_forward_backward_every_variant(tiny_config, variant):
+def test_forward_backward_every_variant(tiny_config, variant, token_ids, make_batch, draw):
     cfg = tiny_config(variant=variant)
-    model = build_model(cfg, pad_token_id=PAD, mask_token_id=MASK)
+    model = build_model(cfg, pad_token_id=token_ids.pad, mask_token_id=token_ids.mask)
     losses = model(make_batch(cfg), draw(cfg, 4))
     assert set(losses) == {"contrastive", "mim", "mrm"}
     for value in losses.values():
@@ -72,12 +50,12 @@ def plain_reconstruction(model, batch, masks):
 
 
 @pytest.mark.parametrize("depths", [(1, 1), (2, 2), (3, 0)])
-def test_reconstruction_on_the_loss_rows_equals_the_full_prediction(tiny_config, depths):
+def test_reconstruction_on_the_loss_rows_equals_the_full_prediction(tiny_config, depths, token_ids, make_batch, draw):
     """The last decoder blocks compute only the dropped patches and the masked report tokens:
     the MIM loss, the MRM states the MLM head reads and every gradient equal those of the full
     prediction (float64)."""
     cfg = tiny_config(image_size=48, decoder_depth=depths[0], mrm_decoder_depth=depths[1], image_mask_ratio=0.6)
-    model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK).double()
+    model = MCR(cfg, pad_token_id=token_ids.pad, mask_token_id=token_ids.mask).double()
     batch = make_batch(cfg, B=5, L=13, seed=3)  # lengths 13, 10, 5, 12, 13
     batch["image"] = batch["image"].double()
     masks = draw(cfg, 5, seed=2)  # 9 patches, 4 kept
@@ -105,20 +83,20 @@ def test_reconstruction_on_the_loss_rows_equals_the_full_prediction(tiny_config,
     torch.testing.assert_close(losses["mrm"].double(), want_mrm, atol=0, rtol=1e-6)  # linear_cross_entropy: fp32
 
 
-def test_encoder_sees_only_kept_patches(tiny_config):
+def test_encoder_sees_only_kept_patches(tiny_config, token_ids, make_batch, draw):
     seen = []
     for variant, want in (("mcr", [5]), ("dual-stream", [5, 17])):  # dual-stream: then the unmasked pass
-        cfg = tiny_config(variant=variant, image_size=64, image_mask_ratio=0.75)  # 16 patches, keep 4 + CLS
-        model = build_model(cfg, pad_token_id=PAD, mask_token_id=MASK)
+        cfg = tiny_config(variant=variant, image_size=64, image_mask_ratio=0.75)  # 16 patches, keep 4 + token_ids.cls
+        model = build_model(cfg, pad_token_id=token_ids.pad, mask_token_id=token_ids.mask)
         model.vit.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
         model(make_batch(cfg), draw(cfg, 4))
         assert seen == want, variant
         seen.clear()
 
 
-def test_each_loss_reacts_to_its_inputs(tiny_config):
+def test_each_loss_reacts_to_its_inputs(tiny_config, token_ids, make_batch, draw):
     cfg = tiny_config()
-    model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK).eval()
+    model = MCR(cfg, pad_token_id=token_ids.pad, mask_token_id=token_ids.mask).eval()
     batch = make_batch(cfg)
 
     def run(b, seed=1):
@@ -135,24 +113,24 @@ def test_each_loss_reacts_to_its_inputs(tiny_config):
     assert run(other_text)["mrm"] != pytest.approx(base["mrm"])
 
 
-def test_mask_report_tokens_masks_a_quarter_of_ordinary_tokens():
+def test_mask_report_tokens_masks_a_quarter_of_ordinary_tokens(token_ids):
     B, L = 3, 40
     ids = torch.randint(5, 100, (B, L))
     attn = torch.ones(B, L, dtype=torch.long)
     attn[1, 20:] = 0
     special = torch.zeros(B, L, dtype=torch.long)
     special[:, 0] = 1
-    masked, labels = mask_report_tokens(ids, attn, special, 0.25, MASK, 100)
+    masked, labels = mask_report_tokens(ids, attn, special, 0.25, token_ids.mask, 100)
     chosen = labels != -100
     assert chosen.sum(1).tolist() == [round(39 * 0.25), round(19 * 0.25), round(39 * 0.25)]
     assert not (chosen & (special.bool() | ~attn.bool())).any()
-    assert (masked[chosen] == MASK).all() and (masked[~chosen] == ids[~chosen]).all()
+    assert (masked[chosen] == token_ids.mask).all() and (masked[~chosen] == ids[~chosen]).all()
     assert (labels[chosen] == ids[chosen]).all()
 
 
-def test_short_training_lowers_the_loss(tiny_config):
+def test_short_training_lowers_the_loss(tiny_config, token_ids, make_batch, draw):
     cfg = tiny_config()
-    model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK)
+    model = MCR(cfg, pad_token_id=token_ids.pad, mask_token_id=token_ids.mask)
     batch = make_batch(cfg, B=8, seed=3)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     totals = []
@@ -166,17 +144,17 @@ def test_short_training_lowers_the_loss(tiny_config):
     assert sum(totals[-5:]) / 5 < 0.7 * sum(totals[:5]) / 5
 
 
-def test_text_pooling_without_mask_positions(tiny_config):
+def test_text_pooling_without_mask_positions(tiny_config, token_ids, make_batch, draw):
     """pool_text_masked=False pools only the report tokens that were not masked."""
     from mcr_kernels import reference
 
     cfg = tiny_config(pool_text_masked=False)
-    model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK)
+    model = MCR(cfg, pad_token_id=token_ids.pad, mask_token_id=token_ids.mask)
     batch = make_batch(cfg)
     masks = draw(cfg, 4, seed=3)
     masked_ids, _ = mask_report_tokens(batch["input_ids"], batch["attention_mask"], batch["special_tokens_mask"],
-                                       cfg.text_mask_ratio, MASK, cfg.vocab_size, noise=masks.text_noise)
-    keep = batch["attention_mask"].bool() & (masked_ids != MASK)
+                                       cfg.text_mask_ratio, token_ids.mask, cfg.vocab_size, noise=masks.text_noise)
+    keep = batch["attention_mask"].bool() & (masked_ids != token_ids.mask)
     latent = model.encode_image(batch["image"], masks.ids_keep)
     txt = model.embed_reports(masked_ids, batch["attention_mask"])
     head = model.text_head
@@ -189,9 +167,9 @@ def test_text_pooling_without_mask_positions(tiny_config):
     assert not torch.allclose(model(batch, masks)["contrastive"], expected)
 
 
-def test_image_pooling_with_cls(tiny_config):
+def test_image_pooling_with_cls(tiny_config, token_ids, make_batch):
     cfg = tiny_config(pool_image_cls=True)
-    model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK)
+    model = MCR(cfg, pad_token_id=token_ids.pad, mask_token_id=token_ids.mask)
     batch = make_batch(cfg)
     img, _ = model.embed(batch["image"], batch["input_ids"], batch["attention_mask"])
     latent = model.encode_image(batch["image"])
@@ -219,12 +197,12 @@ def test_sincos_position_embedding_matches_its_formula():
         sincos_position_embedding(grid, 6)
 
 
-def test_sincos_position_embeddings_stay_fixed(tiny_config):
+def test_sincos_position_embeddings_stay_fixed(tiny_config, token_ids, make_batch, draw):
     """--pos-embed sincos: the encoder's and decoder's tables are the formula's, leave the
     optimizer and do not move in training, while the learned default does move."""
     for kind in ("sincos", "learned"):
         cfg = tiny_config(pos_embed=kind)
-        model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK)
+        model = MCR(cfg, pad_token_id=token_ids.pad, mask_token_id=token_ids.mask)
         tables = (model.vit.pos_embed, model.decoder_pos_embed)
         before = [t.detach().clone() for t in tables]
         opt = build_optimizer(model, type("Recipe", (), {"weight_decay": 0.05, "lr": 1e-2})())
@@ -245,9 +223,9 @@ def test_sincos_needs_widths_divisible_by_4(tiny_config):
         tiny_config(pos_embed="sincos", decoder_width=30, decoder_heads=2)
 
 
-def test_embed_on_masked_views(tiny_config):
+def test_embed_on_masked_views(tiny_config, token_ids, make_batch):
     cfg = tiny_config()
-    model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK).eval()
+    model = MCR(cfg, pad_token_id=token_ids.pad, mask_token_id=token_ids.mask).eval()
     batch = make_batch(cfg)
     args = batch["image"], batch["input_ids"], batch["attention_mask"], batch["special_tokens_mask"]
     plain = model.embed(*args)
@@ -262,9 +240,9 @@ def test_embed_on_masked_views(tiny_config):
         model.embed(*args[:3])
 
 
-def test_unmasked_step_encodes_everything_and_trains_alignment_only(tiny_config):
+def test_unmasked_step_encodes_everything_and_trains_alignment_only(tiny_config, token_ids, make_batch):
     cfg = tiny_config(image_size=64)
-    model = MCR(cfg, pad_token_id=PAD, mask_token_id=MASK)
+    model = MCR(cfg, pad_token_id=token_ids.pad, mask_token_id=token_ids.mask)
     seen = []
     model.vit.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
     losses = model(make_batch(cfg), unmasked=True)

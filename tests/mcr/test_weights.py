@@ -14,10 +14,7 @@ from mcr.models.mcr import MCR
 from mcr.models.weights import load_image_weights, load_text_weights, read_state_dict, resize_pos_embed
 from mcr.train import main
 
-TINY_FLAGS = ["--image-size", "32", "--vit-width", "32", "--vit-depth", "1", "--vit-heads", "2",
-              "--decoder-width", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--text-width", "32",
-              "--text-depth", "1", "--text-heads", "2", "--text-intermediate", "64", "--embed-dim", "16",
-              "--train-size", "16", "--val-size", "8", "--batch-size", "8", "--max-steps", "1", "--eval-every", "0"]
+TRAIN_FLAGS = ["--train-size", "16", "--val-size", "8", "--batch-size", "8", "--max-steps", "1", "--eval-every", "0"]
 
 
 def timm_vit(img_size=32, in_chans=3, width=32, depth=1, patch=16):
@@ -161,14 +158,14 @@ def test_tokenizer_round_trip(tmp_path):
     assert again.mask_token_id == tok.mask_token_id and again.pad_token_id == tok.pad_token_id
 
 
-def test_training_flags_load_both(tmp_path, capsys):
+def test_training_flags_load_both(tmp_path, capsys, tiny_flags):
     texts = [f"FINDINGS: finding number {i}. IMPRESSION: normal." for i in range(50)]
     tok = train_wordpiece(texts, 90)
     tok.save_pretrained(str(tmp_path / "bert"))
     bert_dir(str(tmp_path / "bert"), len(tok))
     vit = str(tmp_path / "vit.safetensors")
     save_file({k: v.contiguous() for k, v in timm_vit(img_size=64, in_chans=3).state_dict().items()}, vit)
-    main(TINY_FLAGS + ["--out-dir", str(tmp_path / "run"), "--image-weights", vit,
+    main(tiny_flags + TRAIN_FLAGS + ["--out-dir", str(tmp_path / "run"), "--image-weights", vit,
                        "--text-weights", str(tmp_path / "bert"), "--tokenizer", str(tmp_path / "bert")])
     out = capsys.readouterr().out
     assert "image weights" in out and "adapted ['pos_embed', 'patch_embed.proj.weight']" in out

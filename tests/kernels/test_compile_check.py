@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("triton")
 from mcr_kernels import compile_check  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PTXAS_LOG = """ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function '_attn_bwd_dq' for 'sm_90a'

@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from oracle import relative_assert_close
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mcr_kernels
 from mcr_kernels import backend, reference
@@ -299,26 +298,11 @@ def test_infonce_bfloat16_inputs_and_logit_bias():
     assert torch.autograd.grad(loss, bias)[0].item() == 0
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements any op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
-
-
-def test_infonce_blocks_never_hold_the_batch_by_batch_logits(small_blocks):
+def test_infonce_blocks_never_hold_the_batch_by_batch_logits(small_blocks, largest_tensor):
     B, E = 40, 3
     img, txt = F.normalize(torch.randn(B, E), dim=-1), F.normalize(torch.randn(B, E), dim=-1)
     scale = torch.tensor(5.0)
-    with LargestTensor() as largest:
+    with largest_tensor() as largest:
         lse_img = blockwise_mba._row_lse(img, txt, scale)
         blockwise_mba._direction_grads(img, txt, scale, lse_img, 0, torch.tensor(0.5 / B))
     assert largest.numel < B * B // 4, largest.numel  # blocks of 64 elements: 2 rows of 40
@@ -431,11 +415,11 @@ def test_mba_pool_matches_float64_reference_over_several_blocks(activation, two_
         assert_close(got, want, torch.float32, "grad")
 
 
-def test_mba_pool_blocks_never_hold_the_whole_hidden_activations(small_blocks):
+def test_mba_pool_blocks_never_hold_the_whole_hidden_activations(small_blocks, largest_tensor):
     B, L, D, H, E = 12, 4, 3, 8, 2
     x = torch.randn(B, L, D, requires_grad=True)
     w1, b1, w2 = torch.randn(H, D, requires_grad=True), torch.randn(H), torch.randn(E, H)
-    with LargestTensor() as largest:
+    with largest_tensor() as largest:
         out = blockwise_mba.mba_pool(x, None, w1, b1, w2, None)
         out.sum().backward()
     assert largest.numel <= max(64, B * L * D) < B * L * H  # a block, or the tokens themselves

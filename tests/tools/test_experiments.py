@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).parents[2] / "experiments"
 SCRIPTS = sorted(EXPERIMENTS.rglob("*.py"))
 
 
@@ -38,6 +38,6 @@ def test_runners_answer_help(script):
 
 
 def test_the_library_imports_no_experiment():
-    library = Path(__file__).parents[1] / "mcr"
+    library = Path(__file__).parents[2] / "mcr"
     imports = re.compile(r"^\s*(from|import)\s+(study|pool_studies|experiments)\b", re.MULTILINE)
     assert [p for p in library.rglob("*.py") if imports.search(p.read_text())] == []

@@ -11,7 +11,7 @@ import pathlib
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGES = {"mcr_kernels": ROOT / "kernels" / "mcr_kernels", "mcr": ROOT / "mcr"}
 EXTENSIONS = {"mcr_kernels._C"}  # compiled by kernels/setup.py; no source to read
 BACKEND_FOLDERS = ("triton", "blockwise", "native")

@@ -13,7 +13,6 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import requires_cuda
 
 import mcr_kernels
 from mcr_kernels import reference
@@ -357,7 +356,7 @@ def test_bad_input_raises_value_error_naming_the_argument(call, match):
 
 # --- GPU only ---------------------------------------------------------------------------
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_realistic_shapes(dtype):
     check_pool(8, 99, 768, 512, 512, activation="gelu", two_layers=True, dtype=dtype)

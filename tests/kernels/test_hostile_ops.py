@@ -4,7 +4,7 @@ NaN in -> NaN out, with masked positions truly ignored: a NaN in an attended que
 token reaches the outputs that see it, a NaN in a masked-out key, value or token reaches
 nothing (outputs and gradients equal those of the same inputs with zeros there). Every
 check runs on every backend the op registers (Triton under TRITON_INTERPRET=1 on CPU);
-tests/test_op_policy.py holds the same policy for every op.
+tests/kernels/test_op_policy.py holds the same policy for every op.
 """
 import os
 import subprocess

@@ -2,7 +2,6 @@
 entry `train(cfg)`, and `python -m mcr.evaluate` reproducing training's figures."""
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -13,27 +12,8 @@ from mcr import checkpoint, engine, evaluate, run
 from mcr.config import PRESETS, TrainConfig, config_from_dict
 from mcr.train import main
 
-TINY_FLAGS = ["--image-size", "32", "--vit-width", "32", "--vit-depth", "1", "--vit-heads", "2",
-              "--decoder-width", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--text-width", "32",
-              "--text-depth", "1", "--text-heads", "2", "--text-intermediate", "64", "--embed-dim", "16",
-              "--vocab-size", "200", "--train-size", "64", "--val-size", "24", "--batch-size", "8",
-              "--log-every", "2", "--warmup-steps", "2", "--no-pictures"]
 
-
-def run_args(out_dir, *extra):
-    return TINY_FLAGS + ["--out-dir", str(out_dir), *extra]
-
-
-def killed_after(full, resumed, step):
-    """Fill `resumed` with what a run killed after `full`'s step-`step` checkpoint left."""
-    name = f"step_{step:08d}"
-    os.makedirs(resumed / "checkpoints")
-    shutil.copytree(full / "tokenizer", resumed / "tokenizer")
-    shutil.copytree(full / "checkpoints" / name, resumed / "checkpoints" / name)
-    (resumed / "checkpoints" / "latest").write_text(name + "\n")
-
-
-def test_cli_smoke_writes_metrics_checkpoint_and_results(tmp_path):
+def test_cli_smoke_writes_metrics_checkpoint_and_results(tmp_path, run_args):
     results = main(run_args(tmp_path, "--max-steps", "4", "--eval-every", "2", "--save-every", "2"))
     assert {"i2t", "t2i"} == set(results)
     assert 0 < results["i2t"]["chance_P@K"] < 100
@@ -48,12 +28,12 @@ def test_cli_smoke_writes_metrics_checkpoint_and_results(tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["dual-stream", "abm"])
-def test_cli_runs_each_variant(tmp_path, variant):
+def test_cli_runs_each_variant(tmp_path, variant, run_args):
     main(run_args(tmp_path, "--max-steps", "2", "--eval-every", "0", "--variant", variant))
     assert checkpoint.read_state(checkpoint.latest_checkpoint(tmp_path))["variant"] == variant
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, run_args, killed_after):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     main(run_args(full, "--max-steps", "6", "--save-every", "3", "--eval-every", "0", "--keep-checkpoints", "5"))
     killed_after(full, resumed, 3)
@@ -65,7 +45,7 @@ def test_resume_continues_exactly(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
-def test_evaluate_cli_reproduces_the_final_validation_of_training(tmp_path, capsys):
+def test_evaluate_cli_reproduces_the_final_validation_of_training(tmp_path, capsys, run_args):
     main(run_args(tmp_path, "--max-steps", "2", "--eval-every", "0", "--precision", "bf16"))
     path = checkpoint.latest_checkpoint(tmp_path)
     results = evaluate.main(["--checkpoint", str(tmp_path)])
@@ -79,7 +59,7 @@ def test_evaluate_cli_reproduces_the_final_validation_of_training(tmp_path, caps
     assert json.load(open(os.path.join(path, "eval_val.json")))["i2t"] == final["i2t"]
 
 
-def test_checkpoint_from_another_config_is_refused(tmp_path, capsys):
+def test_checkpoint_from_another_config_is_refused(tmp_path, capsys, run_args):
     main(run_args(tmp_path, "--max-steps", "2", "--eval-every", "0"))
     with pytest.raises(SystemExit) as exit_info:
         main(run_args(tmp_path, "--max-steps", "4", "--eval-every", "0", "--resume", "--vit-depth", "2"))
@@ -104,7 +84,7 @@ def test_train_builds_the_preset_and_variant_of_its_config(tmp_path, monkeypatch
     assert seen["optimizer"].param_groups[0]["lr"] == 1.5e-4
 
 
-def test_interrupted_checkpoint_write_keeps_the_previous(tmp_path):
+def test_interrupted_checkpoint_write_keeps_the_previous(tmp_path, run_args):
     main(run_args(tmp_path, "--max-steps", "2", "--eval-every", "0"))
     os.makedirs(tmp_path / "checkpoints" / ".step_00000009.tmp123")  # a write killed midway
     assert checkpoint.latest_checkpoint(tmp_path).endswith("step_00000002")
@@ -116,7 +96,7 @@ def test_missing_checkpoint_is_reported(tmp_path, capsys):
     assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
 
 
-def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys, run_args):
     main(run_args(tmp_path, "--max-steps", "2", "--save-every", "2", "--eval-every", "0"))
     good = checkpoint.latest_checkpoint(tmp_path)
     good_weights = (tmp_path / "checkpoints" / os.path.basename(good) / "model.safetensors").read_bytes()
@@ -135,7 +115,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(
     assert json.load(open(tmp_path / "final.json"))["step"] == 2  # the good run's results stay
 
 
-def test_a_run_diverging_before_any_checkpoint_saves_none(tmp_path):
+def test_a_run_diverging_before_any_checkpoint_saves_none(tmp_path, run_args):
     with pytest.raises(SystemExit) as exit_info:
         main(run_args(tmp_path, "--max-steps", "6", "--save-every", "1", "--eval-every", "0", "--lr", "1e30"))
     assert "training diverged" in str(exit_info.value.code)
@@ -144,7 +124,7 @@ def test_a_run_diverging_before_any_checkpoint_saves_none(tmp_path):
         assert all(t.isfinite().all() for t in weights.values() if t.is_floating_point()), name
 
 
-def test_evaluate_refuses_a_checkpoint_with_non_finite_weights(tmp_path, capsys):
+def test_evaluate_refuses_a_checkpoint_with_non_finite_weights(tmp_path, capsys, run_args):
     from safetensors.torch import save_file
 
     main(run_args(tmp_path, "--max-steps", "2", "--eval-every", "0"))
@@ -161,11 +141,11 @@ def test_evaluate_refuses_a_checkpoint_with_non_finite_weights(tmp_path, capsys)
     assert not list(tmp_path.glob("checkpoints/*/eval_*.json"))
 
 
-def test_resume_takes_the_model_from_the_run_folder(tmp_path, capsys):
+def test_resume_takes_the_model_from_the_run_folder(tmp_path, capsys, run_args):
     main(run_args(tmp_path, "--max-steps", "2", "--eval-every", "0"))
-    model_flags = TINY_FLAGS[:TINY_FLAGS.index("--train-size")]
-    others = TINY_FLAGS[len(model_flags):]
-    main(others + ["--out-dir", str(tmp_path), "--max-steps", "3", "--eval-every", "0", "--resume"])
+    flags = run_args(tmp_path, "--max-steps", "3", "--eval-every", "0", "--resume")
+    others = flags[flags.index("--train-size"):]
+    main(others)
     assert "resumed from" in capsys.readouterr().out
     first, last = (config_from_dict(checkpoint.read_state(tmp_path / "checkpoints" / f"step_0000000{k}")["config"])
                    for k in (2, 3))

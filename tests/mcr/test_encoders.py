@@ -4,7 +4,6 @@ BertModel, which then compute the same outputs and gradients (the independent re
 and a seed gives the libraries' initial weights."""
 import pytest
 import torch
-from test_model import MASK, PAD, make_batch
 from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from transformers import BertModel
@@ -24,8 +23,8 @@ def timm_vit(cfg):
                    depth=cfg.vit_depth, num_heads=cfg.vit_heads, num_classes=0, global_pool="token", class_token=True)
 
 
-def hf_bert(cfg):
-    return BertModel(bert_config(cfg, PAD), add_pooling_layer=False)
+def hf_bert(cfg, pad_token_id):
+    return BertModel(bert_config(cfg, pad_token_id), add_pooling_layer=False)
 
 
 def assert_same_grads(ours, theirs, tol):
@@ -38,9 +37,9 @@ def assert_same_grads(ours, theirs, tol):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_image_encoder_is_timms_vision_transformer(tiny_config, dtype):
+def test_image_encoder_is_timms_vision_transformer(tiny_config, dtype, token_ids):
     cfg = tiny_config(image_size=48, vit_depth=2)  # 3 x 3 patches: an odd count
-    model = build_model(cfg, pad_token_id=PAD, mask_token_id=MASK).to(dtype)
+    model = build_model(cfg, pad_token_id=token_ids.pad, mask_token_id=token_ids.mask).to(dtype)
     reference = timm_vit(cfg).to(dtype).eval()
     reference.load_state_dict(model.vit.state_dict(), strict=True)
     imgs = torch.randn(3, cfg.in_chans, 48, 48, dtype=dtype)
@@ -53,10 +52,10 @@ def test_image_encoder_is_timms_vision_transformer(tiny_config, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_report_encoder_is_hf_bert_on_the_non_padding_tokens(tiny_config, dtype):
+def test_report_encoder_is_hf_bert_on_the_non_padding_tokens(tiny_config, dtype, token_ids, make_batch):
     cfg = tiny_config(text_depth=2)
-    model = build_model(cfg, pad_token_id=PAD, mask_token_id=MASK).to(dtype)
-    reference = hf_bert(cfg).to(dtype).eval()
+    model = build_model(cfg, pad_token_id=token_ids.pad, mask_token_id=token_ids.mask).to(dtype)
+    reference = hf_bert(cfg, token_ids.pad).to(dtype).eval()
     reference.load_state_dict(model.bert.state_dict(), strict=True)
     batch = make_batch(cfg, B=5, L=13, seed=1)
     batch["attention_mask"][2, 1:] = 0  # a report of one token
@@ -96,11 +95,11 @@ def test_block_is_timms_block_padded_packed_and_on_a_few_rows():
     torch.testing.assert_close(out, want[packed_rows], **TOLERANCES[torch.float64])
 
 
-def test_a_seed_gives_the_libraries_initial_weights(tiny_config):
+def test_a_seed_gives_the_libraries_initial_weights(tiny_config, token_ids):
     cfg = tiny_config(vit_depth=2, text_depth=2)
     for ours, theirs in ((lambda: VisionTransformer(cfg.image_size, cfg.patch_size, cfg.in_chans, cfg.vit_width,
                                                     cfg.vit_depth, cfg.vit_heads), lambda: timm_vit(cfg)),
-                         (lambda: ReportEncoder(bert_config(cfg, PAD)), lambda: hf_bert(cfg))):
+                         (lambda: ReportEncoder(bert_config(cfg, token_ids.pad)), lambda: hf_bert(cfg, token_ids.pad))):
         torch.manual_seed(3)
         a = ours().state_dict()
         torch.manual_seed(3)
@@ -110,13 +109,12 @@ def test_a_seed_gives_the_libraries_initial_weights(tiny_config):
             assert torch.equal(a[key], b[key]), key
 
 
-def test_packed_reports_are_packed_once_per_step(tiny_config, monkeypatch):
+def test_packed_reports_are_packed_once_per_step(tiny_config, monkeypatch, token_ids, make_batch, draw):
     """A masked step packs the reports once (the report encoder) and never pads them back for
     the MRM decoder; the alignment reads them padded back."""
-    from test_model import draw
 
     cfg = tiny_config()
-    model = build_model(cfg, pad_token_id=PAD, mask_token_id=MASK)
+    model = build_model(cfg, pad_token_id=token_ids.pad, mask_token_id=token_ids.mask)
     calls = []
     unpad = mcr_kernels.unpad_input
     monkeypatch.setattr(mcr_kernels, "unpad_input", lambda *a: calls.append("unpad") or unpad(*a))

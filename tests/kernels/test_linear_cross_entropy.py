@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from oracle import relative_assert_close
-from test_cpu_backends import LargestTensor
 
 import mcr_kernels
 from mcr_kernels import _chunked_cross_entropy as chunked
@@ -119,14 +118,14 @@ def test_no_grad_mode_keeps_only_the_row_log_sum_exp():
     assert_close(loss, reference.linear_cross_entropy(hidden, weight, None, labels), torch.float32, "loss")
 
 
-def test_chunks_never_hold_the_rows_by_vocabulary_logits(small_chunks):
+def test_chunks_never_hold_the_rows_by_vocabulary_logits(small_chunks, largest_tensor):
     N, D, V = 60, 3, 50
     hidden, weight, bias = torch.randn(N, D), torch.randn(V, D), torch.randn(V)
     labels = torch.randint(0, V, (N,))
-    with LargestTensor() as largest:
+    with largest_tensor() as largest:
         _, lse = chunked.chunked_forward(hidden, weight, bias, labels, -100, True, blockwise.ce_rows_torch)
     assert largest.numel <= V * chunked.chunk_rows(N, V, D) < N * V // 4, largest.numel
-    with LargestTensor() as largest:
+    with largest_tensor() as largest:
         chunked.chunked_backward(torch.tensor(1.0), hidden, weight, bias, labels, lse, -100, True,
                                  blockwise.ce_grad_rows_torch)
     assert largest.numel <= max(V * chunked.chunk_rows(N, V, D), V * D) < N * V // 4, largest.numel

@@ -7,7 +7,6 @@ exactly; sums (gradients) with the per-dtype tolerances of TOL.
 """
 import pytest
 import torch
-from conftest import requires_cuda
 
 import mcr_kernels
 from mcr_kernels import reference
@@ -276,10 +275,8 @@ def test_torch_compile_fullgraph(name):
 
 
 @pytest.mark.parametrize("name", ["triton", "native"])
-def test_model_runs_on_every_backend(tiny_config, name):
+def test_model_runs_on_every_backend(tiny_config, name, make_batch):
     """The MCR model calls these ops on its hot path: same losses and grads on every backend."""
-    from test_model import make_batch
-
     from mcr import masking
     from mcr.models.mcr import MCR
 
@@ -369,7 +366,7 @@ def test_non_contiguous_inputs(name):
 
 # --- GPU: MCR shapes ---------------------------------------------------------------------
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", ["triton", "native"])
 @pytest.mark.parametrize("B,D", [(64, 768), (256, 768), (64, 512)])
 def test_mcr_shapes_on_gpu(name, B, D):

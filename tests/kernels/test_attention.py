@@ -1,6 +1,6 @@
 """mcr_kernels.flash_attention / flash_attention_varlen: the Triton backend against the
 float64 reference (outputs, LSE and all gradients), masks, causal, varlen, registration
-(opcheck, torch.compile); the model integrations: tests/test_integrations.py.
+(opcheck, torch.compile); the model integrations: tests/kernels/test_integrations.py.
 
 Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest), so the CPU
 cases are small; the full sweep over head dims, lengths and fp16/bf16 needs CUDA.
@@ -10,7 +10,6 @@ import contextlib
 
 import pytest
 import torch
-from conftest import requires_cuda
 
 import mcr_kernels
 from mcr_kernels import reference
@@ -245,7 +244,7 @@ def one_config(Dh):
             kernel.configs = configs
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("Dh", [32, 48, 64, 80, 96, 128, 256])
 def test_gpu_head_dims(dtype, Dh):
@@ -254,7 +253,7 @@ def test_gpu_head_dims(dtype, Dh):
             check_against_reference(3, 2, L, L, Dh, "prefix", dtype=dtype, seed=L + Dh)
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mask_kind,causal", [(None, False), ("random", False), (None, True), ("prefix", True)])
 def test_gpu_masks_and_lengths(dtype, mask_kind, causal):
@@ -263,7 +262,7 @@ def test_gpu_masks_and_lengths(dtype, mask_kind, causal):
             check_against_reference(3, 2, L, L, 64, mask_kind, causal, dtype=dtype, seed=L)
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_autotuned_uneven_lengths(dtype):
     for Lq, Lk in ((99, 197), (200, 7), (128, 128), (1, 200)):
@@ -271,7 +270,7 @@ def test_gpu_autotuned_uneven_lengths(dtype):
         check_against_reference(4, 3, Lq, Lk, 64, None, True, dtype=dtype)
 
 
-@requires_cuda
+@pytest.mark.cuda
 def test_gpu_float32_and_long_sequence():
     check_against_reference(2, 2, 1000, 1000, 64, "prefix", dtype=torch.float32)
     check_against_reference(1, 2, 2048, 2048, 64, None, True, dtype=torch.bfloat16)
