@@ -10,6 +10,8 @@ import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
+from oracle import backend_param
 
 import mcr_kernels
 from mcr_kernels import reference
@@ -304,3 +306,78 @@ def test_backward_tiles_follow_the_device_shared_memory_and_else_the_reference_r
     with torch.no_grad():  # no gradient asked for: the kernel runs whatever the backward's tiles
         tri.flash_attention(q, k, v)
     assert calls == [1]
+
+
+# --- careless or hostile input, kept as regression tests (marked hostile): NaN in -> NaN out, and a
+# NaN in a masked-out position reaches nothing, on every backend the op registers ------------
+
+def attention(name, q, k, v, mask=None, causal=False):
+    with mcr_kernels.use_backend(name, "flash_attention"):
+        return mcr_kernels.flash_attention(q, k, v, key_padding_mask=mask, causal=causal)
+
+
+def qkv(B=2, H=2, L=37, Dh=16):
+    return [torch.randn(B, H, L, Dh, device=DEVICE, requires_grad=True) for _ in range(3)]
+
+
+def masks(B, L):
+    """A right-padding prefix mask and an arbitrary one, each row with keys left."""
+    prefix = torch.arange(L, device=DEVICE)[None] < torch.tensor([L, L - 13], device=DEVICE)[:, None]
+    scattered = torch.rand(B, L, device=DEVICE) < 0.6
+    scattered[:, 0] = True
+    return {"prefix": prefix, "scattered": scattered}
+
+
+# --- flash_attention -----------------------------------------------------------------------
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("name", backend_param("flash_attention"))
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_attention_nan_in_query_or_key_gives_nan_like_sdpa_math(name, where):
+    """SDPA's math backend is the oracle: its CPU flash kernel returns zeros for a NaN query row."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (t.detach().clone() for t in qkv())
+    (q if where == "q" else k)[0, 1, 5, 3] = float("nan")
+    out = attention(name, q, k, v)
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = F.scaled_dot_product_attention(q, k, v)
+    assert out.isnan().any(), "a NaN input was hidden"
+    torch.testing.assert_close(out.isnan(), expected.isnan())
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("name", backend_param("flash_attention"))
+@pytest.mark.parametrize("kind", ["prefix", "scattered"])
+def test_attention_nan_in_masked_key_or_value_reaches_nothing(name, kind):
+    q, k, v = qkv()
+    mask = masks(2, 37)[kind]
+    masked = ~mask[:, None, :, None]
+    poisoned = [torch.where(masked, float("nan"), t) for t in (k, v)]
+    cleaned = [torch.where(masked, 0.0, t) for t in (k, v)]
+    out = attention(name, q, *poisoned, mask)
+    clean = attention(name, q, *cleaned, mask)
+    assert not out.isnan().any(), "a NaN in a masked-out key or value leaked"
+    torch.testing.assert_close(out, clean)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    clean_grads = torch.autograd.grad(clean, (q, k, v), g)
+    for grad, clean_grad in zip(grads, clean_grads):
+        assert not grad.isnan().any(), "a NaN in a masked-out key or value leaked into a gradient"
+        torch.testing.assert_close(grad, clean_grad)
+
+
+@pytest.mark.hostile
+def test_varlen_rejects_bad_cu_seqlens():
+    q = torch.randn(9, 2, 16, device=DEVICE)
+    cu = lambda *b: torch.tensor(b, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    good = cu(0, 4, 9)
+    mcr_kernels.flash_attention_varlen(q, q, q, good, good, 5, 5)
+    for bad, message in [(cu(1, 4, 9), "start at 0"), (cu(0, 6, 4), "not decrease"),
+                         (cu(0, 4, 12), "end at the packed length 9"), (cu(0, 4, 8), "end at")]:
+        with pytest.raises(ValueError, match=f"cu_seqlens_q must {message}"):
+            mcr_kernels.flash_attention_varlen(q, q, q, bad, good, 9, 9)
+    with pytest.raises(ValueError, match="cu_seqlens_k must start at 0"):
+        mcr_kernels.flash_attention_varlen(q, q, q, good, cu(2, 4, 9), 9, 9)
+    with pytest.raises(ValueError, match="max_seqlen_q must be >= the longest sequence 5"):
+        mcr_kernels.flash_attention_varlen(q, q, q, good, good, 4, 5)

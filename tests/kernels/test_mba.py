@@ -13,6 +13,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle import backend_param
 
 import mcr_kernels
 from mcr_kernels import reference
@@ -362,3 +363,65 @@ def test_gpu_realistic_shapes(dtype):
     check_pool(8, 99, 768, 512, 512, activation="gelu", two_layers=True, dtype=dtype)
     check_pool(8, 128, 768, None, 512, activation="none", two_layers=False, dtype=dtype)
     check_infonce(torch.randn(1000, 512), torch.randn(1000, 512), 100.0, dtype=dtype)
+
+
+# --- careless or hostile input, kept as regression tests (marked hostile): NaN in -> NaN out, and a
+# NaN in a masked-out position reaches nothing, on every backend the op registers ------------
+
+# --- mba_pool, masked_mean ---------------------------------------------------------------
+
+def nan_pool_inputs(B=3, L=11, D=12, H=20, E=8):
+    tokens = torch.randn(B, L, D, device=DEVICE, requires_grad=True)
+    mask = torch.rand(B, L, device=DEVICE) < 0.6
+    mask[:, 0] = True
+    mask[2] = False  # a row with no counted token
+    params = [torch.randn(*s, device=DEVICE, requires_grad=True) * 0.3 for s in ((H, D), (H,), (E, H), (E,))]
+    return tokens, mask, [p.detach().requires_grad_() for p in params]
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("name", backend_param("mba_pool"))
+@pytest.mark.parametrize("head", ["mlp", "linear"])
+def test_mba_pool_nan_in_masked_token_reaches_nothing(name, head):
+    tokens, mask, params = nan_pool_inputs()
+    if head == "linear":
+        params = params[:2] + [None, None]
+    poisoned = torch.where(mask[..., None], tokens, float("nan"))
+    cleaned = torch.where(mask[..., None], tokens, 0.0)
+    with mcr_kernels.use_backend(name, "mba_pool"):
+        out = mcr_kernels.mba_pool(poisoned, mask, *params)
+        clean = mcr_kernels.mba_pool(cleaned, mask, *params)
+    assert not out.isnan().any(), "a NaN in a masked-out token leaked"
+    torch.testing.assert_close(out, clean)
+    used = [tokens] + [p for p in params if p is not None]
+    g = torch.randn_like(out)
+    for grad, clean_grad in zip(torch.autograd.grad(out, used, g), torch.autograd.grad(clean, used, g)):
+        assert not grad.isnan().any(), "a NaN in a masked-out token leaked into a gradient"
+        torch.testing.assert_close(grad, clean_grad)
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("name", backend_param("mba_pool"))
+def test_mba_pool_nan_in_counted_token_gives_nan_in_its_row(name):
+    tokens, mask, params = nan_pool_inputs()
+    tokens = tokens.detach().clone()
+    tokens[1, 0, 4] = float("nan")
+    with mcr_kernels.use_backend(name, "mba_pool"):
+        out = mcr_kernels.mba_pool(tokens, mask, *params)
+    assert out[1].isnan().all() and not out[0].isnan().any()
+
+
+@pytest.mark.hostile
+def test_masked_mean_ignores_masked_tokens_and_keeps_counted_nan():
+    tokens, mask, _ = nan_pool_inputs()
+    poisoned = torch.where(mask[..., None], tokens, float("nan"))
+    out = mcr_kernels.masked_mean(poisoned, mask)
+    counts = mask.sum(1, keepdim=True).clamp(min=1)
+    expected = (tokens.double() * mask[..., None]).sum(1) / counts
+    torch.testing.assert_close(out.double(), expected)
+    assert (out[2] == 0).all()
+    (grad,) = torch.autograd.grad(out.sum(), tokens)
+    assert not grad.isnan().any()
+    poisoned = tokens.detach().clone()
+    poisoned[0, 0, 1] = float("nan")
+    assert mcr_kernels.masked_mean(poisoned, mask)[0, 1].isnan()

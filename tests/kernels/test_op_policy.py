@@ -15,9 +15,14 @@ Tolerances: poisoned against clean inputs compare with assert_close's per-dtype 
 (the same computation on the same values); float64 results against float64 results.
 """
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
+from oracle import backend_param
 
 import mcr_kernels
 
@@ -316,3 +321,112 @@ def test_an_argument_in_another_dtype_is_named(op, name):
 def test_every_op_with_float_inputs_has_a_case():
     float_free = {"random_keep_indices"}  # its arguments are sizes, a device and a generator
     assert set(mcr_kernels.backend.ops()) - float_free == set(CASES)
+
+
+# --- careless or hostile input, kept as regression tests (marked hostile): NaN in -> NaN out, and a
+# NaN in a masked-out position reaches nothing, on every backend the op registers ------------
+
+# --- infonce_loss ------------------------------------------------------------------------
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("name", backend_param("infonce_loss"))
+def test_infonce_empty_batch_raises(name):
+    empty = torch.zeros(0, 8, device=DEVICE)
+    with mcr_kernels.use_backend(name, "infonce_loss"), pytest.raises(ValueError, match="at least one pair"):
+        mcr_kernels.infonce_loss(empty, empty, torch.tensor(10.0, device=DEVICE))
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("name", backend_param("infonce_loss"))
+def test_infonce_keeps_float64(name):
+    img, txt = (torch.randn(5, 8, device=DEVICE, dtype=torch.float64) for _ in range(2))
+    scale = torch.tensor(10.0, device=DEVICE, dtype=torch.float64)
+    with mcr_kernels.use_backend(name, "infonce_loss"):
+        loss = mcr_kernels.infonce_loss(img, txt, scale)
+    assert loss.dtype == torch.float64
+    logits = 10.0 * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+    labels = torch.arange(5, device=DEVICE)
+    expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    torch.testing.assert_close(loss, expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("name", backend_param("infonce_loss"))
+def test_infonce_nan_embedding_gives_nan_loss(name):
+    img, txt = (torch.randn(5, 8, device=DEVICE) for _ in range(2))
+    img[3, 2] = float("nan")
+    with mcr_kernels.use_backend(name, "infonce_loss"):
+        assert mcr_kernels.infonce_loss(img, txt, torch.tensor(10.0, device=DEVICE)).isnan()
+
+
+# --- backend registry --------------------------------------------------------------------
+
+@pytest.mark.hostile
+def test_available_backends_accepts_a_device_string():
+    assert mcr_kernels.available_backends("flash_attention", "cpu") == \
+        mcr_kernels.available_backends("flash_attention", torch.device("cpu"))
+    assert "reference" in mcr_kernels.available_backends("mba_pool", "cpu")
+    assert set(mcr_kernels.registered_backends("gather_tokens")) >= {"reference", "triton"}
+    with pytest.raises(ValueError, match="unknown op"):
+        mcr_kernels.registered_backends("nope")
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("module", ["attention", "mba", "patch_drop"])
+def test_broken_triton_module_raises_instead_of_falling_back(module):
+    """With triton installed, a kernel file that fails to import must not leave the op
+    silently on its reference backend."""
+    pytest.importorskip("triton")
+    code = (f"import sys; sys.modules['mcr_kernels.triton.{module}'] = None\n"
+            "import mcr_kernels\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode != 0, "mcr_kernels imported with a broken Triton module"
+    assert f"mcr_kernels.triton.{module}" in result.stderr
+
+
+@pytest.mark.hostile
+def test_import_needs_torch_only():
+    """`import mcr_kernels` pulls in neither the model stack nor the mcr package."""
+    code = ("import sys, mcr_kernels\n"
+            "leaked = sorted({m.split('.')[0] for m in sys.modules} & {'mcr', 'transformers', 'timm', 'tokenizers'})\n"
+            "print(','.join(leaked))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"import mcr_kernels imported {result.stdout.strip()}"
+
+
+@pytest.mark.hostile
+def test_old_backend_name_cpu_is_accepted_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="backend 'cpu' is now called 'blockwise'"):
+        with mcr_kernels.use_backend("cpu", "mba_pool"):
+            assert mcr_kernels.get_backend("mba_pool") == "blockwise"
+    with mcr_kernels.use_backend(None):
+        with pytest.warns(DeprecationWarning, match="set_backend: backend 'cpu'"):
+            mcr_kernels.set_backend("cpu", "gelu_mlp")
+        assert mcr_kernels.get_backend("gelu_mlp") == "blockwise"
+    code = "import mcr_kernels; print(mcr_kernels.get_backend('mba_pool'))"
+    env = {**os.environ, "MCR_KERNELS_BACKEND": "mba_pool=cpu", "PYTHONWARNINGS": "always::DeprecationWarning"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "blockwise"
+    assert "MCR_KERNELS_BACKEND: backend 'cpu' is now called 'blockwise'" in result.stderr
+
+
+@pytest.mark.hostile
+def test_wrapped_backend_runs_the_wrapper_and_restores_the_registration():
+    from mcr_kernels import backend
+
+    seen = []
+    x = torch.randn(2, 3, 4)
+    with backend.wrapped("mba_pool", "reference", lambda fn: lambda *a, **k: seen.append(1) or fn(*a, **k)):
+        with mcr_kernels.use_backend("reference", "mba_pool"):
+            mcr_kernels.mba_pool(x, None, torch.randn(5, 4), None)
+    assert seen == [1]
+    with mcr_kernels.use_backend("reference", "mba_pool"):
+        mcr_kernels.mba_pool(x, None, torch.randn(5, 4), None)
+    assert seen == [1]  # restored
+    with pytest.raises(ValueError, match="no 'native' backend"):
+        with backend.wrapped("mba_pool", "native", lambda fn: fn):
+            pass

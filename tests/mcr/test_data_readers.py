@@ -1,4 +1,4 @@
-"""Hostile data inputs (the readers and the mcr.prepare CLI): each test replays a
+"""The data readers and the mcr.prepare CLI on careless or hostile input: each test replays a
 trial a careless or hostile user ran, on the fake trees of mcr.data.fake, and checks that it
 ends in a clear error or a skip counted with its reason, with nothing written before lost."""
 import builtins
@@ -21,6 +21,8 @@ from mcr.data.openi import OpenI
 from mcr.data.shards import ShardDataset, ShardError
 from mcr.prepare import build_parser
 from mcr.prepare import main as prepare_main
+
+pytestmark = pytest.mark.hostile
 
 TRAIN_KEPT = MIMIC_EXPECTED["train"]["kept"]
 
@@ -53,7 +55,7 @@ def table(root, name):
     return next(os.path.join(root, n) for n in os.listdir(root) if n.startswith(f"mimic-cxr-2.0.0-{name}.csv"))
 
 
-# --- 13.2: --overwrite --splits val -------------------------------------------------------
+# --- --overwrite --splits val -------------------------------------------------------------
 
 def test_overwrite_of_one_split_deletes_only_its_files_and_keeps_the_others(tree, tmp_path, capsys):
     out = tmp_path / "shards"
@@ -80,7 +82,7 @@ def test_overwrite_of_one_split_deletes_only_its_files_and_keeps_the_others(tree
     assert {p.name: p.read_bytes() for p in out.iterdir()} == listing  # nothing touched
 
 
-# --- 13.6: ids that are paths -------------------------------------------------------------
+# --- ids that are paths -------------------------------------------------------------------
 
 def test_mimic_ids_that_escape_the_root_are_skipped_counted_and_never_opened(copy, tmp_path, monkeypatch):
     outside = tmp_path / "outside"
@@ -139,7 +141,7 @@ def test_openi_ids_that_are_paths_are_skipped_and_counted(tmp_path):
     assert not any("CXR1_1_IM-0001-1001" in p for ds in parts.values() for p in ds.paths)
 
 
-# --- 13.7: encodings and CSV shapes ----------------------------------------------------------
+# --- encodings and CSV shapes ----------------------------------------------------------------
 
 def test_one_report_with_an_invalid_utf8_byte_skips_that_study_naming_the_file(copy):
     report = copy / "files" / "p10" / "p10000000" / "s50000000.txt"
@@ -221,7 +223,7 @@ def test_openi_projections_csv_with_a_bom_spaces_or_a_missing_column(tmp_path):
         OpenI(root, "train", 32)
 
 
-# --- 13.9: shard integrity ------------------------------------------------------------------
+# --- shard integrity ------------------------------------------------------------------------
 
 BLOCK = 4096  # 32 x 32 images: 4 per block, 10+ blocks per train file
 
