@@ -2,6 +2,8 @@
 
     python -m mcr.evaluate --checkpoint runs/default                  (its newest checkpoint)
     python -m mcr.evaluate --checkpoint runs/mimic --split test --protocol 5x200
+    python -m mcr.evaluate --checkpoint runs/default --split test --task zero-shot      (docs/evaluation.md)
+    python -m mcr.evaluate --checkpoint runs/default --split test --task linear-probe
 
 The evaluation is training's own (mcr.eval.embedding.evaluate: same data, tokenizer, batches
 and autocast), so on the validation split it reproduces the figures training logged last.
@@ -15,6 +17,7 @@ from mcr import cli, run
 from mcr.config import DEVICE_KINDS
 from mcr.data.registry import DATASETS
 from mcr.engine import autocast_dtype
+from mcr.eval import downstream
 from mcr.eval.embedding import evaluate, format_results
 
 PROTOCOLS = ("full", "5x200")
@@ -33,6 +36,8 @@ positive_int.__name__ = "positive integer"  # argparse's message: "invalid posit
 def build_parser():
     p = cli.Parser(prog="python -m mcr.evaluate", description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest intact one)")
+    p.add_argument("--task", choices=downstream.TASKS, default="retrieval",
+                   help="retrieval (--protocol), zero-shot classification, or linear probe of the image encoder")
     p.add_argument("--split", choices=("train", "val", "test"), default="val", help="split to evaluate")
     p.add_argument("--size", type=positive_int, default=None,
                    help="number of pairs of --data synthetic (default: the run's --val-size)")
@@ -45,8 +50,10 @@ def build_parser():
     p.add_argument("--data-options", default="", help="its reader options (with --data)")
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_KINDS)}")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--output", default="", help="JSON file to write (default: eval_<split>[_5x200].json "
-                                                 "in the checkpoint folder)")
+    p.add_argument("--output", default="", help="JSON file to write (default: eval_<split>[_5x200].json, "
+                                                 "zero_shot_<split>.json, linear_probe_<split>.json in the "
+                                                 "checkpoint folder)")
+    downstream.add_arguments(p, positive_int)
     return p
 
 
@@ -59,9 +66,13 @@ def main(argv=None):
             raise run.InputError(f"--data {args.data} needs --data-root DIR (an existing folder)")
         if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
             raise run.InputError(f"--output {args.output!r}: its folder does not exist")
+        if args.task != "retrieval":
+            downstream.check_arguments(args)
         model, cfg, tokenizer, device, path = run.load_trained(args.checkpoint, args.device)
     except (ValueError, FileNotFoundError) as err:
         cli.fail(parser.prog, err)
+    if args.task != "retrieval":
+        return downstream.run_task(args, model, cfg, tokenizer, device, path)
     if args.data:
         cfg.data, cfg.data_root, cfg.data_options = args.data, args.data_root, args.data_options
     dataset = run.build_dataset(cfg, args.split, args.size or cfg.val_size)
