@@ -1,6 +1,7 @@
 """The linear probe: features against the model's own encoder, the content-keyed cache,
 the probe's AUROC on features with and without signal, and the CLI on a labelled set."""
 import json
+import os
 import warnings
 
 import numpy as np
@@ -106,3 +107,27 @@ def test_linear_probe_cli_on_a_labelled_tree(tiny_run, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main([*args[:4], "--split", "train", *args[6:]])
     assert exit_info.value.code == 2
+
+
+def test_study_table_reads_the_raw_results(tmp_path):
+    """experiments/downstream-2026-12-06/table.py on two seeds of two rows: means, chance, goals."""
+    import subprocess
+    import sys
+
+    def write(name, seed, zs_auroc, lp_1):
+        fractions = {f: {"mean_auroc": lp_1 + 0.1 * k} for k, f in enumerate(("1%", "10%", "100%"))}
+        (tmp_path / f"{name}-seed{seed}-zero-shot.json").write_text(json.dumps(
+            {"mean_auroc": zs_auroc, "accuracy": 50.0, "chance_accuracy": 20.0, "seconds": 10.0}))
+        (tmp_path / f"{name}-seed{seed}-linear-probe.json").write_text(json.dumps(
+            {"fractions": fractions, "seconds": 20.0}))
+
+    for seed in (0, 1):
+        write("default", seed, 0.8 + 0.02 * seed, 0.80)
+        write("random-init", seed, 0.5, 0.60)
+    script = os.path.join(os.path.dirname(__file__), "..", "experiments", "downstream-2026-12-06", "table.py")
+    table = subprocess.run([sys.executable, script, str(tmp_path)],
+                           capture_output=True, text=True, check=True).stdout
+    assert "| MCR, the default (2,000 steps) | 2 | 0.810 ± 0.010 | 50.0 ± 0.0 (20.0) | 0.800 ± 0.000 |" in table
+    assert "random-init + 0.15: 0.800 against 0.750, met (margin +0.050)" in table
+    assert "dual-stream at equal wall time: not measured" in table
+    assert "≤ 120: 30.000 against 120.000, met (margin +90.000)" in table
