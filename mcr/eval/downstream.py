@@ -53,7 +53,7 @@ def add_arguments(parser, positive_int):
                    help="folder of the feature cache (keyed by checkpoint checksum, data and pooling)")
     g.add_argument("--random-init", type=int, default=None, metavar="SEED",
                    help="evaluate the checkpoint's model built after torch.manual_seed(SEED) and not trained "
-                        "(the floor: a run's own initial weights when SEED is its --seed)")
+                        "(the random-initialisation floor)")
 
 
 def check_arguments(args):
