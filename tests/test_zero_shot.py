@@ -97,6 +97,7 @@ def test_zero_shot_cli_writes_results_and_the_sample(tiny_run, tmp_path, capsys)
     (["--labelled-options", "uncertain=ones"], "--labelled-options needs --labelled-root"),
     (["--random-init", "-1"], "--random-init -1"),
     (["--data", "openi"], "--data"),
+    (["--cache-dir", "/dev/null/cache"], "--cache-dir"),
 ])
 def test_bad_values_exit_2_before_work(tiny_run, tmp_path, flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

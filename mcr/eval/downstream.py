@@ -74,8 +74,11 @@ def check_arguments(args):
         raise ValueError("--split train: the linear probe trains on train; score it on val or test")
     if args.random_init is not None and args.random_init < 0:
         raise ValueError(f"--random-init {args.random_init}: expected a seed >= 0")
-    if os.path.isfile(args.cache_dir):
-        raise ValueError(f"--cache-dir {args.cache_dir!r} is a file; expected a folder")
+    existing = os.path.abspath(args.cache_dir)
+    while not os.path.exists(existing):  # the folder, or the nearest parent that would hold it
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise ValueError(f"--cache-dir {args.cache_dir!r}: not a writable folder ({existing} is in the way)")
     if args.task == "zero-shot":
         zero_shot.load_prompts(args.prompts or ("chexpert" if args.labelled_root else "synthetic"))
 
