@@ -110,7 +110,7 @@ def test_linear_probe_cli_on_a_labelled_tree(tiny_run, tmp_path):
 
 
 def test_study_table_reads_the_raw_results(tmp_path):
-    """experiments/downstream-2026-12-06/table.py on two seeds of two rows: means, chance, goals."""
+    """experiments/downstream-2026-12-06/table.py on two seeds of two rows: means, chance, checks."""
     import subprocess
     import sys
 

@@ -2,8 +2,8 @@
 
     python experiments/downstream-2026-12-06/table.py experiments/downstream-2026-12-06/raw > table.md
 
-One row per pretraining (mean ± std over the seeds found, their number beside), the goals
-checked below it. Files: <name>-seed<s>-zero-shot.json, <name>-seed<s>-linear-probe.json.
+One row per pretraining (mean ± std over the seeds found, their number beside), the checks
+below it. Files: <name>-seed<s>-zero-shot.json, <name>-seed<s>-linear-probe.json.
 """
 import glob
 import json
@@ -66,13 +66,13 @@ def main(raw):
         chance = f" ({np.mean(row['zs_chance']):.1f})" if row.get("zs_chance") else ""
         lines.append(f"| {title} | {n} | {cell(row.get('zs_auroc'))} | {cell(row.get('zs_acc'), 1)}{chance} | "
                      + " | ".join(cell(row.get(f"lp_{f}")) for f in FRACTIONS) + " |")
-    lines += ["", "Goals (means over the seeds above):"]
+    lines += ["", "Checks (means over the seeds above):"]
 
     def mean(name, key):
         values = rows[name].get(key)
         return float(np.mean(values)) if values else None
 
-    def goal(text, value, target, higher=True):
+    def check(text, value, target, higher=True):
         if value is None or target is None:
             lines.append(f"- {text}: not measured (runs missing)")
             return
@@ -81,14 +81,14 @@ def main(raw):
                      f"(margin {margin:+.3f})")
 
     floor = mean("random-init", "lp_1%")
-    goal("default linear probe AUROC at 1% ≥ random-init + 0.15", mean("default", "lp_1%"),
+    check("default linear probe AUROC at 1% ≥ random-init + 0.15", mean("default", "lp_1%"),
          None if floor is None else floor + 0.15)
-    goal("default zero-shot mean AUROC ≥ 0.75", mean("default", "zs_auroc"), 0.75)
-    goal("default zero-shot AUROC ≥ dual-stream at equal wall time", mean("default", "zs_auroc"),
+    check("default zero-shot mean AUROC ≥ 0.75", mean("default", "zs_auroc"), 0.75)
+    check("default zero-shot AUROC ≥ dual-stream at equal wall time", mean("default", "zs_auroc"),
          mean("dual-stream-at-time", "zs_auroc"))
-    goal("default linear probe AUROC at 1% ≥ dual-stream at equal wall time", mean("default", "lp_1%"),
+    check("default linear probe AUROC at 1% ≥ dual-stream at equal wall time", mean("default", "lp_1%"),
          mean("dual-stream-at-time", "lp_1%"))
-    goal("evaluation of one default checkpoint (zero-shot + linear probe, s) ≤ 120", mean("default", "seconds"),
+    check("evaluation of one default checkpoint (zero-shot + linear probe, s) ≤ 120", mean("default", "seconds"),
          120.0, higher=False)
     print("\n".join(lines))
 
