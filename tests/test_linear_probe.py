@@ -128,6 +128,6 @@ def test_study_table_reads_the_raw_results(tmp_path):
     table = subprocess.run([sys.executable, script, str(tmp_path)],
                            capture_output=True, text=True, check=True).stdout
     assert "| MCR, the default (2,000 steps) | 2 | 0.810 ± 0.010 | 50.0 ± 0.0 (20.0) | 0.800 ± 0.000 |" in table
-    assert "random-init + 0.15: 0.800 against 0.750, met (margin +0.050)" in table
+    assert "random-init + 0.15: 0.800, target 0.750, met (margin +0.050)" in table
     assert "dual-stream at equal wall time: not measured" in table
-    assert "≤ 120: 30.000 against 120.000, met (margin +90.000)" in table
+    assert "≤ 120: 30.000, target 120.000, met (margin +90.000)" in table

@@ -77,7 +77,7 @@ def main(raw):
             lines.append(f"- {text}: not measured (runs missing)")
             return
         margin = value - target if higher else target - value  # > 0: met with room to spare
-        lines.append(f"- {text}: {value:.3f} against {target:.3f}, {'met' if margin >= 0 else 'NOT met'} "
+        lines.append(f"- {text}: {value:.3f}, target {target:.3f}, {'met' if margin >= 0 else 'NOT met'} "
                      f"(margin {margin:+.3f})")
 
     floor = mean("random-init", "lp_1%")
