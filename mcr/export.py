@@ -134,9 +134,11 @@ def model_card(cfg, checkpoint_path, run_dir, results):
                          if "accuracy" in result else "") + ".", ""]
         elif result.get("task") == "linear-probe":
             lines += [f"## Linear probe ({result['data']}, split {result['split']}, pooling {result['pooling']})", "",
-                      "| labels | training rows | mean AUROC (chance 0.5) |", "|---|---|---|"]
+                      "| labels | training rows | draws | mean AUROC ± std over draws (chance 0.5) |",
+                      "|---|---|---|---|"]
             for fraction, row in result["fractions"].items():
-                lines.append(f"| {fraction} | {row['rows']} | {row['mean_auroc']:.3f} ± {row['mean_auroc_std']:.3f} |")
+                lines.append(f"| {fraction} | {row['rows']} | {row['draws']} | "
+                             f"{row['mean_auroc']:.3f} ± {row['mean_auroc_std']:.3f} |")
             lines.append("")
     lines += ["## Loading without mcr", "", "```python",
               "from transformers import AutoTokenizer, BertModel",
