@@ -66,6 +66,19 @@ def main(raw):
         chance = f" ({np.mean(row['zs_chance']):.1f})" if row.get("zs_chance") else ""
         lines.append(f"| {title} | {n} | {cell(row.get('zs_auroc'))} | {cell(row.get('zs_acc'), 1)}{chance} | "
                      + " | ".join(cell(row.get(f"lp_{f}")) for f in FRACTIONS) + " |")
+    classes = [c for name, _ in ROWS for runs in [found.get(name, {})] for seed in runs
+               for c in runs[seed].get("zero-shot", {}).get("auroc", {})]
+    classes = list(dict.fromkeys(classes))
+    if classes:
+        lines += ["", "Zero-shot AUROC by class (chance 0.5), mean over the seeds:", "",
+                  "| pretraining | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+        for name, title in ROWS:
+            runs = [found[name][seed]["zero-shot"]["auroc"] for seed in sorted(found.get(name, {}))
+                    if "zero-shot" in found[name][seed]]
+            if runs:
+                lines.append(f"| {title} | " + " | ".join(
+                    f"{np.mean([r[c] for r in runs if c in r]):.3f}" if any(c in r for r in runs) else "–"
+                    for c in classes) + " |")
     lines += ["", "Checks (means over the seeds above):"]
 
     def mean(name, key):
