@@ -43,8 +43,10 @@ def build_parser():
                    help="number of pairs of --data synthetic (default: the run's --val-size)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="full",
                    help="full: R@K, ranks and label P@K over the whole split; 5x200: P@K by class")
-    p.add_argument("--per-class", type=positive_int, default=200, help="5x200: studies per class")
-    p.add_argument("--seed", type=int, default=0, help="5x200: selection seed")
+    p.add_argument("--per-class", type=positive_int, default=200,
+                   help="5x200 and zero-shot accuracy: studies per class")
+    p.add_argument("--seed", type=int, default=0,
+                   help="5x200 and zero-shot accuracy: selection seed; linear probe: seed of the label subsets")
     p.add_argument("--data", choices=DATASETS, default=None, help="evaluate on another dataset than the run's")
     p.add_argument("--data-root", default="", help="its root folder (with --data)")
     p.add_argument("--data-options", default="", help="its reader options (with --data)")
