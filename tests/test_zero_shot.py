@@ -98,6 +98,7 @@ def test_zero_shot_cli_writes_results_and_the_sample(tiny_run, tmp_path, capsys)
     (["--random-init", "-1"], "--random-init -1"),
     (["--data", "openi"], "--data"),
     (["--cache-dir", "/dev/null/cache"], "--cache-dir"),
+    (["--labelled-root", "/", "--split", "test", "--labelled-options", "test=absent.csv"], "absent.csv"),
 ])
 def test_bad_values_exit_2_before_work(tiny_run, tmp_path, flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -66,6 +66,9 @@ def check_arguments(args):
         if args.task == "linear-probe" and args.split != "test":
             raise ValueError("--split: the linear probe trains on train and scores test; give --split test")
         parse_labelled_options(args.labelled_options)
+        for split in ("train", "test") if args.task == "linear-probe" else (args.split,):
+            if not os.path.isfile(labelled_csv(args, split)):
+                raise ValueError(f"--labelled-options: the {split} CSV {labelled_csv(args, split)!r} does not exist")
     elif args.labelled_options:
         raise ValueError("--labelled-options needs --labelled-root")
     if args.data:
