@@ -71,13 +71,14 @@ def main(argv=None):
         if args.task != "retrieval":
             downstream.check_arguments(args)
         model, cfg, tokenizer, device, path = run.load_trained(args.checkpoint, args.device)
+        if args.task == "retrieval":
+            if args.data:
+                cfg.data, cfg.data_root, cfg.data_options = args.data, args.data_root, args.data_options
+            dataset = run.build_dataset(cfg, args.split, args.size or cfg.val_size)
     except (ValueError, FileNotFoundError) as err:
         cli.fail(parser.prog, err)
     if args.task != "retrieval":
         return downstream.run_task(args, model, cfg, tokenizer, device, path)
-    if args.data:
-        cfg.data, cfg.data_root, cfg.data_options = args.data, args.data_root, args.data_options
-    dataset = run.build_dataset(cfg, args.split, args.size or cfg.val_size)
     results = evaluate(model, dataset, run.collate_for(cfg, tokenizer), device, autocast_dtype(cfg.precision, device),
                        protocol=args.protocol, per_class=args.per_class, seed=args.seed, num_workers=args.num_workers)
     print(f"checkpoint {path}, {cfg.data} split {args.split}, protocol {args.protocol}, {len(dataset)} pairs")
