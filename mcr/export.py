@@ -69,14 +69,14 @@ def heads_description(model_cfg, model):
 def export_image_encoder(model, model_cfg, folder):
     """Stock timm ViT with the model's `vit` weights, saved by timm's save_for_hf."""
     import timm
-    from timm.models import _hub
+    from timm.models import save_for_hf
 
     args = vision_transformer_args(model_cfg)
     vit = timm.create_model(IMAGE_ARCHITECTURE, pretrained=False, **args)
     vit.load_state_dict(model.vit.state_dict(), strict=True)
     pretrained = {"tag": "mcr", "mean": [IMAGE_MEAN] * model_cfg.in_chans, "std": [IMAGE_STD] * model_cfg.in_chans,
                   "crop_pct": 1.0, "interpolation": "bilinear", "license": "see README.md"}
-    _hub.save_for_hf(vit, folder, model_config={"pretrained_cfg": pretrained}, safe_serialization=True)
+    save_for_hf(vit, folder, model_config={"pretrained_cfg": pretrained}, safe_serialization=True)
     with open(os.path.join(folder, "vision_transformer_args.json"), "w") as f:
         json.dump(args, f, indent=1)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mcr import engine
+from mcr.eval.embedding import embed
 
 POOLINGS = ("cls", "mean", "joint")
 FRACTIONS = (0.01, 0.1, 1.0)
@@ -35,7 +35,7 @@ def image_features(model, dataset, collate, device, pooling, amp_dtype=None, bat
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     if pooling == "joint":
-        image, _, labels = engine.embed(model, dataset, collate, device, amp_dtype, batch_size)
+        image, _, labels = embed(model, dataset, collate, device, amp_dtype, batch_size)
         return image, labels.float()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     was_training = model.training
@@ -43,7 +43,7 @@ def image_features(model, dataset, collate, device, pooling, amp_dtype=None, bat
     features, labels = [], []
     for batch in loader:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            latent, _ = model.encode_image(batch["image"].to(device))
+            latent = model.encode_image(batch["image"].to(device))
         pooled = latent[:, 0] if pooling == "cls" else latent[:, 1:].mean(1)
         features.append(pooled.float().cpu())
         labels.append(batch["labels"].float())

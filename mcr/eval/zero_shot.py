@@ -5,7 +5,7 @@ their embeddings averaged), every image scored by cosine similarity against each
 
 Two figures, each with its chance level: per-class AUROC over the whole split (chance 0.5),
 and multiclass accuracy on a class-balanced sample, `per_class` images positive for exactly
-one of the five CheXpert classes (mcr.protocols.select_5x200, seeded; chance 1 / number of
+one of the five CheXpert classes (mcr.eval.protocols.select_5x200, seeded; chance 1 / number of
 classes), predicted as the class of highest similarity. The prompt sets are JSON files
 (mcr/eval/prompts/): {"classes": {name: {"labels": [label columns], "prompts": [texts]}}};
 a class is positive when any of its label columns is 1.
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mcr import engine, protocols
+from mcr.eval import protocols
+from mcr.eval.embedding import embed
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 PROMPT_SETS = ("synthetic", "chexpert", "rsna")  # the files shipped in PROMPTS_DIR
@@ -71,11 +72,11 @@ def class_labels(labels, label_names, classes):
 
 def class_embeddings(model, classes, collate, device, image_size, in_chans=1, amp_dtype=None):
     """float32 [K, E]: per class, the L2-normalized mean of its prompts' normalized report
-    embeddings (the text side of retrieval, mcr.engine.embed)."""
+    embeddings (the text side of retrieval, mcr.eval.embedding.embed)."""
     blank = np.zeros((image_size, image_size), dtype=np.uint8)
     records = [PromptRecord(blank, prompt, np.zeros(1, np.float32))
                for spec in classes.values() for prompt in spec["prompts"]]
-    _, text, _ = engine.embed(model, records, collate, device, amp_dtype)
+    _, text, _ = embed(model, records, collate, device, amp_dtype)
     counts = [len(spec["prompts"]) for spec in classes.values()]
     means = torch.stack([chunk.mean(0) for chunk in text.split(counts)])
     return torch.nn.functional.normalize(means, dim=-1)
@@ -97,7 +98,7 @@ def per_class_auroc(scores, targets, names):
 
 def balanced_accuracy_sample(labels, label_names, classes, per_class, seed):
     """(indices int64 [M], class positions [M] into `classes`) of the seeded five-class sample
-    (mcr.protocols.select_5x200), or None when the prompt set lacks one of the five."""
+    (mcr.eval.protocols.select_5x200), or None when the prompt set lacks one of the five."""
     if not all(c in classes for c in protocols.FIVE_CLASSES):
         return None
     indices, five = protocols.select_5x200(labels, label_names, per_class, seed)

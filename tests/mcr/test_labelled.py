@@ -4,45 +4,29 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from mcr.data.labelled import LabelledImages, inside_root, open_labelled, parse_labelled_options
 
-CHEXPERT_HEADER = ("Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,"
-                   "Lung Opacity,Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,"
-                   "Pleural Effusion,Pleural Other,Fracture,Support Devices")
-CHEXPERT_LABELS = CHEXPERT_HEADER.split(",")[5:]
-
-
-def write_image(path, size=(40, 30), value=128):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(np.full(size[::-1], value, dtype=np.uint8)).save(path)
-
-
-def chexpert_row(path, **labels):
-    cells = [labels.get(name.replace(" ", "_").replace("/", "_"), "") for name in CHEXPERT_LABELS]
-    return ",".join([path, "Female", "68", "Frontal", "AP", *cells])
-
 
 @pytest.fixture
-def chexpert_tree(tmp_path):
+def chexpert_tree(tmp_path, chexpert):
     """CheXpert-v1.0-small/valid/... with three good images, one missing, one unreadable,
     one path that leaves the root."""
     root = tmp_path / "chexpert"
     rel = "CheXpert-v1.0-small/valid/patient{:05d}/study1/view1_frontal.jpg"
     for i in range(3):
-        write_image(str(root / rel.format(i)), value=60 * i)
+        chexpert.write_image(str(root / rel.format(i)), value=60 * i)
     bad = root / rel.format(4)
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"not a jpeg")
-    write_image(str(tmp_path / "outside.jpg"))
-    rows = [chexpert_row(rel.format(0), Cardiomegaly="1.0", Edema="0.0", Atelectasis="-1.0"),
-            chexpert_row(rel.format(1), Cardiomegaly="-1.0", Pleural_Effusion="1.0", No_Finding=""),
-            chexpert_row(rel.format(2), No_Finding="1.0", Cardiomegaly="0.0"),
-            chexpert_row(rel.format(3), Edema="1.0"),   # missing file
-            chexpert_row(rel.format(4), Edema="1.0"),   # unreadable
-            chexpert_row("../outside.jpg", Edema="1.0")]
-    (root / "valid.csv").write_text("\n".join([CHEXPERT_HEADER, *rows]) + "\n")
+    chexpert.write_image(str(tmp_path / "outside.jpg"))
+    rows = [chexpert.row(rel.format(0), Cardiomegaly="1.0", Edema="0.0", Atelectasis="-1.0"),
+            chexpert.row(rel.format(1), Cardiomegaly="-1.0", Pleural_Effusion="1.0", No_Finding=""),
+            chexpert.row(rel.format(2), No_Finding="1.0", Cardiomegaly="0.0"),
+            chexpert.row(rel.format(3), Edema="1.0"),   # missing file
+            chexpert.row(rel.format(4), Edema="1.0"),   # unreadable
+            chexpert.row("../outside.jpg", Edema="1.0")]
+    (root / "valid.csv").write_text("\n".join([chexpert.header, *rows]) + "\n")
     return root
 
 
@@ -63,8 +47,8 @@ def test_chexpert_columns_policies_and_skips(chexpert_tree):
 
 
 @pytest.mark.parametrize("uncertain, expected", [("zeros", 0.0), ("ones", 1.0), ("ignore", math.nan)])
-def test_uncertainty_policy(chexpert_tree, uncertain, expected):
-    data = LabelledImages(str(chexpert_tree), "valid.csv", 32, label_names=CHEXPERT_LABELS, uncertain=uncertain,
+def test_uncertainty_policy(chexpert_tree, uncertain, expected, chexpert):
+    data = LabelledImages(str(chexpert_tree), "valid.csv", 32, label_names=chexpert.labels, uncertain=uncertain,
                           missing="ignore")
     cardio = column(data, "Cardiomegaly")
     assert cardio[0] == 1.0 and cardio[2] == 0.0
@@ -82,10 +66,10 @@ def test_paths_confined_to_the_root(tmp_path):
         assert inside_root(str(root), escaping) is None
 
 
-def test_rsna_layout_merges_rows_of_one_image(tmp_path):
+def test_rsna_layout_merges_rows_of_one_image(tmp_path, chexpert):
     root = tmp_path / "rsna"
     for pid in ("p0", "p1"):
-        write_image(str(root / "stage_2_train_images" / f"{pid}.png"))
+        chexpert.write_image(str(root / "stage_2_train_images" / f"{pid}.png"))
     (root / "stage_2_train_labels.csv").write_text(
         "patientId,x,y,width,height,Target\np0,,,,,0\np1,264.0,152.0,213.0,379.0,1\n"
         "p1,562.0,152.0,256.0,453.0,1\n")
@@ -94,9 +78,9 @@ def test_rsna_layout_merges_rows_of_one_image(tmp_path):
     assert data.label_names == ("Target",) and data.labels[:, 0].tolist() == [0.0, 1.0]
 
 
-def test_bad_cells_and_options_are_named(chexpert_tree):
+def test_bad_cells_and_options_are_named(chexpert_tree, chexpert):
     with open(chexpert_tree / "valid.csv", "a") as f:
-        f.write(chexpert_row("CheXpert-v1.0-small/valid/patient00000/study1/view1_frontal.jpg", Edema="yes") + "\n")
+        f.write(chexpert.row("CheXpert-v1.0-small/valid/patient00000/study1/view1_frontal.jpg", Edema="yes") + "\n")
     data = LabelledImages(str(chexpert_tree), "valid.csv", 32, label_names=["Edema"])
     assert "label cell not 1, 0, -1 or blank (column 'Edema')" in data.summary.skipped
     with pytest.raises(ValueError, match="uncertain=maybe"):

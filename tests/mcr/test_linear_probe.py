@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from mcr import engine, run
+from mcr import run
 from mcr.eval import linear_probe
+from mcr.eval.embedding import embed
 from mcr.evaluate import main
-from tests.test_labelled import CHEXPERT_HEADER, chexpert_row, write_image
 
 
 @pytest.mark.parametrize("size", [1, 5])
@@ -22,14 +22,14 @@ def test_features_match_the_encoder(tiny_run, size):
     batch = collate([dataset[i] for i in range(size)])
     model.eval()
     with torch.no_grad():
-        latent, _ = model.encode_image(batch["image"])
+        latent = model.encode_image(batch["image"])
     cls, labels = linear_probe.image_features(model, dataset, collate, device, "cls", batch_size=2)
     torch.testing.assert_close(cls, latent[:, 0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(labels, batch["labels"])
     mean, _ = linear_probe.image_features(model, dataset, collate, device, "mean", batch_size=3)
     torch.testing.assert_close(mean, latent[:, 1:].mean(1), rtol=1e-5, atol=1e-5)
     joint, _ = linear_probe.image_features(model, dataset, collate, device, "joint")
-    torch.testing.assert_close(joint, engine.embed(model, dataset, collate, device)[0])
+    torch.testing.assert_close(joint, embed(model, dataset, collate, device)[0])
     with pytest.raises(ValueError, match="pooling must be one of"):
         linear_probe.image_features(model, dataset, collate, device, "max")
 
@@ -82,16 +82,16 @@ def test_one_class_subsets_score_at_chance():
     assert out["1%"]["mean_auroc"] == 0.5
 
 
-def test_linear_probe_cli_on_a_labelled_tree(tiny_run, tmp_path):
+def test_linear_probe_cli_on_a_labelled_tree(tiny_run, tmp_path, chexpert):
     root = tmp_path / "chexpert"
     rows = {"train": [], "test": []}
     for i in range(24):
         split = "train" if i < 16 else "test"
         rel = f"CheXpert-v1.0-small/{split}/patient{i:05d}/study1/view1_frontal.jpg"
-        write_image(str(root / rel), value=40 + 8 * i)
-        rows[split].append(chexpert_row(rel, Cardiomegaly=str(float(i % 2)), Edema=["1.0", "0.0", "-1.0"][i % 3]))
-    (root / "train.csv").write_text("\n".join([CHEXPERT_HEADER, *rows["train"]]) + "\n")
-    (root / "valid.csv").write_text("\n".join([CHEXPERT_HEADER, *rows["test"]]) + "\n")
+        chexpert.write_image(str(root / rel), value=40 + 8 * i)
+        rows[split].append(chexpert.row(rel, Cardiomegaly=str(float(i % 2)), Edema=["1.0", "0.0", "-1.0"][i % 3]))
+    (root / "train.csv").write_text("\n".join([chexpert.header, *rows["train"]]) + "\n")
+    (root / "valid.csv").write_text("\n".join([chexpert.header, *rows["test"]]) + "\n")
     output = tmp_path / "lp.json"
     args = ["--checkpoint", str(tiny_run), "--task", "linear-probe", "--split", "test", "--labelled-root", str(root),
             "--labelled-options", "uncertain=ignore", "--pooling", "mean", "--cache-dir", str(tmp_path / "cache"),
@@ -124,7 +124,8 @@ def test_study_table_reads_the_raw_results(tmp_path):
     for seed in (0, 1):
         write("default", seed, 0.8 + 0.02 * seed, 0.80)
         write("random-init", seed, 0.5, 0.60)
-    script = os.path.join(os.path.dirname(__file__), "..", "experiments", "downstream-2026-12-06", "table.py")
+    script = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "experiments", "downstream-2026-12-06",
+                          "table.py")
     table = subprocess.run([sys.executable, script, str(tmp_path)],
                            capture_output=True, text=True, check=True).stdout
     assert "| MCR, the default (2,000 steps) | 2 | 0.810 ± 0.010 | 50.0 ± 0.0 (20.0) | 0.800 ± 0.000 |" in table

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mcr.eval import zero_shot
+from mcr.eval.protocols import FIVE_CLASSES
 from mcr.evaluate import main
-from mcr.protocols import FIVE_CLASSES
 
 
 def pairwise_auroc(scores, targets):
