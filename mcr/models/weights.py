@@ -24,6 +24,7 @@ import json
 import os
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 IMAGE_ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")
@@ -35,13 +36,19 @@ WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
 KEY_PREFIXES = ("module.", "model.", "vit.", "encoder.", "visual.")
 
 
-def read_state_dict(path):
-    """{name: tensor} of a .safetensors or weights-only torch file (wrappers unwrapped)."""
+def read_state_dict(path, shapes_only=False):
+    """{name: tensor} of a .safetensors or weights-only torch file (wrappers unwrapped).
+    shapes_only: a .safetensors file's tensors as meta tensors of their shapes, read from its
+    header alone (what the shape checks need; a torch file is still read whole)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file {path!r} does not exist")
     if path.endswith(".safetensors"):
         try:
-            state = load_file(path)
+            if shapes_only:
+                with safe_open(path, framework="pt") as f:
+                    state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+            else:
+                state = load_file(path)
         except Exception as err:  # safetensors raises its own SafetensorError for a damaged file
             raise ValueError(f"{path!r} is not a readable .safetensors file ({_one_line(err)})") from None
     else:
@@ -195,8 +202,8 @@ def read_bert_config(path):
     return config
 
 
-def _read_hf_dir(path):
-    """(BertConfig, state dict) of a local HF model directory."""
+def _read_hf_dir(path, shapes_only=False):
+    """(BertConfig, state dict) of a local HF model directory (shapes_only: see read_state_dict)."""
     config = read_bert_config(path)
     files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) or \
         sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
@@ -204,7 +211,7 @@ def _read_hf_dir(path):
         raise FileNotFoundError(f"--text-weights {path!r} has no *.safetensors or pytorch_model*.bin")
     state = {}
     for file in files:
-        state.update(read_state_dict(file))
+        state.update(read_state_dict(file, shapes_only))
     return config, state
 
 
@@ -214,7 +221,7 @@ def text_shape(path):
     word embeddings; also "max_positions" (not a field: the longest --max-text-len).
     Reads the weights (never unpickling code); ValueError / FileNotFoundError otherwise."""
     try:
-        config, state = _read_hf_dir(path)
+        config, state = _read_hf_dir(path, shapes_only=True)
     except ValueError as err:
         raise ValueError(f"--text-weights {err}" if not str(err).startswith("--") else str(err)) from None
     shape = {ours: getattr(config, hf) for hf, ours in _TEXT_FIELDS.items()}
@@ -254,7 +261,7 @@ def image_shape(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--image-weights {path!r} does not exist (or is not a file)")
     try:
-        state = {_strip(k): v for k, v in read_state_dict(path).items()}
+        state = {_strip(k): v for k, v in read_state_dict(path, shapes_only=True).items()}
     except ValueError as err:
         raise ValueError(f"--image-weights {err}") from None
     proj = state.get("patch_embed.proj.weight")
