@@ -13,7 +13,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mcr_kernels
 from mcr_kernels import reference
@@ -149,29 +148,14 @@ def test_empty_rows_score_as_documented():
         assert torch.allclose(lse[0, 1:], torch.log(n_words) / 5.0), backend
 
 
-class LargestTensor(TorchDispatchMode):
-    """The largest number of elements of any tensor an op creates while the mode is on."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
-def test_native_never_creates_the_full_attention(small_native_blocks):
+def test_native_never_creates_the_full_attention(small_native_blocks, largest_tensor):
     """Forward and backward of the native backend create no tensor of B_i·B_t·Lt·Li entries
     (the eager computation's): the largest is one block's."""
     (img, txt, _), img_mask, txt_mask = make_inputs(6, 8, 5, 7, 4)
-    with LargestTensor() as mode, mcr_kernels.use_backend("blockwise", "local_matching"):
+    with largest_tensor() as mode, mcr_kernels.use_backend("blockwise", "local_matching"):
         scores = mcr_kernels.local_matching(img, img_mask, txt, txt_mask)
         torch.autograd.grad(scores.sum(), (img, txt))
-    assert mode.largest <= 2 * 7 * 5 * 4 < 6 * 8 * 7 * 5   # one block's [bi, bt, Lt, E]
+    assert mode.numel <= 2 * 7 * 5 * 4 < 6 * 8 * 7 * 5   # one block's [bi, bt, Lt, E]
 
 
 def test_triton_falls_back_to_native_past_one_tile():
