@@ -14,6 +14,7 @@ from mcr import engine, run
 from mcr.config import config_to_dict
 from mcr.data.labelled import DEFAULT_CSVS, open_labelled, parse_labelled_options
 from mcr.eval import linear_probe, zero_shot
+from mcr.eval.gallery import file_sha256
 
 TASKS = ("retrieval", "zero-shot", "linear-probe")
 DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mcr", "features")
@@ -91,7 +92,7 @@ def labelled_split(cfg, args, split, size):
     (`size` pairs), or split "train"/"test" of --labelled-root."""
     if args.labelled_root:
         dataset = open_labelled(args.labelled_root, split, cfg.model.image_size, args.labelled_options)
-        csv_digest = linear_probe.file_digest(labelled_csv(args, split))
+        csv_digest = file_sha256(labelled_csv(args, split))
         return dataset, {"labelled_root": os.path.realpath(args.labelled_root), "split": split,
                          "options": args.labelled_options, "csv_sha256": csv_digest,
                          "image_size": cfg.model.image_size}
@@ -110,7 +111,7 @@ def prepare_model(args, model, cfg, tokenizer, device, path):
     """(model, what identifies its weights for the cache): the trained checkpoint (its
     model.safetensors checksum) or, with --random-init, the untrained model of that seed."""
     if args.random_init is None:
-        return model, {"checkpoint_sha256": linear_probe.file_digest(os.path.join(path, "model.safetensors"))}
+        return model, {"checkpoint_sha256": file_sha256(os.path.join(path, "model.safetensors"))}
     torch.manual_seed(args.random_init)
     untrained = run.build_model(cfg.model, tokenizer).to(device)
     return untrained, {"random_init": args.random_init, "model": config_to_dict(cfg)["model"]}

@@ -51,15 +51,6 @@ def image_features(model, dataset, collate, device, pooling, amp_dtype=None, bat
     return torch.cat(features), torch.cat(labels)
 
 
-def file_digest(path):
-    """sha256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cached(cache_dir, key, compute):
     """compute() -> (features, labels), memoized in cache_dir under the sha256 of `key` (a
     JSON-able dict naming everything the features depend on). A cache file that cannot be
