@@ -67,12 +67,6 @@ def balanced_shuffle(batch_size, grid, num_keep, *, device=None, generator=None)
     return torch.cat([ranked[..., :per_block].flatten(1), ranked[..., per_block:].flatten(1)], dim=1)
 
 
-def balanced_keep_indices(batch_size, grid, num_keep, *, device=None, generator=None):
-    """MAE-convention masks (ids_keep int64 [B, K], ids_restore int64 [B, N]) of balanced_shuffle."""
-    ids_shuffle = balanced_shuffle(batch_size, grid, num_keep, device=device, generator=generator)
-    return ids_shuffle[:, :num_keep].contiguous(), ids_shuffle.argsort(dim=1)
-
-
 def mask_report_tokens(input_ids, attention_mask, special_mask, ratio, mask_id, vocab_size,
                        replace=False, generator=None, noise=None):
     """BERT-style masking of round(ratio * n) ordinary tokens per report (at least one).
