@@ -2,19 +2,50 @@
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 import mcr_kernels
 
 
+def rank_and_world():
+    """(rank, world size) of an initialized torch.distributed group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_rows(img_local, txt_local, word_mask, word_weights):
+    """Every rank's rows in rank order, the tokens and word weights differentiable (gradients
+    reach each rank's own rows); the reports are padded to the longest rank's length first."""
+    import torch.distributed.nn as dist_nn
+
+    length = torch.tensor([txt_local.shape[1]], device=txt_local.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    pad = int(length) - txt_local.shape[1]
+    txt_local, word_mask = F.pad(txt_local, (0, 0, 0, pad)), F.pad(word_mask, (0, pad))
+    masks = [torch.empty_like(word_mask) for _ in range(dist.get_world_size())]
+    dist.all_gather(masks, word_mask.contiguous())
+    weights = None
+    if word_weights is not None:
+        weights = torch.cat(dist_nn.all_gather(F.pad(word_weights, (0, pad))))
+    return (torch.cat(dist_nn.all_gather(img_local.contiguous())), torch.cat(dist_nn.all_gather(txt_local)),
+            torch.cat(masks), weights)
+
+
 class LocalAlignment(nn.Module):
-    """Symmetric cross-entropy over the batch's [B, B] local matching scores
-    (mcr_kernels.local_matching) times a scale, fixed or learned in log space; image i's
-    positive is report i. Negatives come from this process's batch only."""
+    """Symmetric cross-entropy of local matching scores (mcr_kernels.local_matching) times a
+    scale, fixed or learned in log space.
+
+    The global batch (every rank's rows in rank order, as the data loader shuffled them) is cut
+    into contiguous groups of `local.group_size` rows (0: one group, every pair of the batch, as
+    GLoRIA): image i's positive is report i, its negatives the other reports of its group, and
+    report i's negatives the other images of it. A group spanning ranks is scored on gathered
+    tokens, so the loss and its gradients do not depend on the world size."""
 
     def __init__(self, cfg):
-        """cfg: a ModelConfig; its `local` section sets the scales."""
+        """cfg: a ModelConfig; its `local` section sets the scales and the group size."""
         super().__init__()
         self.cfg = cfg
         log_scale = torch.full((1,), math.log(cfg.local.logit_scale))
@@ -24,12 +55,40 @@ class LocalAlignment(nn.Module):
             self.register_buffer("log_scale", log_scale, persistent=False)
 
     def forward(self, img_local, txt_local, word_mask, *, agg="lse", word_weights=None):
-        """img_local [B, K, E], txt_local [B, L, E]: tokens in the joint space; word_mask
-        [B, L] bool: the words a report is matched by. Returns a float32 scalar."""
-        cfg = self.cfg
-        scores = mcr_kernels.local_matching(img_local, None, txt_local, word_mask,
-                                            attn_scale=cfg.local.attn_scale, agg=agg,
-                                            agg_scale=cfg.local.agg_scale, word_weights=word_weights)
-        logits = self.log_scale.exp().clamp(max=100) * scores
-        labels = torch.arange(logits.shape[0], device=logits.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        """img_local [B, K, E], txt_local [B, L, E]: this rank's tokens in the joint space;
+        word_mask [B, L] bool: the words a report is matched by; word_weights [B, L] (agg
+        "weighted"). Returns a float32 scalar: the mean over this rank's rows of both
+        directions' cross-entropy (the mean over ranks is the one-process loss)."""
+        local = self.cfg.local
+        rank, world = rank_and_world()
+        rows = img_local.shape[0]
+        total = rows * world
+        size = local.group_size or total
+        own = range(rank * rows, (rank + 1) * rows)
+        groups = [range(start, min(start + size, total)) for start in range(0, total, size)
+                  if start < own.stop and start + size > own.start]
+        img, txt, mask, weights, offset = img_local, txt_local, word_mask, word_weights, own.start
+        if groups[0].start < own.start or groups[-1].stop > own.stop:
+            img, txt, mask, weights = gather_rows(img_local, txt_local, word_mask, word_weights)
+            offset = 0
+        scale = self.log_scale.exp().clamp(max=100)
+
+        def scores(images, reports):
+            return scale * mcr_kernels.local_matching(
+                img[images], None, txt[reports], mask[reports], attn_scale=local.attn_scale, agg=agg,
+                agg_scale=local.agg_scale, word_weights=None if weights is None else weights[reports])
+
+        total_loss = 0
+        for group in groups:
+            members = slice(group.start - offset, group.stop - offset)
+            first, last = max(group.start, own.start), min(group.stop, own.stop)
+            labels = torch.arange(first - group.start, last - group.start, device=img.device)
+            if (first, last) == (group.start, group.stop):  # all the group's rows are this rank's
+                logits = scores(members, members)
+                image_to_report, report_to_image = logits, logits.T
+            else:
+                mine = slice(first - offset, last - offset)
+                image_to_report, report_to_image = scores(mine, members), scores(members, mine).T
+            total_loss = total_loss + (F.cross_entropy(image_to_report, labels, reduction="sum")
+                                       + F.cross_entropy(report_to_image, labels, reduction="sum"))
+        return total_loss / (2 * rows)
