@@ -36,10 +36,12 @@ def assert_same_weights(a, b, atol):
     assert worst <= atol, f"largest parameter difference {worst:.2e} > {atol:.0e}"
 
 
-def test_two_processes_train_the_one_process_model(tmp_path, run_args):
+@pytest.mark.parametrize("variant", [[], ["--variant", "reclf"]], ids=["mcr", "reclf"])
+def test_two_processes_train_the_one_process_model(tmp_path, run_args, variant):
+    """reclf: its local loss's group (the whole batch of 8) spans both ranks' rows."""
     one, two = tmp_path / "one", tmp_path / "two"
-    main(run_args(one, *STEPS, "--save-every", "1", "--keep-checkpoints", "5"))
-    out = torchrun(2, run_args(two, *STEPS, "--save-every", "1", "--keep-checkpoints", "5",
+    main(run_args(one, *STEPS, *variant, "--save-every", "1", "--keep-checkpoints", "5"))
+    out = torchrun(2, run_args(two, *STEPS, *variant, "--save-every", "1", "--keep-checkpoints", "5",
                                "--tokenizer", str(one / "tokenizer")))
     assert "processes=2" in out and out.count("final validation") == 1  # rank 0 alone reports
     # same global batch, masks and negatives: equal up to float summation order ...
