@@ -70,6 +70,8 @@ def main(argv=None):
             raise run.InputError(f"--output {args.output!r}: its folder does not exist")
         if args.task != "retrieval":
             downstream.check_arguments(args)
+        elif args.random_init is not None and args.random_init < 0:
+            raise ValueError(f"--random-init {args.random_init}: expected a seed >= 0")
         model, cfg, tokenizer, device, path = run.load_trained(args.checkpoint, args.device)
         if args.task == "retrieval":
             if args.data:
@@ -79,6 +81,8 @@ def main(argv=None):
         cli.fail(parser.prog, err)
     if args.task != "retrieval":
         return downstream.run_task(args, model, cfg, tokenizer, device, path)
+    if args.random_init is not None:  # the retrieval floor: the run's model, untrained
+        model = downstream.prepare_model(args, model, cfg, tokenizer, device, path)[0].eval()
     results = evaluate(model, dataset, run.collate_for(cfg, tokenizer), device, autocast_dtype(cfg.precision, device),
                        protocol=args.protocol, per_class=args.per_class, seed=args.seed, num_workers=args.num_workers)
     print(f"checkpoint {path}, {cfg.data} split {args.split}, protocol {args.protocol}, {len(dataset)} pairs")
@@ -87,7 +91,7 @@ def main(argv=None):
     output = args.output or os.path.join(path, f"eval_{args.split}{suffix}.json")
     with open(output, "w") as f:
         json.dump({"checkpoint": path, "data": cfg.data, "split": args.split, "protocol": args.protocol,
-                   "pairs": len(dataset), **results}, f, indent=1)
+                   "pairs": len(dataset), "random_init": args.random_init, **results}, f, indent=1)
     print(f"wrote {output}")
     return results
 

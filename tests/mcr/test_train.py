@@ -175,6 +175,17 @@ def base_run(tmp_path_factory, run_args):
     return out
 
 
+def test_evaluate_random_init_scores_the_untrained_model(base_run, tmp_path):
+    """Retrieval's floor: --random-init SEED scores the run's model as built after
+    torch.manual_seed(SEED), the same for the same seed, not the trained weights."""
+    trained = evaluate.main(["--checkpoint", str(base_run), "--output", str(tmp_path / "t.json")])
+    floors = [evaluate.main(["--checkpoint", str(base_run), "--random-init", "3", "--output",
+                             str(tmp_path / f"r{i}.json")]) for i in range(2)]
+    assert floors[0] == floors[1] and floors[0] != trained
+    assert json.load(open(tmp_path / "r0.json"))["random_init"] == 3
+    assert json.load(open(tmp_path / "t.json"))["random_init"] is None
+
+
 def copy_run(base, tmp_path):
     dst = tmp_path / "run"
     shutil.copytree(base, dst)
@@ -488,7 +499,8 @@ def test_bad_evaluate_values_exit_2(base_run, tmp_path, capsys):
     for argv, message in [(["--protocol", "7x100"], "invalid choice: '7x100'"),
                           (["--per-class", "0"], "invalid positive integer value: '0'"),
                           (["--device", "tpu"], "--device 'tpu'"),
-                          (["--output", str(tmp_path / "no" / "x.json")], "its folder does not exist")]:
+                          (["--output", str(tmp_path / "no" / "x.json")], "its folder does not exist"),
+                          (["--random-init", "-1"], "--random-init -1: expected a seed >= 0")]:
         assert message in exit_message(capsys, evaluate.main, ["--checkpoint", str(base_run), *argv])
 
 
