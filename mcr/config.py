@@ -52,6 +52,8 @@ class LocalConfig:
     logit_scale: float = option(10.0, "mpma/reclf: the local loss's logits are the local matching scores times "
                                 "this (GLoRIA's gamma3); the initial value when learnable", minimum=1e-4)
     scale_learnable: bool = option(False, "mpma/reclf: learn the local logit scale (log-parametrized, capped at 100)")
+    match_masked: bool = option(True, "mpma/reclf: the local loss matches a masked report's [MASK] positions as "
+                                "words too (no: only the positions whose token is seen)")
     group_size: int = option(16, "mpma/reclf: the global batch is cut into contiguous groups of this many pairs, "
                              "and each pair's local negatives are the rest of its group (0: the whole batch, "
                              "every pair scored, as GLoRIA)", minimum=0)

@@ -291,9 +291,11 @@ class MCR(nn.Module):
     def masked_alignment(self, batch, latent, txt_tokens, labels):
         """The alignment losses on the masked pass's features: latent [B, 1 + K, D], the report
         states txt_tokens [B, L, D] (padded back), the MRM labels [B, L]."""
-        special = batch["special_tokens_mask"].bool()
+        words = batch["attention_mask"].bool() & ~batch["special_tokens_mask"].bool()
+        if not (self.cfg.pool_text_masked and self.cfg.local.match_masked):
+            words = words & (labels == -100)
         pool_mask = self.text_pool_mask(batch["attention_mask"], labels)
-        return self.alignment_losses(self.image_tokens(latent), txt_tokens, pool_mask, pool_mask & ~special)
+        return self.alignment_losses(self.image_tokens(latent), txt_tokens, pool_mask, words)
 
     def unmasked_alignment(self, batch):
         """The alignment losses of one unmasked pass per modality."""

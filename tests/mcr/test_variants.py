@@ -186,3 +186,27 @@ def test_run_folder_written_before_the_sections_loads_and_resumes(tmp_path, run_
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("variant", ["mpma", "reclf"])
+def test_local_words_leave_out_the_mask_positions_on_request(tiny_config, variant, make_batch, draw, token_ids):
+    """--no-local-match-masked: the local loss matches only the positions whose token is seen;
+    by default the [MASK] positions are words too."""
+    seen = {}
+    for match_masked in (True, False):
+        model = model_of(tiny_config, token_ids, variant, local_match_masked=match_masked)
+        batch, masks = make_batch(model.cfg), draw(model.cfg, 4)
+        captured = {}
+        original = model.alignment_losses
+
+        def capture(img, txt, txt_mask, word_mask, captured=captured, original=original):
+            captured["words"] = word_mask
+            return original(img, txt, txt_mask, word_mask)
+
+        model.alignment_losses = capture
+        model(batch, masks)
+        seen[match_masked] = captured["words"]
+        _, labels = model.mask_text(batch["input_ids"], batch["attention_mask"], batch["special_tokens_mask"], masks)
+    masked = labels != -100
+    assert masked.any()
+    assert torch.equal(seen[False], seen[True] & ~masked) and (seen[True] & masked).any()
