@@ -7,7 +7,8 @@ On MCR's masked single pass:
     local_matching scores (agg "lse") of the MbA-mapped visible patches and report words;
   - MA-CMF: report reconstruction conditioned by cross-attention from the report tokens to
     [visible image tokens that have read a learned memory ; the memory's S slots]
-    (R2GenCMN-style cross-modal memory), in place of MCR's mean-image conditioning.
+    (R2GenCMN-style cross-modal memory), in place of MCR's mean-image conditioning;
+    `MPMA.fuse` gives the same fusion of unmasked pairs to a multi-modal head.
 """
 import torch
 from timm.layers import Mlp
@@ -75,6 +76,15 @@ class MPMA(MCR):
         for blk in self.fusion_blocks:
             x = blk(x, context, varlen=packing.varlen)
         return x
+
+    @torch.no_grad()
+    def fuse(self, imgs, input_ids, attention_mask):
+        """MA-CMF's fused representation of unmasked pairs, for multi-modal heads: each
+        report's tokens after attending to its image's tokens and the memory. imgs float
+        [B, C, H, W], input_ids and attention_mask int64 [B, L] -> [B, L, text_width] (zeros
+        at padding), in the encoders' dtype."""
+        states, packing = self.encode_text(input_ids, attention_mask)
+        return packing.pad(self.condition_report(states, packing, self.encode_image(imgs)))
 
     def alignment_losses(self, img_tokens, txt_tokens, txt_mask, word_mask):
         """GLA: MCR's global InfoNCE + the local loss (agg "lse") on MbA-mapped tokens."""

@@ -210,3 +210,18 @@ def test_local_words_leave_out_the_mask_positions_on_request(tiny_config, varian
     masked = labels != -100
     assert masked.any()
     assert torch.equal(seen[False], seen[True] & ~masked) and (seen[True] & masked).any()
+
+
+def test_mpma_fuse_gives_each_report_token_its_image(tiny_config, token_ids, make_batch):
+    """The fused representation of unmasked pairs: one row per report token, zeros at padding,
+    changed by the image, and the MRM path's conditioning of the same states."""
+    model = model_of(tiny_config, token_ids, "mpma").eval()
+    batch = make_batch(model.cfg)
+    imgs, ids, attn = batch["image"], batch["input_ids"], batch["attention_mask"]
+    fused = model.fuse(imgs, ids, attn)
+    assert fused.shape == (*ids.shape, model.cfg.text_width)
+    assert not fused.requires_grad and (fused[attn == 0] == 0).all()
+    assert not torch.allclose(fused[attn == 1], model.fuse(imgs.flip(0), ids, attn)[attn == 1])
+    states, packing = model.encode_text(ids, attn)
+    want = packing.pad(model.condition_report(states, packing, model.encode_image(imgs)))
+    torch.testing.assert_close(fused, want.detach())
