@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mcr_kernels
+from mcr_kernels import ProjectionHead
 
 
 def rank_and_world():
@@ -45,7 +46,7 @@ class LocalAlignment(nn.Module):
     tokens, so the loss and its gradients do not depend on the world size."""
 
     def __init__(self, cfg):
-        """cfg: a ModelConfig; its `local` section sets the scales and the group size."""
+        """cfg: a ModelConfig; its `local` section sets the scales, the group size and the heads."""
         super().__init__()
         self.cfg = cfg
         log_scale = torch.full((1,), math.log(cfg.local.logit_scale))
@@ -53,6 +54,18 @@ class LocalAlignment(nn.Module):
             self.log_scale = nn.Parameter(log_scale)
         else:
             self.register_buffer("log_scale", log_scale, persistent=False)
+        if cfg.local.own_heads:  # the MbA heads' shapes, trained by the local loss alone
+            self.image_head = ProjectionHead(cfg.vit_width, cfg.embed_dim, cfg.head_hidden or cfg.vit_width,
+                                             cfg.head_activation)
+            self.text_head = ProjectionHead(cfg.text_width, cfg.embed_dim, cfg.head_hidden or cfg.text_width,
+                                            cfg.head_activation)
+
+    def heads(self, image_head, text_head):
+        """The (image, text) heads that map tokens for the local loss: its own with
+        `local.own_heads`, else the model's global MbA heads given."""
+        if self.cfg.local.own_heads:
+            return self.image_head, self.text_head
+        return image_head, text_head
 
     def forward(self, img_local, txt_local, word_mask, *, agg="lse", word_weights=None):
         """img_local [B, K, E], txt_local [B, L, E]: this rank's tokens in the joint space;

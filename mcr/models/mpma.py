@@ -89,5 +89,6 @@ class MPMA(MCR):
     def alignment_losses(self, img_tokens, txt_tokens, txt_mask, word_mask):
         """GLA: MCR's global InfoNCE + the local loss (agg "lse") on MbA-mapped tokens."""
         losses = super().alignment_losses(img_tokens, txt_tokens, txt_mask, word_mask)
-        losses["local"] = self.local_alignment(self.image_head(img_tokens), self.text_head(txt_tokens), word_mask)
+        image_head, text_head = self.local_alignment.heads(self.image_head, self.text_head)
+        losses["local"] = self.local_alignment(image_head(img_tokens), text_head(txt_tokens), word_mask)
         return losses

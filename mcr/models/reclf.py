@@ -43,7 +43,8 @@ class RECLF(MCR):
 
     def alignment_losses(self, img_tokens, txt_tokens, txt_mask, word_mask):
         losses = super().alignment_losses(img_tokens, txt_tokens, txt_mask, word_mask)
+        image_head, text_head = self.local_alignment.heads(self.image_head, self.text_head)
         losses["local"] = self.local_alignment(
-            self.image_head(img_tokens), self.text_head(txt_tokens), word_mask, agg="weighted",
+            image_head(img_tokens), text_head(txt_tokens), word_mask, agg="weighted",
             word_weights=self.word_weights(txt_tokens, word_mask))
         return losses

@@ -225,3 +225,20 @@ def test_mpma_fuse_gives_each_report_token_its_image(tiny_config, token_ids, mak
     states, packing = model.encode_text(ids, attn)
     want = packing.pad(model.condition_report(states, packing, model.encode_image(imgs)))
     torch.testing.assert_close(fused, want.detach())
+
+
+@pytest.mark.parametrize("variant", ["mpma", "reclf"])
+def test_local_loss_own_heads_leave_the_global_heads_to_the_global_loss(tiny_config, variant, make_batch, draw,
+                                                                       token_ids):
+    """--local-own-heads: the local loss maps tokens with heads of its own; its gradient
+    reaches them and not the MbA heads (default: it reaches the MbA heads)."""
+    for own in (False, True):
+        model = model_of(tiny_config, token_ids, variant, local_own_heads=own)
+        model(make_batch(model.cfg), draw(model.cfg, 4))["local"].backward()
+        params = dict(model.named_parameters())
+        assert ("local_alignment.image_head.fc1.weight" in params) == own
+        global_grad = params["image_head.fc1.weight"].grad
+        assert (global_grad is None or not global_grad.any()) == own
+        if own:
+            for name in ("local_alignment.image_head.fc1.weight", "local_alignment.text_head.fc2.weight"):
+                assert params[name].grad.abs().sum() > 0, name
