@@ -10,20 +10,22 @@ NORM_EPS = 1e-12            # F.normalize's: a row of norm below it is divided b
 BLOCK_ELEMENTS = 1 << 21    # attention entries [images, reports, Lt, Li] per block
 
 def _block(v, region, w, weights, attn_scale, agg_scale, lse):
-    """One block, forward: (a [bi, bt, Lt, Li], c [bi, bt, Lt, E], |c| clamped, s, score [bi, bt])."""
+    """One block, forward: (a [bi, bt, Lt, Li], c [bi, bt, Lt, E], |c|, |c| clamped, s,
+    score [bi, bt])."""
     S = attn_scale * torch.einsum("ile,jke->ijkl", v, w)
     valid_region = region[:, None, None, :] > 0
     a = torch.softmax(S.masked_fill_(~valid_region, torch.finfo(S.dtype).min), dim=-1)
     a.mul_(region[:, None, None, :])           # an image without a valid region: a = 0
     c = torch.einsum("ijkl,ile->ijke", a, v)
-    norm = c.norm(dim=-1).clamp_(min=NORM_EPS)
+    length = c.norm(dim=-1)
+    norm = length.clamp(min=NORM_EPS)
     s = torch.einsum("ijke,jke->ijk", c, w) / norm
     if lse:
         z = (agg_scale * s).masked_fill_(weights[None] == 0, torch.finfo(s.dtype).min)
         score = torch.logsumexp(z, dim=-1) / agg_scale * (weights.sum(1) > 0)
     else:
         score = (s * weights).sum(-1)
-    return a, c, norm, s, score
+    return a, c, length, norm, s, score
 
 
 def _block_ranges(B_i, B_t, Lt, Li):
@@ -60,23 +62,31 @@ def local_matching_blockwise_backward(
 
     With g_k = ∂score/∂s_k (softmax of agg_scale·s over valid words for lse, else weights_k):
     dc = g (w − s ĉ) / |c|, dS = a ⊙ (dc vᵀ − (dc·c)), dv = aᵀ dc + τ dSᵀ w,
-    dw = τ dS v + g ĉ, d weights = Σ_i grad s (linear aggregates only)."""
+    dw = τ dS v + g ĉ, d weights = Σ_i grad s (linear aggregates only). dc [bi, bt, Lt, E]
+    is never formed: with α = g / |c|, dc vᵀ = α (w vᵀ − (s / |c|) c vᵀ), dc·c = α s (|c|clamped
+    − |c|² / |c|clamped) (0 unless |c| is clamped), aᵀ dc = (α a)ᵀ w − (α s / |c| a)ᵀ c and
+    g ĉ = (g / |c|) c, so every elementwise step is on [bi, bt, Lt, Li] or smaller."""
     d_v, d_w, d_weights = torch.zeros_like(v), torch.zeros_like(w), torch.zeros_like(weights)
     grad = grad.to(v.dtype)
     for rows, cols in _block_ranges(v.shape[0], w.shape[0], w.shape[1], v.shape[1]):
         vb, wb, ub, gb = v[rows], w[cols], weights[cols], grad[rows, cols]
-        a, c, norm, s, score = _block(vb, region[rows], wb, ub, attn_scale, agg_scale, lse)
+        a, c, length, norm, s, score = _block(vb, region[rows], wb, ub, attn_scale, agg_scale, lse)
         if lse:
             g = torch.exp(agg_scale * (s - score[..., None])) * (ub > 0)
         else:
             g = ub.expand_as(s)
             d_weights[cols] += torch.einsum("ij,ijk->jk", gb, s)
         g = gb[..., None] * g
-        c_hat = c / norm[..., None]
-        dc = (g / norm)[..., None] * (wb - s[..., None] * c_hat)
-        dS = torch.einsum("ijke,ile->ijkl", dc, vb).sub_((dc * c).sum(-1, keepdim=True)).mul_(a)
-        d_v[rows] += torch.einsum("ijkl,ijke->ile", a, dc) + attn_scale * torch.einsum("ijkl,jke->ile", dS, wb)
-        d_w[cols] += attn_scale * torch.einsum("ijkl,ile->jke", dS, vb) + torch.einsum("ijk,ijke->jke", g, c_hat)
+        alpha = g / norm
+        s_over_norm = s / norm
+        dc_dot_c = alpha * s * (norm - length * length / norm)
+        c_v = torch.einsum("ijke,ile->ijkl", c, vb)
+        dc_v = torch.einsum("ile,jke->ijkl", vb, wb).sub_(s_over_norm[..., None] * c_v)
+        dS = dc_v.mul_(alpha[..., None]).sub_(dc_dot_c[..., None]).mul_(a)
+        alpha_a = a * alpha[..., None]
+        d_v[rows] += (torch.einsum("ijkl,jke->ile", alpha_a.add(dS, alpha=attn_scale), wb)
+                      - torch.einsum("ijkl,ijke->ile", alpha_a.mul_(s_over_norm[..., None]), c))
+        d_w[cols] += attn_scale * torch.einsum("ijkl,ile->jke", dS, vb) + torch.einsum("ijk,ijke->jke", alpha, c)
     return d_v, d_w, d_weights
 
 
