@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Zero-shot and linear probe of every finished pretraining run under $RUNS (and the
 # random-init floor of each seed), one torch thread each; then the table.
-#   RUNS=/work/runs-downstream bash experiments/downstream-2026-12-06/run.sh
+#   RUNS=/work/runs-downstream VARIANT_RUNS=/work/runs-variants bash experiments/downstream-2026-12-06/run.sh
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 RUNS=${RUNS:-/work/runs-downstream}
+VARIANT_RUNS=${VARIANT_RUNS:-/work/runs-variants}  # mpma and reclf (experiments/variants-2026-12-07)
 CACHE=${CACHE:-/tmp/mcr-downstream-cache}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 mkdir -p "$here/raw"
@@ -23,6 +24,12 @@ for variant in default dual-stream-at-time abm dual-stream; do
     [ -f "$run/final.json" ] || continue
     evaluate "$variant-seed$seed" "$run"
     if [ "$variant" = default ]; then evaluate "random-init-seed$seed" "$run" --random-init "$seed"; fi
+  done
+done
+for variant in mpma reclf mpma-every-pair reclf-every-pair; do
+  for seed in 0 1 2; do
+    run="$VARIANT_RUNS/$variant/seed$seed"
+    [ -f "$run/final.json" ] && evaluate "$variant-seed$seed" "$run"
   done
 done
 python "$here/table.py" "$here/raw" > "$here/table.md"
