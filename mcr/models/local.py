@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mcr_kernels
-from mcr_kernels import ProjectionHead
+from mcr.models.mcr import projection_heads
 
 
 def rank_and_world():
@@ -55,10 +55,7 @@ class LocalAlignment(nn.Module):
         else:
             self.register_buffer("log_scale", log_scale, persistent=False)
         if cfg.local.own_heads:  # the MbA heads' shapes, trained by the local loss alone
-            self.image_head = ProjectionHead(cfg.vit_width, cfg.embed_dim, cfg.head_hidden or cfg.vit_width,
-                                             cfg.head_activation)
-            self.text_head = ProjectionHead(cfg.text_width, cfg.embed_dim, cfg.head_hidden or cfg.text_width,
-                                            cfg.head_activation)
+            self.image_head, self.text_head = projection_heads(cfg)
 
     def heads(self, image_head, text_head):
         """The (image, text) heads that map tokens for the local loss: its own with

@@ -72,6 +72,12 @@ def global_mean(total, count):
     return total / count.clamp(min=1)
 
 
+def projection_heads(cfg):
+    """(image head, text head): MbA heads from each encoder's width to the joint space."""
+    return tuple(ProjectionHead(width, cfg.embed_dim, cfg.head_hidden or width, cfg.head_activation)
+                 for width in (cfg.vit_width, cfg.text_width))
+
+
 class MCR(nn.Module):
     """The MCR model. Batches are dicts: image float [B, C, H, W] (normalized), input_ids,
     attention_mask, special_tokens_mask int64 [B, L]."""
@@ -102,10 +108,7 @@ class MCR(nn.Module):
         # HF ties this output bias inside BertForMaskedLM; standalone, tie it here (one parameter)
         self.mlm_head.predictions.bias = self.mlm_head.predictions.decoder.bias
         # MbA heads and temperature
-        self.image_head = ProjectionHead(cfg.vit_width, cfg.embed_dim, cfg.head_hidden or cfg.vit_width,
-                                         cfg.head_activation)
-        self.text_head = ProjectionHead(cfg.text_width, cfg.embed_dim, cfg.head_hidden or cfg.text_width,
-                                        cfg.head_activation)
+        self.image_head, self.text_head = projection_heads(cfg)
         # one element, not 0-dim: FSDP shards parameters along dim 0
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / cfg.init_temperature)))
         nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
