@@ -68,10 +68,10 @@ def main(argv=None):
             raise run.InputError(f"--data {args.data} needs --data-root DIR (an existing folder)")
         if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
             raise run.InputError(f"--output {args.output!r}: its folder does not exist")
+        if args.random_init is not None and args.random_init < 0:  # every task's floor
+            raise ValueError(f"--random-init {args.random_init}: expected a seed >= 0")
         if args.task != "retrieval":
             downstream.check_arguments(args)
-        elif args.random_init is not None and args.random_init < 0:
-            raise ValueError(f"--random-init {args.random_init}: expected a seed >= 0")
         model, cfg, tokenizer, device, path = run.load_trained(args.checkpoint, args.device)
         if args.task == "retrieval":
             if args.data:

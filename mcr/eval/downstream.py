@@ -76,8 +76,6 @@ def check_arguments(args):
         raise ValueError(f"--data: the {args.task} task reads the embedded corpus or --labelled-root")
     if args.task == "linear-probe" and args.split == "train" and not args.labelled_root:
         raise ValueError("--split train: the linear probe trains on train; score it on val or test")
-    if args.random_init is not None and args.random_init < 0:
-        raise ValueError(f"--random-init {args.random_init}: expected a seed >= 0")
     existing = os.path.abspath(args.cache_dir)
     while not os.path.exists(existing):  # the folder, or the nearest parent that would hold it
         existing = os.path.dirname(existing)
