@@ -5,6 +5,7 @@ before any kernel module is imported) on CPU tensors; with one they run for real
 marked `cuda` are skipped when no CUDA device is available.
 """
 import os
+import socket
 
 import pytest
 import torch
@@ -33,6 +34,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def tiny_config():
     return lambda **kw: preset("small", **{**TINY, **kw})
+
+
+@pytest.fixture
+def free_port():
+    """A free TCP port on 127.0.0.1, for a gloo process group's init_method."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

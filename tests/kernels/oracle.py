@@ -1,6 +1,9 @@
 """What the kernel tests share: the oracle comparison (no NaN, and max |actual - expected| within
 a per-dtype tolerance relative to max(1, max |expected|)) and the parametrisation over every
 backend an op registers."""
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -26,3 +29,36 @@ def relative_assert_close(tolerances):
         assert err <= tolerances[dtype] * scale, f"{what}: max error {err:.3g} > {tolerances[dtype] * scale:.3g}"
 
     return assert_close
+
+
+def gathered_infonce(port, backends, img, txt, scale, world=2):
+    """infonce_loss(gather=True) on `world` gloo processes, each on its rows of img, txt [B, E]
+    (float32 leaves, and the scalar `scale`): per rank, {(local_loss, backend): (loss, d img,
+    d txt, d scale)} for every backend and both local_loss."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_gathered_infonce_worker, args=(world, port, out_dir, backends, img, txt, scale), nprocs=world,
+                 join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+
+
+def _gathered_infonce_worker(rank, world, port, out_dir, backends, img, txt, scale):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        b = img.shape[0] // world
+        results = {}
+        for local_loss in (True, False):
+            for name in backends:
+                inputs = [img[rank * b:(rank + 1) * b].clone().requires_grad_(),
+                          txt[rank * b:(rank + 1) * b].clone().requires_grad_(),
+                          torch.tensor(scale, requires_grad=True)]
+                with mcr_kernels.use_backend(name, "infonce_loss"):
+                    loss = mcr_kernels.infonce_loss(*inputs, gather=True, local_loss=local_loss)
+                results[local_loss, name] = (loss.detach(), *torch.autograd.grad(loss, inputs))
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+

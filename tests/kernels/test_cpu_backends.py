@@ -7,14 +7,11 @@ Tolerances, relative to max(1, max |reference|): float32 2e-5 (attention, InfoNC
 pooled outputs are O(1)), bfloat16 4e-2.
 """
 import contextlib
-import os
-import socket
-import tempfile
 
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import relative_assert_close
+from oracle import gathered_infonce, relative_assert_close
 
 import mcr_kernels
 from mcr_kernels import backend, reference
@@ -308,14 +305,11 @@ def test_infonce_blocks_never_hold_the_batch_by_batch_logits(small_blocks, large
     assert largest.numel < B * B // 4, largest.numel  # blocks of 64 elements: 2 rows of 40
 
 
-def test_infonce_gather_two_gloo_processes_match_one_process():
-    import torch.multiprocessing as mp
-
+def test_infonce_gather_two_gloo_processes_match_one_process(free_port):
     B, world = 6, 2
     img, txt = torch.randn(B, 9), torch.randn(B, 9)
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_gather_worker, args=(world, _free_port(), out_dir, img, txt), nprocs=world)
-        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+    results = [{local_loss: rank[local_loss, "blockwise"] for local_loss in (True, False)}
+               for rank in gathered_infonce(free_port, ("blockwise",), img, txt, 20.0, world=world)]
     img64, txt64, scale64 = leaves(img, txt, torch.tensor(20.0), dtype=torch.float64)
     ref = infonce64(img64, txt64, scale64)
     d_img, d_txt, d_scale = torch.autograd.grad(ref, (img64, txt64, scale64))
@@ -335,30 +329,6 @@ def check_gathered(ranks, ref, d_img, d_txt, d_scale, local_loss):
         assert_close(gi / world, d_img[r * b:(r + 1) * b], torch.float32, f"d image rank {r}")
         assert_close(gt / world, d_txt[r * b:(r + 1) * b], torch.float32, f"d text rank {r}")
     assert_close(torch.stack([r[3] for r in ranks]).sum() / world, d_scale, torch.float32, "d scale")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _gather_worker(rank, world, port, out_dir, img, txt):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        b = img.shape[0] // world
-        results = {}
-        for local_loss in (True, False):
-            inputs = leaves(img[rank * b:(rank + 1) * b], txt[rank * b:(rank + 1) * b], torch.tensor(20.0),
-                            dtype=torch.float32)
-            with mcr_kernels.use_backend("blockwise", "infonce_loss"):
-                loss = mcr_kernels.infonce_loss(*inputs, gather=True, local_loss=local_loss)
-            results[local_loss] = (loss.detach(), *torch.autograd.grad(loss, inputs))
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_infonce_blocks_opcheck():

@@ -6,14 +6,12 @@ Tolerances, relative to the largest reference value (at least 0.1, as gradients 
 to ~0 carry float32 rounding of their terms): float32 1e-4, float16 5e-3, bfloat16 3e-2.
 """
 import os
-import socket
-import tempfile
 from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import backend_param
+from oracle import backend_param, gathered_infonce
 
 import mcr_kernels
 from mcr_kernels import reference
@@ -234,44 +232,15 @@ def test_model_alignment_path_on_triton_matches_reference(tiny_config):
 WORLD = 2
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _dist_worker(rank, port, out_dir, img, txt, scale_value):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        b = img.shape[0] // WORLD
-        results = {}
-        for local_loss in (True, False):
-            for name in ("reference", "triton"):
-                leaves = [img[rank * b:(rank + 1) * b].clone().requires_grad_(),
-                          txt[rank * b:(rank + 1) * b].clone().requires_grad_(),
-                          torch.tensor(scale_value, requires_grad=True)]
-                with mcr_kernels.use_backend(name, "infonce_loss"):
-                    loss = mcr_kernels.infonce_loss(*leaves, gather=True, local_loss=local_loss)
-                results[local_loss, name] = (loss.detach(), *torch.autograd.grad(loss, leaves))
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_infonce_gather_two_gloo_processes_match_one_process():
+def test_infonce_gather_two_gloo_processes_match_one_process(free_port):
     """open_clip semantics: with local_loss each rank's loss covers its rows (mean over ranks =
     global loss), without it every rank computes the global loss; all_gather's backward sums
     the ranks' gradients, so each rank's gradients are WORLD x the global loss's."""
-    import torch.multiprocessing as mp
-
     B = 6
     img, txt, scale = torch.randn(B, 9), torch.randn(B, 9), 20.0
     # gloo runs on CPU tensors: the workers run the Triton kernels in the interpreter
-    with tempfile.TemporaryDirectory() as out_dir, mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}):
-        mp.spawn(_dist_worker, args=(_free_port(), out_dir, img, txt, scale), nprocs=WORLD, join=True)
-        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}):
+        ranks = gathered_infonce(free_port, ("reference", "triton"), img, txt, scale, world=WORLD)
     img64, txt64 = leaf(img.cpu(), torch.float64), leaf(txt.cpu(), torch.float64)
     scale64 = leaf(torch.tensor(scale), torch.float64)
     ref = infonce64(img64, txt64, scale64)

@@ -167,19 +167,14 @@ def _eval_worker(rank, world, port, out_dir, pairs):
         dist.destroy_process_group()
 
 
-def test_ranks_embed_their_slices_and_all_get_the_whole_split(tmp_path):
-    import socket
-
+def test_ranks_embed_their_slices_and_all_get_the_whole_split(tmp_path, free_port):
     import torch.multiprocessing as mp
 
     n, world = 7, 3  # slices of 2, 2 and 3 pairs, batches of 2: a ragged last batch
     pairs = _Pairs(n, [f"report {i % 5}" for i in range(n)])
     want_embedded = embed(_PairEmbedder(), pairs, None, torch.device("cpu"), batch_size=2)
     want = evaluate(_PairEmbedder(), pairs, None, torch.device("cpu"), batch_size=2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_eval_worker, args=(world, port, str(tmp_path), pairs), nprocs=world, join=True)
+    mp.spawn(_eval_worker, args=(world, free_port, str(tmp_path), pairs), nprocs=world, join=True)
     for rank in range(world):
         embedded, results = torch.load(tmp_path / f"rank{rank}.pt")
         for got, expected in zip(embedded, want_embedded):

@@ -2,7 +2,6 @@
 against a float64 oracle on every backend of local_matching, and on 2 gloo processes
 against 1 process."""
 import os
-import socket
 
 import pytest
 import torch
@@ -87,12 +86,6 @@ def test_groups_are_independent_batches():
 
 # --- torch.distributed: groups spanning the ranks --------------------------------------------
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 CASES = [  # (group size, agg): 0 and 4 span the ranks (rows 0-2 | 3-5), 3 stays on each rank
     (0, "lse"), (4, "lse"), (3, "lse"), (0, "weighted"), (4, "weighted")]
 LENGTHS = (5, 7)  # each rank's reports padded to its own longest: the gather pads them again
@@ -130,7 +123,7 @@ def dist_worker(rank, port, out_dir, data):
         dist.destroy_process_group()
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
+def test_two_gloo_processes_match_one_process(tmp_path, free_port):
     """Each rank's loss covers its rows, so the mean over ranks is the one-process loss;
     all_gather's backward sums the ranks' gradients, so each rank's are WORLD x the
     one-process loss's gradients of its rows (DDP's averaging then gives the one-process
@@ -138,7 +131,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     import torch.multiprocessing as mp
 
     data = {agg: global_inputs(agg == "weighted") for agg in ("lse", "weighted")}
-    mp.spawn(dist_worker, args=(free_port(), str(tmp_path), data), nprocs=WORLD, join=True)
+    mp.spawn(dist_worker, args=(free_port, str(tmp_path), data), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for group_size, agg in CASES:
         img, txt, word_mask, weights = data[agg]
