@@ -7,14 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mcr_kernels
-from mcr.models.mcr import projection_heads
-
-
-def rank_and_world():
-    """(rank, world size) of an initialized torch.distributed group, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from mcr.models.mcr import distributed_world, projection_heads
 
 
 def gather_rows(img_local, txt_local, word_mask, word_weights):
@@ -70,7 +63,8 @@ class LocalAlignment(nn.Module):
         "weighted"). Returns a float32 scalar: the mean over this rank's rows of both
         directions' cross-entropy (the mean over ranks is the one-process loss)."""
         local = self.cfg.local
-        rank, world = rank_and_world()
+        world = distributed_world()
+        rank = dist.get_rank() if world > 1 else 0
         rows = img_local.shape[0]
         total = rows * world
         size = local.group_size or total
