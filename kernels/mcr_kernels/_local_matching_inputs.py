@@ -6,7 +6,7 @@ import torch.nn.functional as F
 def prepare(img, img_mask, txt, txt_mask, agg, word_weights, dtype):
     """The fused backends' inputs, differentiable in img, txt and word_weights:
     v [B_i, Li, E], w [B_t, Lt, E] normalized rows; region [B_i, Li] validity (1/0);
-    weights [B_t, Lt]: agg="lse" word validity (1/0), "mean" 1/n on the n valid words,
+    weights [B_t, Lt]: agg="lse" and "none" word validity (1/0), "mean" 1/n on the n valid words,
     "weighted" u / Σu on the valid words (all 0 where Σu = 0). All in dtype, contiguous.
     Masked-out regions, words and word weights are zeros, whatever they held (NaN or inf)."""
     if img_mask is not None:
@@ -19,7 +19,7 @@ def prepare(img, img_mask, txt, txt_mask, agg, word_weights, dtype):
     w = F.normalize(txt.to(dtype), dim=-1).contiguous()
     region = img.new_ones(img.shape[:2], dtype=dtype) if img_mask is None else img_mask.to(dtype)
     valid = txt.new_ones(txt.shape[:2], dtype=dtype) if txt_mask is None else txt_mask.to(dtype)
-    if agg == "lse":
+    if agg in ("lse", "none"):
         weights = valid
     elif agg == "mean":
         weights = valid / valid.sum(1, keepdim=True).clamp(min=1)

@@ -4,7 +4,8 @@
 
 For image i and report j: v, w = the L2-normalized valid rows of img[i] and txt[j];
 a = softmax over regions of attn_scale · w vᵀ; c = a v; s_k = cos(c_k, w_k); the score
-aggregates s over the valid words ("lse", "mean" or "weighted" by word_weights).
+aggregates s over the valid words ("lse", "mean" or "weighted" by word_weights), or is s
+itself ("none": one matching per word, for a model that relates the matchings).
 Written eagerly this holds [B_i, B_t, Lt, Li] tensors; no backend here does:
 
 * `blockwise`: PyTorch over blocks of (images, reports) of at most BLOCK_ELEMENTS attention
@@ -31,8 +32,9 @@ def local_matching(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", a
     img [B_i, Li, E] and txt [B_t, Lt, E] (float; same dtype and device); img_mask [B_i, Li],
     txt_mask [B_t, Lt] bool (True = valid) or None (all valid). agg: "lse" (log Σ_k
     exp(agg_scale s_k) / agg_scale), "mean", or "weighted" (Σ u_k s_k / Σ u_k with u =
-    word_weights [B_t, Lt], non-negative). A report with no valid word (or zero total
-    weight) scores 0. Returns scores [B_i, B_t]: float32, or float64 for float64 inputs.
+    word_weights [B_t, Lt], non-negative), or "none" (every word's matching s_k, 0 at the
+    invalid words). A report with no valid word (or zero total weight) scores 0. Returns
+    scores [B_i, B_t] ([B_i, B_t, Lt] for "none"): float32, or float64 for float64 inputs.
     Differentiable in img, txt and word_weights.
     """
     check_tensor("img", img, ndim=3, dtypes=FLOAT_DTYPES)

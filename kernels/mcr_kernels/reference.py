@@ -209,23 +209,26 @@ def linear_cross_entropy(hidden, weight, bias, labels, *, ignore_index=-100, red
 
 # --- local matching (word-to-region, GLoRIA-style) ------------------------------------
 
-LOCAL_AGGS = ("lse", "mean", "weighted")
+LOCAL_AGGS = ("lse", "mean", "weighted", "none")
 
 
 def local_matching(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", agg_scale=5.0,
                    word_weights=None):
-    """Word-to-region matching score of every image with every report -> [B_i, B_t].
+    """Word-to-region matching score of every image with every report -> [B_i, B_t]
+    ([B_i, B_t, Lt]: the matching of every word, for agg="none").
 
     img [B_i, Li, E], txt [B_t, Lt, E]; masks [B, L] bool (True = valid) or None (all valid);
     word_weights [B_t, Lt] (agg="weighted"). One pair at a time over its valid rows only:
     v, w = L2-normalized image / word rows, a = softmax(attn_scale w vᵀ) over regions,
-    c = a v, s_k = cos(c_k, w_k), then the aggregate of s over words. A report without a
-    valid word (or with zero total weight) scores 0; an image without a valid region gives
-    c = 0, so s = 0. Computed in float32 (float64 for float64 inputs).
+    c = a v, s_k = cos(c_k, w_k), then the aggregate of s over words (or s itself, 0 at the
+    invalid words). A report without a valid word (or with zero total weight) scores 0; an
+    image without a valid region gives c = 0, so s = 0. Computed in float32 (float64 for
+    float64 inputs).
     """
     dtype = torch.promote_types(img.dtype, torch.float32)
     img, txt = img.to(dtype), txt.to(dtype)
-    scores = img.new_zeros(img.shape[0], txt.shape[0])
+    per_word = agg == "none"
+    scores = img.new_zeros(img.shape[0], txt.shape[0], *txt.shape[1:2] if per_word else ())
     for i in range(img.shape[0]):
         v = F.normalize(img[i] if img_mask is None else img[i][img_mask[i]], dim=-1)
         for j in range(txt.shape[0]):
@@ -238,7 +241,9 @@ def local_matching(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", a
             else:
                 a = torch.softmax(attn_scale * w @ v.T, dim=-1)
                 s = (F.normalize(a @ v, dim=-1) * w).sum(-1)
-            if agg == "lse":
+            if per_word:
+                scores[i, j] = torch.zeros(txt.shape[1], dtype=dtype, device=txt.device).masked_scatter(keep, s)
+            elif agg == "lse":
                 scores[i, j] = torch.logsumexp(agg_scale * s, 0) / agg_scale
             elif agg == "mean":
                 scores[i, j] = s.mean()

@@ -1,6 +1,7 @@
 """local_matching on every backend against the float64 reference (mcr_kernels.reference).
 
-Values and gradients (img, txt, word_weights) for every agg, with and without masks, with
+Values and gradients (img, txt, word_weights) for every agg (and the per-word matchings of
+agg="none"), with and without masks, with
 empty rows (an image without a region, a report without a word, zero total weight),
 B_i != B_t and awkward sizes (1, odd, more words than one Triton word block, more pairs than
 one native block). The Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (conftest).
@@ -67,7 +68,7 @@ def check(backend, B_i, B_t, Li, Lt, E, *, agg, masks=True, empty_rows=True, dty
     with mcr_kernels.use_backend(backend, "local_matching"):
         out = mcr_kernels.local_matching(low[0], img_mask, low[1], txt_mask, **kw,
                                          word_weights=low[2] if weighted else None)
-    assert out.shape == (B_i, B_t)
+    assert out.shape == ((B_i, B_t, Lt) if agg == "none" else (B_i, B_t))
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close(out, ref, dtype, f"{backend} scores")
     for name, got, want in zip(("img", "txt", "word_weights"), torch.autograd.grad(out, low, grad_out.to(out.dtype)),
@@ -83,13 +84,13 @@ def small_native_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("agg", ["lse", "mean", "weighted"])
+@pytest.mark.parametrize("agg", ["lse", "mean", "weighted", "none"])
 def test_matches_float64_reference_with_masks_and_empty_rows(backend, agg, small_native_blocks):
     check(backend, 3, 4, 5, 7, 6, agg=agg)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("agg", ["lse", "mean", "weighted"])
+@pytest.mark.parametrize("agg", ["lse", "mean", "weighted", "none"])
 def test_matches_float64_reference_without_masks(backend, agg):
     check(backend, 2, 3, 4, 5, 8, agg=agg, masks=False)
 
@@ -100,6 +101,7 @@ def test_awkward_sizes(backend, shape):
     """One of everything; more words than a Triton word block (16); Li, E off powers of two."""
     check(backend, *shape, agg="lse", empty_rows=False)
     check(backend, *shape, agg="weighted", empty_rows=False)
+    check(backend, *shape, agg="none", empty_rows=False)
 
 
 @pytest.mark.parametrize("backend", ["blockwise", "triton"])
@@ -117,7 +119,7 @@ def test_native_blocks_cover_every_pair(small_native_blocks):
     """Ragged block grid (7 reports with blocks of 2) gives the one-block result exactly."""
     (img, txt, u), img_mask, txt_mask = make_inputs(5, 7, 5, 7, 4)
     inputs = prepare(img, img_mask, txt, txt_mask, "weighted", u, torch.float64)
-    blocked = blockwise.local_matching_blockwise(*inputs, 4.0, 5.0, False)
+    blocked = blockwise.local_matching_blockwise(*inputs, 4.0, 5.0, "linear")
     one_block = blockwise._block(*inputs, 4.0, 5.0, False)[-1]
     assert len(blockwise._block_ranges(5, 7, 7, 5)) > 10
     assert (blocked - one_block).abs().max().item() < 1e-12
@@ -135,6 +137,27 @@ def test_reference_closed_form_for_one_region():
     u = torch.rand(3, 4, dtype=torch.float64)
     scores = reference.local_matching(img, None, txt, None, agg="weighted", word_weights=u)
     assert torch.allclose(scores, (cos * u).sum(-1) / u.sum(-1), atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_word_matchings_aggregate_to_every_score(backend):
+    """agg="none" gives the s_k the aggregates are made of: log-sum-exp, mean and weighted mean
+    of it over the valid words are the reference's lse, mean and weighted scores; 0 off them."""
+    (img, txt, u), img_mask, txt_mask = make_inputs(3, 4, 5, 7, 6)
+    img, txt, u = img.detach(), txt.detach(), u.detach()
+    dtype = torch.float64 if backend != "triton" else torch.float32
+    with mcr_kernels.use_backend(backend, "local_matching"):
+        s = mcr_kernels.local_matching(img.to(dtype), img_mask, txt.to(dtype), txt_mask, agg="none").double()
+    valid = txt_mask[None].expand_as(s)
+    assert (s[~valid] == 0).all()
+    lse = torch.logsumexp((5.0 * s).masked_fill(~valid, -math.inf), -1).nan_to_num(neginf=0.0) / 5.0
+    count = valid.sum(-1)
+    mean = s.sum(-1) / count.clamp(min=1)
+    uu = u * txt_mask
+    weighted = (s * uu).sum(-1) / uu.sum(-1).where(uu.sum(-1) > 0, 1.0)
+    for agg, got, kw in (("lse", lse, {}), ("mean", mean, {}), ("weighted", weighted, dict(word_weights=u))):
+        want = reference.local_matching(img, img_mask, txt, txt_mask, agg=agg, **kw)
+        assert_close(got, want, dtype, f"{backend} {agg} of the per-word matchings")
 
 
 def test_empty_rows_score_as_documented():
@@ -165,18 +188,18 @@ def test_triton_falls_back_to_native_past_one_tile():
 
 # --- torch.library: opcheck and torch.compile ------------------------------------------------
 
-def prepared(lse, dtype=torch.float32):
+def prepared(mode, dtype=torch.float32):
     (img, txt, u), img_mask, txt_mask = make_inputs(2, 3, 5, 6, 4)
-    inputs = prepare(img, img_mask, txt, txt_mask, "lse" if lse else "weighted", u, dtype)
-    return [t.detach().requires_grad_(i != 1 and (i != 3 or not lse)) for i, t in enumerate(inputs)]
+    inputs = prepare(img, img_mask, txt, txt_mask, "weighted" if mode == "linear" else mode, u, dtype)
+    return [t.detach().requires_grad_(i in (0, 2) or (i == 3 and mode == "linear")) for i, t in enumerate(inputs)]
 
 
-@pytest.mark.parametrize("lse", [True, False])
-def test_opcheck_custom_ops(lse):
+@pytest.mark.parametrize("mode", ["lse", "linear", "none"])
+def test_opcheck_custom_ops(mode):
     from mcr_kernels.triton import local_matching as tlm
 
-    torch.library.opcheck(blockwise.local_matching_blockwise, (*prepared(lse, torch.float64), 4.0, 5.0, lse))
-    torch.library.opcheck(tlm.local_matching_pairs, (*prepared(lse), 4.0, 5.0, lse, False))
+    torch.library.opcheck(blockwise.local_matching_blockwise, (*prepared(mode, torch.float64), 4.0, 5.0, mode))
+    torch.library.opcheck(tlm.local_matching_pairs, (*prepared(mode), 4.0, 5.0, mode, False))
 
 
 @pytest.mark.parametrize("backend", ["blockwise", "triton"])

@@ -192,7 +192,8 @@ CASES = {
 VARIANTS = {  # further inputs of an op the masked test runs as well
     "mba_pool": [lambda dtype, seed: pool_args(dtype, seed, pool="max")],
     "local_matching": [lambda dtype, seed: matching_args(dtype, seed, agg="lse"),
-                       lambda dtype, seed: matching_args(dtype, seed, agg="mean")],
+                       lambda dtype, seed: matching_args(dtype, seed, agg="mean"),
+                       lambda dtype, seed: matching_args(dtype, seed, agg="none")],
 }
 
 

@@ -9,9 +9,9 @@ from mcr_kernels._local_matching_inputs import compute_dtype, prepare
 NORM_EPS = 1e-12            # F.normalize's: a row of norm below it is divided by NORM_EPS
 BLOCK_ELEMENTS = 1 << 21    # attention entries [images, reports, Lt, Li] per block
 
-def _block(v, region, w, weights, attn_scale, agg_scale, lse):
+def _block(v, region, w, weights, attn_scale, agg_scale, mode):
     """One block, forward: (a [bi, bt, Lt, Li], c [bi, bt, Lt, E], |c|, |c| clamped, s,
-    score [bi, bt])."""
+    score [bi, bt], or s at the valid words [bi, bt, Lt] for mode "none")."""
     S = attn_scale * torch.einsum("ile,jke->ijkl", v, w)
     valid_region = region[:, None, None, :] > 0
     a = torch.softmax(S.masked_fill_(~valid_region, torch.finfo(S.dtype).min), dim=-1)
@@ -20,7 +20,9 @@ def _block(v, region, w, weights, attn_scale, agg_scale, lse):
     length = c.norm(dim=-1)
     norm = length.clamp(min=NORM_EPS)
     s = torch.einsum("ijke,jke->ijk", c, w) / norm
-    if lse:
+    if mode == "none":
+        score = s                              # w = 0, so s = 0, off the valid words
+    elif mode == "lse":
         z = (agg_scale * s).masked_fill_(weights[None] == 0, torch.finfo(s.dtype).min)
         score = torch.logsumexp(z, dim=-1) / agg_scale * (weights.sum(1) > 0)
     else:
@@ -39,28 +41,34 @@ def _block_ranges(B_i, B_t, Lt, Li):
 @torch.library.custom_op("mcr_kernels::local_matching_blockwise", mutates_args=())
 def local_matching_blockwise(v: torch.Tensor, region: torch.Tensor, w: torch.Tensor,
                              weights: torch.Tensor, attn_scale: float, agg_scale: float,
-                             lse: bool) -> torch.Tensor:
-    """scores [B_i, B_t] of prepare()'d inputs, block by block."""
-    scores = v.new_empty(v.shape[0], w.shape[0])
+                             mode: str) -> torch.Tensor:
+    """scores of prepare()'d inputs, block by block: [B_i, B_t] for mode "lse" or "linear"
+    (Σ weights s), [B_i, B_t, Lt] for "none"."""
+    scores = _empty_scores(v, w, mode)
     for rows, cols in _block_ranges(v.shape[0], w.shape[0], w.shape[1], v.shape[1]):
         scores[rows, cols] = _block(v[rows], region[rows], w[cols], weights[cols], attn_scale,
-                                    agg_scale, lse)[-1]
+                                    agg_scale, mode)[-1]
     return scores
 
 
+def _empty_scores(v, w, mode):
+    return v.new_empty(v.shape[0], *w.shape[:2] if mode == "none" else w.shape[:1])
+
+
 @local_matching_blockwise.register_fake
-def _(v, region, w, weights, attn_scale, agg_scale, lse):
-    return v.new_empty(v.shape[0], w.shape[0])
+def _(v, region, w, weights, attn_scale, agg_scale, mode):
+    return _empty_scores(v, w, mode)
 
 
 @torch.library.custom_op("mcr_kernels::local_matching_blockwise_backward", mutates_args=())
 def local_matching_blockwise_backward(
         grad: torch.Tensor, v: torch.Tensor, region: torch.Tensor, w: torch.Tensor,
         weights: torch.Tensor, scores: torch.Tensor, attn_scale: float, agg_scale: float,
-        lse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d v, d w, d weights) of local_matching_blockwise, each block recomputed.
 
-    With g_k = ∂score/∂s_k (softmax of agg_scale·s over valid words for lse, else weights_k):
+    With g_k = ∂score/∂s_k (softmax of agg_scale·s over valid words for lse, weights_k for
+    linear, the valid words' grad itself for none):
     dc = g (w − s ĉ) / |c|, dS = a ⊙ (dc vᵀ − (dc·c)), dv = aᵀ dc + τ dSᵀ w,
     dw = τ dS v + g ĉ, d weights = Σ_i grad s (linear aggregates only). dc [bi, bt, Lt, E]
     is never formed: with α = g / |c|, dc vᵀ = α (w vᵀ − (s / |c|) c vᵀ), dc·c = α s (|c|clamped
@@ -70,13 +78,14 @@ def local_matching_blockwise_backward(
     grad = grad.to(v.dtype)
     for rows, cols in _block_ranges(v.shape[0], w.shape[0], w.shape[1], v.shape[1]):
         vb, wb, ub, gb = v[rows], w[cols], weights[cols], grad[rows, cols]
-        a, c, length, norm, s, score = _block(vb, region[rows], wb, ub, attn_scale, agg_scale, lse)
-        if lse:
-            g = torch.exp(agg_scale * (s - score[..., None])) * (ub > 0)
+        a, c, length, norm, s, score = _block(vb, region[rows], wb, ub, attn_scale, agg_scale, mode)
+        if mode == "none":
+            g = gb * (ub > 0)
+        elif mode == "lse":
+            g = gb[..., None] * torch.exp(agg_scale * (s - score[..., None])) * (ub > 0)
         else:
-            g = ub.expand_as(s)
+            g = gb[..., None] * ub
             d_weights[cols] += torch.einsum("ij,ijk->jk", gb, s)
-        g = gb[..., None] * g
         alpha = g / norm
         s_over_norm = s / norm
         dc_dot_c = alpha * s * (norm - length * length / norm)
@@ -91,19 +100,19 @@ def local_matching_blockwise_backward(
 
 
 @local_matching_blockwise_backward.register_fake
-def _(grad, v, region, w, weights, scores, attn_scale, agg_scale, lse):
+def _(grad, v, region, w, weights, scores, attn_scale, agg_scale, mode):
     return torch.empty_like(v), torch.empty_like(w), torch.empty_like(weights)
 
 
 def _blockwise_setup(ctx, inputs, output):
-    v, region, w, weights, ctx.attn_scale, ctx.agg_scale, ctx.lse = inputs
+    v, region, w, weights, ctx.attn_scale, ctx.agg_scale, ctx.mode = inputs
     ctx.save_for_backward(v, region, w, weights, output)
 
 
 def _blockwise_grads(ctx, grad):
     d_v, d_w, d_weights = local_matching_blockwise_backward(grad, *ctx.saved_tensors, ctx.attn_scale,
-                                                            ctx.agg_scale, ctx.lse)
-    return d_v, None, d_w, None if ctx.lse else d_weights, None, None, None
+                                                            ctx.agg_scale, ctx.mode)
+    return d_v, None, d_w, d_weights if ctx.mode == "linear" else None, None, None, None
 
 
 local_matching_blockwise.register_autograd(_blockwise_grads, setup_context=_blockwise_setup)
@@ -113,4 +122,9 @@ def local_matching(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", a
               word_weights=None):
     """`blockwise` backend of mcr_kernels.local_matching (same arguments and result)."""
     inputs = prepare(img, img_mask, txt, txt_mask, agg, word_weights, compute_dtype(img.dtype))
-    return local_matching_blockwise(*inputs, attn_scale, agg_scale, agg == "lse")
+    return local_matching_blockwise(*inputs, attn_scale, agg_scale, blockwise_mode(agg))
+
+
+def blockwise_mode(agg):
+    """The kernels' aggregation mode of an agg: "lse", "none", or "linear" (mean, weighted)."""
+    return agg if agg in ("lse", "none") else "linear"

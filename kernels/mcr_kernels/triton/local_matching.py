@@ -4,9 +4,9 @@
 Forward, grid (B_i, B_t): the image's normalized rows v [Li, E] stay in one tile; for each
 block of BLOCK_T words, S = τ w vᵀ, softmax over the valid regions, c = a v,
 s = (c·w) / |c|, folded into the pair's aggregate (an online log-sum-exp per word lane, or
-the weighted sum). Backward recomputes the same blocks in two kernels without atomics:
+the weighted sum), or stored per word (agg="none"). Backward recomputes the same blocks in two kernels without atomics:
 grid (B_t, word blocks) loops over every image for d w and d weights; grid (B_i,) loops over
-every (report, word block) for d v. Saved for backward: the inputs and scores [B_i, B_t].
+every (report, word block) for d v. Saved for backward: the inputs and scores.
 Li and E must fit one tile that fits the device (tile_fits); the front end runs larger
 inputs, and float64 ones (the kernels compute in float32), on the `blockwise` backend (launches).
 """
@@ -18,6 +18,7 @@ import triton.language as tl
 
 from mcr_kernels import backend
 from mcr_kernels._local_matching_inputs import prepare
+from mcr_kernels.blockwise.local_matching import blockwise_mode
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_T = 16
@@ -95,10 +96,11 @@ def _word_block_grads(v, w, u, a, c, norm, s, G, score, attn_scale, agg_scale, L
 
 @triton.jit
 def _fwd_kernel(V, REGION, W, WTS, OUT, Li, Lt, E, attn_scale, agg_scale,
-                svb, svl, sve, srb, srl, swb, swt, swe, sub, sut, sob, soj,
-                LSE: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr,
+                svb, svl, sve, srb, srl, swb, swt, swe, sub, sut, sob, soj, sot,
+                LSE: tl.constexpr, PER_WORD: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr,
                 BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr):
-    """OUT[i, j] = the score of image i with report j; grid (B_i, B_t)."""
+    """OUT[i, j] = the score of image i with report j (PER_WORD: OUT[i, j, k] = word k's
+    matching, 0 at the invalid words); grid (B_i, B_t)."""
     i = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1).to(tl.int64)
     v, region_ok = _load_image(V, REGION, i, Li, E, svb, svl, sve, srb, srl, BLOCK_L, BLOCK_E)
@@ -107,7 +109,10 @@ def _fwd_kernel(V, REGION, W, WTS, OUT, Li, Lt, E, attn_scale, agg_scale,
     for t0 in range(0, Lt, BLOCK_T):
         w, u, a, c, norm, s = _word_block(v, region_ok, W, WTS, j, t0, Lt, E, swb, swt, swe, sub, sut,
                                           attn_scale, BLOCK_T, BLOCK_E, PREC)
-        if LSE:
+        if PER_WORD:
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            tl.store(OUT + i * sob + j * soj + offs_t * sot, s, mask=offs_t < Lt)  # w = 0, so s = 0, off the words
+        elif LSE:
             z = tl.where(u > 0, agg_scale * s, float("-inf"))
             m_new = tl.maximum(m_lane, z)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -115,23 +120,40 @@ def _fwd_kernel(V, REGION, W, WTS, OUT, Li, Lt, E, attn_scale, agg_scale,
             m_lane = m_new
         else:
             acc += u * s
-    if LSE:
-        m = tl.max(m_lane, axis=0)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        total = tl.sum(acc * tl.exp(m_lane - m), axis=0)
-        score = tl.where(total > 0, (m + tl.log(tl.where(total > 0, total, 1.0))) / agg_scale, 0.0)
+    if not PER_WORD:
+        if LSE:
+            m = tl.max(m_lane, axis=0)
+            m = tl.where(m == float("-inf"), 0.0, m)
+            total = tl.sum(acc * tl.exp(m_lane - m), axis=0)
+            score = tl.where(total > 0, (m + tl.log(tl.where(total > 0, total, 1.0))) / agg_scale, 0.0)
+        else:
+            score = tl.sum(acc, axis=0)
+        tl.store(OUT + i * sob + j * soj, score)
+
+
+@triton.jit
+def _load_grad(GRAD, SCORES, i, j, t0, Lt, sgi, sgj, sgt, LSE: tl.constexpr, PER_WORD: tl.constexpr,
+               BLOCK_T: tl.constexpr):
+    """The incoming gradient of pair (i, j) (PER_WORD: of its words t0 .. t0 + BLOCK_T) and its
+    score (used by LSE only)."""
+    if PER_WORD:
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        G = tl.load(GRAD + i * sgi + j * sgj + offs_t * sgt, mask=offs_t < Lt, other=0.0)
     else:
-        score = tl.sum(acc, axis=0)
-    tl.store(OUT + i * sob + j * soj, score)
+        G = tl.load(GRAD + i * sgi + j * sgj)
+    score = 0.0
+    if LSE:
+        score = tl.load(SCORES + i * sgi + j * sgj)
+    return G, score
 
 
 @triton.jit
 def _bwd_txt_kernel(V, REGION, W, WTS, GRAD, SCORES, DW, DU, B_i, Li, Lt, E, attn_scale, agg_scale,
-                    svb, svl, sve, srb, srl, swb, swt, swe, sub, sut, sgi, sgj,
-                    LSE: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr,
+                    svb, svl, sve, srb, srl, swb, swt, swe, sub, sut, sgi, sgj, sgt,
+                    LSE: tl.constexpr, PER_WORD: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr):
     """d w and d weights of one (report, word block), over every image; grid (B_t, cdiv(Lt, BLOCK_T)).
-    DW, DU are contiguous like W, WTS."""
+    DW, DU are contiguous like W, WTS; GRAD and SCORES share the strides sgi, sgj (, sgt)."""
     j = tl.program_id(0).to(tl.int64)
     t0 = tl.program_id(1) * BLOCK_T
     acc_dw = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
@@ -140,8 +162,7 @@ def _bwd_txt_kernel(V, REGION, W, WTS, GRAD, SCORES, DW, DU, B_i, Li, Lt, E, att
         v, region_ok = _load_image(V, REGION, i, Li, E, svb, svl, sve, srb, srl, BLOCK_L, BLOCK_E)
         w, u, a, c, norm, s = _word_block(v, region_ok, W, WTS, j, t0, Lt, E, swb, swt, swe, sub, sut,
                                           attn_scale, BLOCK_T, BLOCK_E, PREC)
-        G = tl.load(GRAD + i * sgi + j * sgj)
-        score = tl.load(SCORES + i * sgi + j * sgj)
+        G, score = _load_grad(GRAD, SCORES, i, j, t0, Lt, sgi, sgj, sgt, LSE, PER_WORD, BLOCK_T)
         g, c_hat, dc, dS = _word_block_grads(v, w, u, a, c, norm, s, G, score, attn_scale, agg_scale,
                                              LSE, PREC)
         acc_dw += attn_scale * tl.dot(dS, v, input_precision=PREC) + g[:, None] * c_hat
@@ -156,17 +177,16 @@ def _bwd_txt_kernel(V, REGION, W, WTS, GRAD, SCORES, DW, DU, B_i, Li, Lt, E, att
 
 @triton.jit
 def _bwd_img_kernel(V, REGION, W, WTS, GRAD, SCORES, DV, B_t, Li, Lt, E, attn_scale, agg_scale,
-                    svb, svl, sve, srb, srl, swb, swt, swe, sub, sut, sgi, sgj,
-                    LSE: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr,
+                    svb, svl, sve, srb, srl, swb, swt, swe, sub, sut, sgi, sgj, sgt,
+                    LSE: tl.constexpr, PER_WORD: tl.constexpr, PREC: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr):
     """d v of one image, over every (report, word block); grid (B_i,). DV is contiguous like V."""
     i = tl.program_id(0).to(tl.int64)
     v, region_ok = _load_image(V, REGION, i, Li, E, svb, svl, sve, srb, srl, BLOCK_L, BLOCK_E)
     acc_dv = tl.zeros([BLOCK_L, BLOCK_E], dtype=tl.float32)
     for j in range(0, B_t):
-        G = tl.load(GRAD + i * sgi + j * sgj)
-        score = tl.load(SCORES + i * sgi + j * sgj)
         for t0 in range(0, Lt, BLOCK_T):
+            G, score = _load_grad(GRAD, SCORES, i, j, t0, Lt, sgi, sgj, sgt, LSE, PER_WORD, BLOCK_T)
             w, u, a, c, norm, s = _word_block(v, region_ok, W, WTS, j, t0, Lt, E, swb, swt, swe, sub,
                                               sut, attn_scale, BLOCK_T, BLOCK_E, PREC)
             g, c_hat, dc, dS = _word_block_grads(v, w, u, a, c, norm, s, G, score, attn_scale,
@@ -191,28 +211,42 @@ def _launch_options(allow_tf32):
 
 @torch.library.custom_op("mcr_kernels::local_matching_pairs", mutates_args=())
 def local_matching_pairs(v: torch.Tensor, region: torch.Tensor, w: torch.Tensor, weights: torch.Tensor,
-                         attn_scale: float, agg_scale: float, lse: bool,
+                         attn_scale: float, agg_scale: float, mode: str,
                          allow_tf32: bool) -> torch.Tensor:
-    """scores [B_i, B_t] float32 of prepare()'d float32 inputs (v [B_i, Li, E], region [B_i, Li],
-    w [B_t, Lt, E], weights [B_t, Lt]); allow_tf32: tensor-core products (16-bit inputs)."""
+    """scores float32 of prepare()'d float32 inputs (v [B_i, Li, E], region [B_i, Li],
+    w [B_t, Lt, E], weights [B_t, Lt]): [B_i, B_t] for mode "lse" or "linear", [B_i, B_t, Lt]
+    for "none"; allow_tf32: tensor-core products (16-bit inputs)."""
     B_i, Li, E = v.shape
-    B_t, Lt, _ = w.shape
-    out = torch.empty(B_i, B_t, dtype=torch.float32, device=v.device)
-    _fwd_kernel[(B_i, B_t)](v, region, w, weights, out, Li, Lt, E, attn_scale, agg_scale,
-                            *v.stride(), *region.stride(), *w.stride(), *weights.stride(), *out.stride(),
-                            LSE=lse, **_tiles(v), **_launch_options(allow_tf32))
+    Lt = w.shape[1]
+    out = _empty_scores(v, w, mode)
+    _fwd_kernel[(B_i, w.shape[0])](v, region, w, weights, out, Li, Lt, E, attn_scale, agg_scale,
+                                   *v.stride(), *region.stride(), *w.stride(), *weights.stride(),
+                                   *_pair_word_strides(out), **_mode_options(mode, v, allow_tf32))
     return out
 
 
+def _empty_scores(v, w, mode):
+    return v.new_empty(v.shape[0], *w.shape[:2] if mode == "none" else w.shape[:1], dtype=torch.float32)
+
+
+def _pair_word_strides(t):
+    """(pair i, pair j, word) strides of scores [B_i, B_t] (word stride 0) or [B_i, B_t, Lt]."""
+    return (*t.stride(), 0) if t.dim() == 2 else t.stride()
+
+
+def _mode_options(mode, v, allow_tf32):
+    return dict(LSE=mode == "lse", PER_WORD=mode == "none", **_tiles(v), **_launch_options(allow_tf32))
+
+
 @local_matching_pairs.register_fake
-def _(v, region, w, weights, attn_scale, agg_scale, lse, allow_tf32):
-    return v.new_empty(v.shape[0], w.shape[0], dtype=torch.float32)
+def _(v, region, w, weights, attn_scale, agg_scale, mode, allow_tf32):
+    return _empty_scores(v, w, mode)
 
 
 @torch.library.custom_op("mcr_kernels::local_matching_pairs_backward", mutates_args=())
 def local_matching_pairs_backward(grad: torch.Tensor, v: torch.Tensor, region: torch.Tensor,
                                   w: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor,
-                                  attn_scale: float, agg_scale: float, lse: bool,
+                                  attn_scale: float, agg_scale: float, mode: str,
                                   allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d v, d w, d weights) of local_matching_pairs, every pair's blocks recomputed."""
     B_i, Li, E = v.shape
@@ -222,8 +256,8 @@ def local_matching_pairs_backward(grad: torch.Tensor, v: torch.Tensor, region: t
     d_v, d_w = torch.empty_like(v), torch.empty_like(w)
     d_weights = torch.empty(B_t, Lt, dtype=torch.float32, device=v.device)
     args = (Li, Lt, E, attn_scale, agg_scale, *v.stride(), *region.stride(), *w.stride(),
-            *weights.stride(), *grad.stride())
-    options = dict(LSE=lse, **_tiles(v), **_launch_options(allow_tf32))
+            *weights.stride(), *_pair_word_strides(grad))
+    options = _mode_options(mode, v, allow_tf32)
     _bwd_txt_kernel[(B_t, triton.cdiv(Lt, BLOCK_T))](v, region, w, weights, grad, scores, d_w,
                                                      d_weights, B_i, *args, **options)
     _bwd_img_kernel[(B_i,)](v, region, w, weights, grad, scores, d_v, B_t, *args, **options)
@@ -231,19 +265,19 @@ def local_matching_pairs_backward(grad: torch.Tensor, v: torch.Tensor, region: t
 
 
 @local_matching_pairs_backward.register_fake
-def _(grad, v, region, w, weights, scores, attn_scale, agg_scale, lse, allow_tf32):
+def _(grad, v, region, w, weights, scores, attn_scale, agg_scale, mode, allow_tf32):
     return torch.empty_like(v), torch.empty_like(w), weights.new_empty(weights.shape, dtype=torch.float32)
 
 
 def _pairs_setup(ctx, inputs, output):
-    v, region, w, weights, ctx.attn_scale, ctx.agg_scale, ctx.lse, ctx.allow_tf32 = inputs
+    v, region, w, weights, ctx.attn_scale, ctx.agg_scale, ctx.mode, ctx.allow_tf32 = inputs
     ctx.save_for_backward(v, region, w, weights, output)
 
 
 def _pairs_grads(ctx, grad):
     d_v, d_w, d_weights = local_matching_pairs_backward(grad, *ctx.saved_tensors, ctx.attn_scale,
-                                                        ctx.agg_scale, ctx.lse, ctx.allow_tf32)
-    return d_v, None, d_w, None if ctx.lse else d_weights, None, None, None, None
+                                                        ctx.agg_scale, ctx.mode, ctx.allow_tf32)
+    return d_v, None, d_w, d_weights if ctx.mode == "linear" else None, None, None, None, None
 
 
 local_matching_pairs.register_autograd(_pairs_grads, setup_context=_pairs_setup)
@@ -261,26 +295,31 @@ def local_matching(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", a
     """`triton` backend of mcr_kernels.local_matching (same arguments and result) for images it
     launches on."""
     v, region, w, weights = prepare(img, img_mask, txt, txt_mask, agg, word_weights, torch.float32)
-    return local_matching_pairs(v, region, w, weights, attn_scale, agg_scale, agg == "lse",
+    return local_matching_pairs(v, region, w, weights, attn_scale, agg_scale, blockwise_mode(agg),
                                 img.dtype != torch.float32)
 
 
 # --- compile check ------------------------------------------------------------------------
 # What the launchers above pass, for python -m mcr_kernels.compile_check: float32 prepared
-# inputs (contiguous, so the innermost strides are 1), both aggregates, exact and tensor-core
+# inputs (contiguous, so the innermost strides are 1), the aggregates and the per-word
+# matchings, exact and tensor-core
 # products, at the largest tile each arch launches (tile_fits): 128 x 128 (the benchmark's
 # Li = 98, E = 128), except tensor-core products on sm_80, whose largest is 64 x 128.
 _SIGNATURE = dict(V="*fp32", REGION="*fp32", W="*fp32", WTS="*fp32", OUT="*fp32", GRAD="*fp32",
                   SCORES="*fp32", DW="*fp32", DU="*fp32", DV="*fp32", attn_scale="fp32", agg_scale="fp32")
-_VARIANTS = [dict(sve=1, srl=1, swe=1, sut=1, LSE=lse, PREC=prec, BLOCK_T=BLOCK_T, BLOCK_L=block_l, BLOCK_E=128,
-                  num_warps=NUM_WARPS, archs=archs)
-             for lse in (True, False)
+_VARIANTS = [dict(sve=1, srl=1, swe=1, sut=1, LSE=lse, PER_WORD=per_word, PREC=prec, BLOCK_T=BLOCK_T,
+                  BLOCK_L=block_l, BLOCK_E=128, num_warps=NUM_WARPS, archs=archs)
+             for lse, per_word in ((True, False), (False, False), (False, True))
              for prec, block_l, archs in (("ieee", 128, (80, 90)), ("tf32", 128, (90,)), ("tf32", 64, (80,)))]
+
+
+def _innermost_score_stride(prefix):
+    """The variants with the scores' innermost stride (word for PER_WORD, else report) = 1."""
+    return [dict(v, **{prefix + ("t" if v["PER_WORD"] else "j"): 1}) for v in _VARIANTS]
+
+
 COMPILE_SPECS = [
-    dict(kernel=_fwd_kernel, dtypes=("fp32",), signature=_SIGNATURE, divisible=("E", "svl", "swt"),
-         variants=[dict(v, soj=1) for v in _VARIANTS]),
-    dict(kernel=_bwd_txt_kernel, dtypes=("fp32",), signature=_SIGNATURE, divisible=("E", "svl", "swt"),
-         variants=[dict(v, sgj=1) for v in _VARIANTS]),
-    dict(kernel=_bwd_img_kernel, dtypes=("fp32",), signature=_SIGNATURE, divisible=("E", "svl", "swt"),
-         variants=[dict(v, sgj=1) for v in _VARIANTS]),
+    dict(kernel=kernel, dtypes=("fp32",), signature=_SIGNATURE, divisible=("E", "svl", "swt"),
+         variants=_innermost_score_stride(prefix))
+    for kernel, prefix in ((_fwd_kernel, "so"), (_bwd_txt_kernel, "sg"), (_bwd_img_kernel, "sg"))
 ]
