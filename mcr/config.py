@@ -78,6 +78,9 @@ class RECLFConfig:
                             "(0 = IRM only)", minimum=0, maximum=1)
     srm_temperature: float = option(0.1, "reclf: temperature of SRM's row-softmax over the report's token "
                                     "cosine similarities", minimum=1e-4)
+    reasoning_over: str = option("words", "reclf: what SRM and IRM reason over: words (a weight per word, the "
+                                 "same for every image) or matchings (each image-word matching: SRM mixes them, "
+                                 "IRM weighs each from its word and its score)", ("words", "matchings"))
 
 
 @dataclass

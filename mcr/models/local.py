@@ -10,22 +10,23 @@ import mcr_kernels
 from mcr.models.mcr import distributed_world, projection_heads
 
 
-def gather_rows(img_local, txt_local, word_mask, word_weights):
-    """Every rank's rows in rank order, the tokens and word weights differentiable (gradients
-    reach each rank's own rows); the reports are padded to the longest rank's length first."""
+def gather_rows(img_local, word_mask, reports):
+    """Every rank's rows in rank order: img_local [B, K, E] and each per-report tensor of
+    `reports` ([B, L, ...], or None) differentiable (gradients reach each rank's own rows),
+    word_mask [B, L] not; the reports are padded to the longest rank's length first."""
     import torch.distributed.nn as dist_nn
 
-    length = torch.tensor([txt_local.shape[1]], device=txt_local.device)
+    length = torch.tensor([word_mask.shape[1]], device=word_mask.device)
     dist.all_reduce(length, op=dist.ReduceOp.MAX)
-    pad = int(length) - txt_local.shape[1]
-    txt_local, word_mask = F.pad(txt_local, (0, 0, 0, pad)), F.pad(word_mask, (0, pad))
-    masks = [torch.empty_like(word_mask) for _ in range(dist.get_world_size())]
-    dist.all_gather(masks, word_mask.contiguous())
-    weights = None
-    if word_weights is not None:
-        weights = torch.cat(dist_nn.all_gather(F.pad(word_weights, (0, pad))))
-    return (torch.cat(dist_nn.all_gather(img_local.contiguous())), torch.cat(dist_nn.all_gather(txt_local)),
-            torch.cat(masks), weights)
+    pad = int(length) - word_mask.shape[1]
+
+    def gathered(t):
+        return torch.cat(dist_nn.all_gather(F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))))
+
+    masks = [torch.empty_like(F.pad(word_mask, (0, pad))) for _ in range(dist.get_world_size())]
+    dist.all_gather(masks, F.pad(word_mask, (0, pad)).contiguous())
+    return (torch.cat(dist_nn.all_gather(img_local.contiguous())), torch.cat(masks),
+            [None if t is None else gathered(t) for t in reports])
 
 
 class LocalAlignment(nn.Module):
@@ -57,11 +58,16 @@ class LocalAlignment(nn.Module):
             return self.image_head, self.text_head
         return image_head, text_head
 
-    def forward(self, img_local, txt_local, word_mask, *, agg="lse", word_weights=None):
+    def forward(self, img_local, txt_local, word_mask, *, agg="lse", word_weights=None, aggregate=None,
+                report_features=()):
         """img_local [B, K, E], txt_local [B, L, E]: this rank's tokens in the joint space;
         word_mask [B, L] bool: the words a report is matched by; word_weights [B, L] (agg
-        "weighted"). Returns a float32 scalar: the mean over this rank's rows of both
-        directions' cross-entropy (the mean over ranks is the one-process loss)."""
+        "weighted"). With `aggregate`, a pair's score is aggregate(s, word_mask, *features)
+        [m_i, m_t] of the per-word matchings s [m_i, m_t, L] (local_matching's agg="none") of
+        m_i images with m_t reports, given those reports' word_mask [m_t, L] and rows of each
+        per-report tensor of `report_features` ([B, L, ...]). Returns a float32 scalar: the mean
+        over this rank's rows of both directions' cross-entropy (the mean over ranks is the
+        one-process loss)."""
         local = self.cfg.local
         world = distributed_world()
         rank = dist.get_rank() if world > 1 else 0
@@ -71,13 +77,19 @@ class LocalAlignment(nn.Module):
         own = range(rank * rows, (rank + 1) * rows)
         groups = [range(start, min(start + size, total)) for start in range(0, total, size)
                   if start < own.stop and start + size > own.start]
-        img, txt, mask, weights, offset = img_local, txt_local, word_mask, word_weights, own.start
+        img, mask, offset = img_local, word_mask, own.start
+        txt, weights, *features = txt_local, word_weights, *report_features
         if groups[0].start < own.start or groups[-1].stop > own.stop:
-            img, txt, mask, weights = gather_rows(img_local, txt_local, word_mask, word_weights)
+            img, mask, (txt, weights, *features) = gather_rows(img_local, word_mask,
+                                                               (txt_local, word_weights, *report_features))
             offset = 0
         scale = self.log_scale.exp().clamp(max=100)
 
         def scores(images, reports):
+            if aggregate is not None:
+                matchings = mcr_kernels.local_matching(img[images], None, txt[reports], mask[reports],
+                                                       attn_scale=local.attn_scale, agg="none")
+                return scale * aggregate(matchings, mask[reports], *(f[reports] for f in features))
             return scale * mcr_kernels.local_matching(
                 img[images], None, txt[reports], mask[reports], attn_scale=local.attn_scale, agg=agg,
                 agg_scale=local.agg_scale, word_weights=None if weights is None else weights[reports])

@@ -20,12 +20,29 @@ def alignment(group_size, **kw):
     return LocalAlignment(preset("small", local_group_size=group_size, **kw))
 
 
+def feature_weighted(matchings, word_mask, feature):
+    """An aggregate of per-word matchings [m_i, m_t, L] by a per-report feature [m_t, L, 1]."""
+    return (matchings * feature[None, ..., 0] * word_mask).sum(-1)
+
+
+def local_loss(module, img, txt, word_mask, agg, weights):
+    """The module's loss; agg "aggregate": feature_weighted, the weights as the report feature."""
+    if agg == "aggregate":
+        return module(img, txt, word_mask, aggregate=feature_weighted, report_features=(weights[..., None],))
+    return module(img, txt, word_mask, agg=agg, word_weights=weights)
+
+
 def oracle(module, img, txt, word_mask, agg="lse", word_weights=None):
-    """Every pair scored by the eager reference in float64; each group's block of the [B, B]
-    scores is its cross-entropy in both directions; the mean over the B rows."""
+    """Every pair scored by the eager reference in float64 (agg "aggregate": feature_weighted
+    of its per-word matchings); each group's block of the [B, B] scores is its cross-entropy
+    in both directions; the mean over the B rows."""
     local = module.cfg.local
-    scores = reference.local_matching(img, None, txt, word_mask, attn_scale=local.attn_scale, agg=agg,
-                                      agg_scale=local.agg_scale, word_weights=word_weights)
+    if agg == "aggregate":
+        matchings = reference.local_matching(img, None, txt, word_mask, attn_scale=local.attn_scale, agg="none")
+        scores = feature_weighted(matchings, word_mask, word_weights[..., None])
+    else:
+        scores = reference.local_matching(img, None, txt, word_mask, attn_scale=local.attn_scale, agg=agg,
+                                          agg_scale=local.agg_scale, word_weights=word_weights)
     logits = module.log_scale.double().exp() * scores
     B = img.shape[0]
     size = local.group_size or B
@@ -52,15 +69,15 @@ def leaves(*tensors, dtype):
 
 @pytest.mark.parametrize("backend", mcr_kernels.registered_backends("local_matching"))
 @pytest.mark.parametrize("B,group_size", [(1, 0), (1, 16), (5, 0), (7, 3), (7, 1), (32, 16), (6, 4), (9, 20)])
-@pytest.mark.parametrize("agg", ["lse", "weighted"])
+@pytest.mark.parametrize("agg", ["lse", "weighted", "aggregate"])
 def test_groups_match_the_float64_oracle_with_gradients(backend, B, group_size, agg):
     if backend == "triton" and not os.environ.get("TRITON_INTERPRET") and not torch.cuda.is_available():
         pytest.skip("triton on the CPU needs TRITON_INTERPRET=1")
-    img, txt, word_mask, weights = inputs(B, weighted=agg == "weighted")
+    img, txt, word_mask, weights = inputs(B, weighted=agg != "lse")
     module = alignment(group_size)
     got_leaves = leaves(img, txt, weights, dtype=torch.float32)
     with mcr_kernels.use_backend(backend, "local_matching"):
-        got = module(got_leaves[0], got_leaves[1], word_mask, agg=agg, word_weights=got_leaves[2])
+        got = local_loss(module, *got_leaves[:2], word_mask, agg, got_leaves[2])
     want_leaves = leaves(img, txt, weights, dtype=torch.float64)
     want = oracle(module, want_leaves[0], want_leaves[1], word_mask, agg, want_leaves[2])
     assert got.dtype == torch.float32
@@ -87,7 +104,7 @@ def test_groups_are_independent_batches():
 # --- torch.distributed: groups spanning the ranks --------------------------------------------
 
 CASES = [  # (group size, agg): 0 and 4 span the ranks (rows 0-2 | 3-5), 3 stays on each rank
-    (0, "lse"), (4, "lse"), (3, "lse"), (0, "weighted"), (4, "weighted")]
+    (0, "lse"), (4, "lse"), (3, "lse"), (0, "weighted"), (4, "weighted"), (4, "aggregate")]
 LENGTHS = (5, 7)  # each rank's reports padded to its own longest: the gather pads them again
 
 
@@ -115,7 +132,7 @@ def dist_worker(rank, port, out_dir, data):
         for group_size, agg in CASES:
             tensors = rank_rows(rank, *data[agg])
             own = leaves(*tensors[:2], tensors[3], dtype=torch.float32)
-            loss = alignment(group_size)(own[0], own[1], tensors[2], agg=agg, word_weights=own[2])
+            loss = local_loss(alignment(group_size), own[0], own[1], tensors[2], agg, own[2])
             grads = torch.autograd.grad(loss, [t for t in own if t is not None])
             results[group_size, agg] = (loss.detach(), *grads)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -130,7 +147,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, free_port):
     step)."""
     import torch.multiprocessing as mp
 
-    data = {agg: global_inputs(agg == "weighted") for agg in ("lse", "weighted")}
+    data = {agg: global_inputs(agg != "lse") for agg in ("lse", "weighted", "aggregate")}
     mp.spawn(dist_worker, args=(free_port, str(tmp_path), data), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for group_size, agg in CASES:

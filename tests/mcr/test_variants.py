@@ -42,9 +42,12 @@ def test_transformer_blocks_names_every_block(tiny_config, variant, token_ids):
 @pytest.mark.parametrize("variant,extra", [
     ("mpma", ["memory", "memory_read.kv.weight", "fusion_blocks.0.q.weight", "image_to_text.weight"]),
     ("reclf", ["irm.0.weight", "irm.2.weight"]),
+    ("reclf-matchings", ["irm.0.weight", "irm.2.weight", "irm_matching.weight"]),
 ])
 def test_forward_backward_reaches_every_new_module(tiny_config, variant, extra, make_batch, draw, token_ids):
-    model = model_of(tiny_config, token_ids, variant, local_scale_learnable=True)
+    variant, _, reasoning_over = variant.partition("-")
+    model = model_of(tiny_config, token_ids, variant, local_scale_learnable=True, **(
+        dict(reasoning_over=reasoning_over) if reasoning_over else {}))
     losses = model(make_batch(model.cfg), draw(model.cfg, 4))
     assert set(losses) == {"contrastive", "mim", "mrm", "local"}
     for value in losses.values():
@@ -128,6 +131,65 @@ def test_reclf_word_weights_irm_and_srm(tiny_config, token_ids):
             assert others.min() - 1e-6 <= propagated[b, k] <= others.max() + 1e-6
 
 
+def reasoning_oracle(model, matchings, word_mask, tokens):
+    """RECLF's reasoning over matchings, one (image, report) pair and one word at a time."""
+    cfg, irm = model.cfg.reclf, model.irm
+    scores = torch.zeros(matchings.shape[:2], dtype=matchings.dtype)
+    for j in range(matchings.shape[1]):
+        words = word_mask[j].nonzero().flatten().tolist()
+        for i in range(matchings.shape[0]):
+            s = matchings[i, j]
+            mixed, weights = {}, {}
+            for k in words:
+                others = [other for other in words if other != k]
+                related = 0.0
+                if others:
+                    cos = torch.stack([torch.cosine_similarity(tokens[j, k], tokens[j, other], 0) for other in others])
+                    related = (torch.softmax(cos / cfg.srm_temperature, 0) * s[others]).sum()
+                mixed[k] = (1 - cfg.srm_mix) * s[k] + cfg.srm_mix * related
+                hidden = irm[0](tokens[j, k]) + model.irm_matching.weight[:, 0] * s[k]
+                weights[k] = torch.nn.functional.softplus(irm[2](torch.nn.functional.gelu(hidden)))[0]
+            total = sum(weights.values(), torch.zeros((), dtype=s.dtype))
+            if total > 0:
+                scores[i, j] = sum(weights[k] * mixed[k] for k in words) / total
+    return scores
+
+
+def test_reclf_reasoning_over_matchings_matches_a_plain_oracle(tiny_config, token_ids):
+    """--reasoning-over matchings: SRM mixes each pair's matchings over related words and IRM
+    weighs every matching from its word and its score; float64, gradients included, with a
+    report of no word and one of one word."""
+    model = model_of(tiny_config, token_ids, "reclf", reasoning_over="matchings").double()
+    tokens = torch.randn(3, 6, model.cfg.text_width, dtype=torch.float64)
+    word_mask = torch.tensor([[1, 1, 1, 0, 1, 0], [0, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    matchings = (torch.rand(4, 3, 6, dtype=torch.float64) * 2 - 1) * word_mask
+    matchings.requires_grad_()
+    features = (torch.nn.functional.normalize(tokens, dim=-1), model.irm[0](tokens))
+    got = model.aggregate_matchings(matchings, word_mask, *features)
+    want = reasoning_oracle(model, matchings, word_mask, tokens)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert (got[:, 1] == 0).all()
+    params = [matchings, model.irm_matching.weight, model.irm[2].weight]
+    g = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad((got * g).sum(), params), torch.autograd.grad((want * g).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_reclf_reasoning_over_matchings_without_srm_or_scores_is_reasoning_over_words(tiny_config, make_batch,
+                                                                                       draw, token_ids):
+    """With srm_mix 0 and IRM blind to the scores (irm_matching = 0), each matching's weight is
+    its word's importance: the local loss equals --reasoning-over words' with the same weights."""
+    words = model_of(tiny_config, token_ids, "reclf", srm_mix=0.0)
+    matchings = model_of(tiny_config, token_ids, "reclf", srm_mix=0.0, reasoning_over="matchings")
+    missing, unexpected = matchings.load_state_dict(words.state_dict(), strict=False)
+    assert missing == ["irm_matching.weight"] and not unexpected
+    torch.nn.init.zeros_(matchings.irm_matching.weight)
+    batch, masks = make_batch(words.cfg), draw(words.cfg, 4)
+    torch.testing.assert_close(matchings(batch, masks)["local"], words(batch, masks)["local"])
+    torch.nn.init.normal_(matchings.irm_matching.weight)
+    assert not torch.allclose(matchings(batch, masks)["local"], words(batch, masks)["local"])
+
+
 def test_reclf_unmasked_setting_sees_every_patch(tiny_config, make_batch, token_ids):
     """RECLF's original setting (--unmasked-tuning 1): unmasked inputs, global and local losses."""
     model = model_of(tiny_config, token_ids, "reclf")
@@ -138,7 +200,8 @@ def test_reclf_unmasked_setting_sees_every_patch(tiny_config, make_batch, token_
     assert losses["mim"] == 0 and losses["mrm"] == 0 and losses["local"] > 0
 
 
-@pytest.mark.parametrize("variant,flags", [("mpma", []), ("reclf", []), ("reclf", ["--unmasked-tuning", "1"])])
+@pytest.mark.parametrize("variant,flags", [("mpma", []), ("reclf", []), ("reclf", ["--unmasked-tuning", "1"]),
+                                           ("reclf", ["--reasoning-over", "matchings"])])
 def test_cli_trains_each_variant(tmp_path, variant, flags, run_args):
     results = main(run_args(tmp_path, "--max-steps", "2", "--eval-every", "0", "--variant", variant,
                             "--memory-slots", "4", "--loss-local", "0.5", *flags))
