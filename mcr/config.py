@@ -54,6 +54,8 @@ class LocalConfig:
     scale_learnable: bool = option(False, "mpma/reclf: learn the local logit scale (log-parametrized, capped at 100)")
     match_masked: bool = option(True, "mpma/reclf: the local loss matches a masked report's [MASK] positions as "
                                 "words too (no: only the positions whose token is seen)")
+    merge_pieces: bool = option(True, "mpma/reclf: the local loss matches words, each the sum of its WordPiece "
+                                "pieces (GLoRIA's aggregate_tokens; no: every piece on its own)")
     own_heads: bool = option(False, "mpma/reclf: map the local loss's tokens with projection heads of its own "
                              "(GLoRIA's local embedders) instead of the global MbA heads")
     group_size: int = option(16, "mpma/reclf: the global batch is cut into contiguous groups of this many pairs, "

@@ -12,6 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mcr import masking
+from mcr.data.batching import one_word_per_token
 
 PAD, CLS, SEP, MASK = 0, 2, 3, 4  # token ids of random_batch (a WordPiece vocabulary's order)
 
@@ -65,7 +66,8 @@ def step_costs(model, batch):
 
 def random_batch(cfg, batch_size, device="cpu", seed=0):
     """Random images and reports whose lengths follow a report-like distribution (median
-    ~60% of max_text_len), right-padded to the longest; token ids PAD/CLS/SEP as above."""
+    ~60% of max_text_len), right-padded to the longest; token ids PAD/CLS/SEP as above, each
+    other token a word of its own."""
     g = torch.Generator().manual_seed(seed)
     L = cfg.max_text_len
     lengths = (torch.randn(batch_size, generator=g) * 0.15 * L + 0.6 * L).round().clamp(8, L).long()
@@ -76,7 +78,8 @@ def random_batch(cfg, batch_size, device="cpu", seed=0):
     ids = ids.masked_fill(attention == 0, PAD)
     special = ((ids == CLS) | (ids == SEP) | (ids == PAD)).long()
     image = torch.randn(batch_size, cfg.in_chans, cfg.image_size, cfg.image_size, generator=g)
-    batch = {"image": image, "input_ids": ids, "attention_mask": attention, "special_tokens_mask": special}
+    batch = {"image": image, "input_ids": ids, "attention_mask": attention, "special_tokens_mask": special,
+             "word_ids": one_word_per_token(special == 0)}
     return {k: v.to(device) for k, v in batch.items()}
 
 

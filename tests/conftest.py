@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 
 from mcr import masking  # noqa: E402  (after TRITON_INTERPRET is set)
 from mcr.config import preset  # noqa: E402
+from mcr.data.batching import one_word_per_token  # noqa: E402
 
 TINY = dict(image_size=32, patch_size=16, vit_width=32, vit_depth=1, vit_heads=2, decoder_width=32,
             decoder_depth=1, decoder_heads=2, text_width=32, text_depth=1, text_heads=2,
@@ -81,8 +82,8 @@ def token_ids():
 @pytest.fixture(scope="session")
 def make_batch(token_ids):
     """`make_batch(cfg, B=4, L=12, seed=0)`: a batch of B random images ([B, C, H, W] float32) and
-    reports of lengths L, L-3, 5, L-1, L, ... (input_ids, attention_mask, special_tokens_mask:
-    [B, L] int64), [CLS] first, [SEP] last, [PAD] after."""
+    reports of lengths L, L-3, 5, L-1, L, ... (input_ids, attention_mask, special_tokens_mask,
+    word_ids: [B, L] int64), [CLS] first, [SEP] last, [PAD] after, each other token a word."""
     def make_batch(cfg, B=4, L=12, seed=0):
         pad, cls, sep = token_ids.pad, token_ids.cls, token_ids.sep
         g = torch.Generator().manual_seed(seed)
@@ -95,7 +96,8 @@ def make_batch(token_ids):
         ids = ids.masked_fill(attn == 0, pad)
         special = ((ids == cls) | (ids == sep) | (ids == pad)).long()
         return {"image": torch.randn(B, cfg.in_chans, cfg.image_size, cfg.image_size, generator=g),
-                "input_ids": ids, "attention_mask": attn, "special_tokens_mask": special}
+                "input_ids": ids, "attention_mask": attn, "special_tokens_mask": special,
+                "word_ids": one_word_per_token(special == 0)}
     return make_batch
 
 

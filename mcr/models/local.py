@@ -10,6 +10,25 @@ import mcr_kernels
 from mcr.models.mcr import distributed_world, projection_heads
 
 
+def merge_pieces(tokens, word_ids, word_mask):
+    """One row per word, the sum of its pieces (GLoRIA's aggregate_tokens).
+
+    tokens [B, L, D] float; word_ids int64 [B, L]: the word (0, 1, ... within its report)
+    each token is a piece of, -1 for none (never summed); word_mask [B, L] bool: the pieces
+    to sum. Returns (words [B, W, D] in tokens' dtype, words_mask [B, W] bool): W = 1 + the
+    largest word index of the batch (at least 1); row w of a report is the sum of its pieces
+    of word w in word_mask, valid when at least one is; the other rows are zeros.
+    Differentiable in tokens."""
+    B, L, D = tokens.shape
+    W = max(int(word_ids.max()) + 1, 1)
+    summed = word_mask & (word_ids >= 0)
+    rows = torch.where(summed, word_ids, W)  # the tokens not summed go to a spare row W, then dropped
+    flat = (rows + (W + 1) * torch.arange(B, device=rows.device)[:, None]).flatten()
+    words = tokens.new_zeros(B * (W + 1), D).index_add(0, flat, tokens.reshape(B * L, D))
+    words_mask = torch.zeros(B, W + 1, dtype=torch.bool, device=rows.device).scatter_(1, rows, True)
+    return words.view(B, W + 1, D)[:, :W], words_mask[:, :W]
+
+
 def gather_rows(img_local, word_mask, reports):
     """Every rank's rows in rank order: img_local [B, K, E] and each per-report tensor of
     `reports` ([B, L, ...], or None) differentiable (gradients reach each rank's own rows),
@@ -50,6 +69,15 @@ class LocalAlignment(nn.Module):
             self.register_buffer("log_scale", log_scale, persistent=False)
         if cfg.local.own_heads:  # the MbA heads' shapes, trained by the local loss alone
             self.image_head, self.text_head = projection_heads(cfg)
+
+    def words(self, txt_tokens, word_mask, word_ids):
+        """The report rows the local loss matches, as (rows [B, W, D], mask [B, W] bool): with
+        `local.merge_pieces` one per word, the sum of its pieces in word_mask (merge_pieces),
+        else the tokens txt_tokens [B, L, D] and word_mask themselves; word_ids int64 [B, L]
+        as the collate function gives them."""
+        if self.cfg.local.merge_pieces:
+            return merge_pieces(txt_tokens, word_ids, word_mask)
+        return txt_tokens, word_mask
 
     def heads(self, image_head, text_head):
         """The (image, text) heads that map tokens for the local loss: its own with

@@ -80,7 +80,7 @@ def projection_heads(cfg):
 
 class MCR(nn.Module):
     """The MCR model. Batches are dicts: image float [B, C, H, W] (normalized), input_ids,
-    attention_mask, special_tokens_mask int64 [B, L]."""
+    attention_mask, special_tokens_mask, word_ids int64 [B, L] (mcr.data.batching.Collate)."""
 
     def __init__(self, cfg, *, pad_token_id=0, mask_token_id=4):
         super().__init__()
@@ -298,7 +298,7 @@ class MCR(nn.Module):
         if not (self.cfg.pool_text_masked and self.cfg.local.match_masked):
             words = words & (labels == -100)
         pool_mask = self.text_pool_mask(batch["attention_mask"], labels)
-        return self.alignment_losses(self.image_tokens(latent), txt_tokens, pool_mask, words)
+        return self.alignment_losses(self.image_tokens(latent), txt_tokens, pool_mask, words, batch["word_ids"])
 
     def unmasked_alignment(self, batch):
         """The alignment losses of one unmasked pass per modality."""
@@ -306,10 +306,10 @@ class MCR(nn.Module):
         latent = self.encode_image(batch["image"])
         txt = self.embed_reports(batch["input_ids"], attn)
         words = attn.bool() & ~batch["special_tokens_mask"].bool()
-        return self.alignment_losses(self.image_tokens(latent), txt, attn.bool(), words)
+        return self.alignment_losses(self.image_tokens(latent), txt, attn.bool(), words, batch["word_ids"])
 
-    def alignment_losses(self, img_tokens, txt_tokens, txt_mask, word_mask):
+    def alignment_losses(self, img_tokens, txt_tokens, txt_mask, word_mask, word_ids):
         """{"contrastive": InfoNCE}; the mpma and reclf variants add their local loss.
         txt_mask [B, L]: the positions pooled; word_mask: those that are words (no [CLS],
-        [SEP] or padding)."""
+        [SEP] or padding); word_ids int64 [B, L]: the word each token is a piece of."""
         return {"contrastive": self.contrastive_loss(img_tokens, txt_tokens, txt_mask)}

@@ -86,9 +86,11 @@ class MPMA(MCR):
         states, packing = self.encode_text(input_ids, attention_mask)
         return packing.pad(self.condition_report(states, packing, self.encode_image(imgs)))
 
-    def alignment_losses(self, img_tokens, txt_tokens, txt_mask, word_mask):
-        """GLA: MCR's global InfoNCE + the local loss (agg "lse") on MbA-mapped tokens."""
-        losses = super().alignment_losses(img_tokens, txt_tokens, txt_mask, word_mask)
+    def alignment_losses(self, img_tokens, txt_tokens, txt_mask, word_mask, word_ids):
+        """GLA: MCR's global InfoNCE + the local loss (agg "lse") on the MbA-mapped tokens
+        and words (LocalAlignment.words)."""
+        losses = super().alignment_losses(img_tokens, txt_tokens, txt_mask, word_mask, word_ids)
+        words, words_mask = self.local_alignment.words(txt_tokens, word_mask, word_ids)
         image_head, text_head = self.local_alignment.heads(self.image_head, self.text_head)
-        losses["local"] = self.local_alignment(image_head(img_tokens), text_head(txt_tokens), word_mask)
+        losses["local"] = self.local_alignment(image_head(img_tokens), text_head(words), words_mask)
         return losses

@@ -7,8 +7,9 @@ are aggregated with learned weights instead of pooled evenly. SRM's relations R:
 over the report's other valid words of their token cosine similarities / srm_temperature.
 `reclf.reasoning_over` says what IRM and SRM act on:
   - "words": IRM gives each word a non-negative importance u_k = softplus(MLP(t_k)) from its
-    report token t_k; SRM moves importance between related words, u' = (1 - srm_mix) u +
-    srm_mix R u; the pair's score is the u'-weighted mean of its matchings s_k;
+    report row t_k (the sum of its WordPiece pieces' tokens, LocalAlignment.words); SRM
+    moves importance between related words, u' = (1 - srm_mix) u + srm_mix R u; the pair's
+    score is the u'-weighted mean of its matchings s_k;
   - "matchings": the per-word matchings s [images, reports, words] themselves: SRM mixes each
     pair's matchings over related words, s' = (1 - srm_mix) s + srm_mix R s, and IRM weighs
     every matching from its word and its own score, u_ijk = softplus(MLP(t_k, s_ijk)); the
@@ -48,7 +49,9 @@ class RECLF(MCR):
         self.local_alignment = LocalAlignment(cfg)
 
     def word_weights(self, txt_tokens, word_mask):
-        """IRM importance propagated by SRM ("words"): non-negative float32 [B, L], 0 off word_mask."""
+        """IRM importance propagated by SRM ("words") of the words txt_tokens [B, L, D] (the rows the
+        local loss matches, LocalAlignment.words): non-negative float32 [B, L], 0 off
+        word_mask [B, L] bool."""
         cfg = self.cfg
         importance = F.softplus(self.irm(txt_tokens).squeeze(-1).float()) * word_mask
         relation = relations(F.normalize(txt_tokens.float(), dim=-1), word_mask, cfg.reclf.srm_temperature)
@@ -69,15 +72,16 @@ class RECLF(MCR):
         total = weights.sum(-1)
         return (weights * mixed).sum(-1) / torch.where(total > 0, total, 1.0)
 
-    def alignment_losses(self, img_tokens, txt_tokens, txt_mask, word_mask):
-        losses = super().alignment_losses(img_tokens, txt_tokens, txt_mask, word_mask)
+    def alignment_losses(self, img_tokens, txt_tokens, txt_mask, word_mask, word_ids):
+        losses = super().alignment_losses(img_tokens, txt_tokens, txt_mask, word_mask, word_ids)
+        words, words_mask = self.local_alignment.words(txt_tokens, word_mask, word_ids)
         image_head, text_head = self.local_alignment.heads(self.image_head, self.text_head)
-        img_local, txt_local = image_head(img_tokens), text_head(txt_tokens)
+        img_local, txt_local = image_head(img_tokens), text_head(words)
         if self.cfg.reclf.reasoning_over == "matchings":
-            features = (F.normalize(txt_tokens.float(), dim=-1), self.irm[0](txt_tokens).float())
-            losses["local"] = self.local_alignment(img_local, txt_local, word_mask,
+            features = (F.normalize(words.float(), dim=-1), self.irm[0](words).float())
+            losses["local"] = self.local_alignment(img_local, txt_local, words_mask,
                                                    aggregate=self.aggregate_matchings, report_features=features)
         else:
-            losses["local"] = self.local_alignment(img_local, txt_local, word_mask, agg="weighted",
-                                                   word_weights=self.word_weights(txt_tokens, word_mask))
+            losses["local"] = self.local_alignment(img_local, txt_local, words_mask, agg="weighted",
+                                                   word_weights=self.word_weights(words, words_mask))
         return losses

@@ -70,6 +70,7 @@ def test_cpu_backend_is_the_default_on_cpu_tensors_and_runs(cpu_calls):
 
 def test_model_step_on_default_cpu_backends_matches_reference(tiny_config, cpu_calls):
     from mcr import masking
+    from mcr.data.batching import one_word_per_token
     from mcr.models.mcr import MCR
 
     model = MCR(tiny_config(), pad_token_id=0, mask_token_id=1)
@@ -77,7 +78,7 @@ def test_model_step_on_default_cpu_backends_matches_reference(tiny_config, cpu_c
     ids = torch.randint(5, 128, (B, L))
     attn = (torch.arange(L)[None] < torch.tensor([[L], [6], [2]])).long()
     batch = {"image": torch.randn(B, 1, 32, 32), "input_ids": ids, "attention_mask": attn,
-             "special_tokens_mask": torch.zeros_like(ids)}
+             "special_tokens_mask": torch.zeros_like(ids), "word_ids": one_word_per_token(attn.bool())}
     masks = masking.draw(model.cfg, B, generator=torch.Generator().manual_seed(0))
     params = [p for p in model.parameters() if p.requires_grad]
     results = []

@@ -262,9 +262,9 @@ def test_local_words_leave_out_the_mask_positions_on_request(tiny_config, varian
         captured = {}
         original = model.alignment_losses
 
-        def capture(img, txt, txt_mask, word_mask, captured=captured, original=original):
+        def capture(img, txt, txt_mask, word_mask, word_ids, captured=captured, original=original):
             captured["words"] = word_mask
-            return original(img, txt, txt_mask, word_mask)
+            return original(img, txt, txt_mask, word_mask, word_ids)
 
         model.alignment_losses = capture
         model(batch, masks)
