@@ -189,7 +189,7 @@ CASES = {
                               poison=("x", (0, 1, 4)), devices=("norm_weight", "norm_bias", "weight", "bias"),
                               dtypes=("norm_weight", "norm_bias", "weight", "bias")),
 }
-VARIANTS = {  # further inputs of an op the masked test runs as well
+VARIANTS = {  # further inputs of an op the masked, NaN and dtype tests run as well
     "mba_pool": [lambda dtype, seed: pool_args(dtype, seed, pool="max")],
     "local_matching": [lambda dtype, seed: matching_args(dtype, seed, agg="lse"),
                        lambda dtype, seed: matching_args(dtype, seed, agg="mean"),
@@ -255,15 +255,16 @@ def test_masked_positions_change_nothing_forward_and_backward(op, name, value):
 @pytest.mark.parametrize("op, name", every_backend(CASES))
 def test_nan_in_a_counted_position_gives_nan(op, name):
     case = CASES[op]
-    args = case.make(torch.float32, 1)
-    arg, index = case.poison
-    args[arg] = args[arg].clone()
-    args[arg][index] = NAN
-    out = run(case, name, args)
-    assert out.isnan().any(), f"{op} [{name}]: a NaN in {arg}{list(index)} was hidden"
-    with mcr_kernels.use_backend("reference", op):
-        expected = run(case, "reference", args)
-    torch.testing.assert_close(out.isnan(), expected.isnan(), msg=f"{op} [{name}]: NaN where the reference has it")
+    for make in [case.make] + VARIANTS.get(op, []):
+        args = make(torch.float32, 1)
+        arg, index = case.poison
+        args[arg] = args[arg].clone()
+        args[arg][index] = NAN
+        out = run(case, name, args)
+        assert out.isnan().any(), f"{op} [{name}]: a NaN in {arg}{list(index)} was hidden"
+        with mcr_kernels.use_backend("reference", op):
+            expected = run(case, "reference", args)
+        torch.testing.assert_close(out.isnan(), expected.isnan(), msg=f"{op} [{name}]: NaN where the reference has it")
 
 
 def test_attention_nan_query_row_gives_nan_on_every_backend_as_sdpa_math():
@@ -288,13 +289,15 @@ def test_result_dtype_is_the_references(op, name, dtype):
     case = CASES[op]
     if dtype == torch.bfloat16 and not case.bfloat16:
         pytest.skip(f"{op} takes no bfloat16")
-    args = case.make(dtype, 2)
-    out = run(case, name, args)
-    expected = run(case, "reference", args)
-    assert out.dtype == expected.dtype, f"{op} [{name}]: {dtype} in gave {out.dtype}, the reference {expected.dtype}"
-    if dtype == torch.float64 and case.float64:
-        assert out.dtype == torch.float64
-        torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    for make in [case.make] + VARIANTS.get(op, []):
+        args = make(dtype, 2)
+        out = run(case, name, args)
+        expected = run(case, "reference", args)
+        assert out.dtype == expected.dtype, \
+            f"{op} [{name}]: {dtype} in gave {out.dtype}, the reference {expected.dtype}"
+        if dtype == torch.float64 and case.float64:
+            assert out.dtype == torch.float64
+            torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
 
 
 # --- every tensor argument's device and dtype checked -----------------------------------------

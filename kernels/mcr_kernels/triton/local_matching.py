@@ -125,7 +125,8 @@ def _fwd_kernel(V, REGION, W, WTS, OUT, Li, Lt, E, attn_scale, agg_scale,
             m = tl.max(m_lane, axis=0)
             m = tl.where(m == float("-inf"), 0.0, m)
             total = tl.sum(acc * tl.exp(m_lane - m), axis=0)
-            score = tl.where(total > 0, (m + tl.log(tl.where(total > 0, total, 1.0))) / agg_scale, 0.0)
+            has_word = total != 0          # not `total > 0`: a NaN total (a NaN word) stays NaN
+            score = tl.where(has_word, (m + tl.log(tl.where(has_word, total, 1.0))) / agg_scale, 0.0)
         else:
             score = tl.sum(acc, axis=0)
         tl.store(OUT + i * sob + j * soj, score)
