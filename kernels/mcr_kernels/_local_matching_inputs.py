@@ -5,9 +5,11 @@ import torch.nn.functional as F
 
 def prepare(img, img_mask, txt, txt_mask, agg, word_weights, dtype):
     """The fused backends' inputs, differentiable in img, txt and word_weights:
-    v [B_i, Li, E], w [B_t, Lt, E] normalized rows; region [B_i, Li] validity (1/0);
-    weights [B_t, Lt]: agg="lse" and "none" word validity (1/0), "mean" 1/n on the n valid words,
-    "weighted" u / Σu on the valid words (all 0 where Σu = 0). All in dtype, contiguous.
+    v [B_i, Li, E], w [B_t, Lt, E] normalized rows; region [B_i, Li] and word [B_t, Lt]
+    validity (1/0); weights [B_t, Lt]: agg="lse" and "none" word validity, "mean" 1/n on the
+    n valid words, "weighted" u / Σu on the valid words (all 0 where Σu = 0; so a valid word
+    can weigh 0, and the word softmax of attn="words_then_regions" reads word). All in dtype,
+    contiguous.
     Masked-out regions, words and word weights are zeros, whatever they held (NaN or inf)."""
     if img_mask is not None:
         img = torch.where(img_mask[..., None], img, 0)
@@ -27,7 +29,7 @@ def prepare(img, img_mask, txt, txt_mask, agg, word_weights, dtype):
         u = word_weights.to(dtype) * valid
         total = u.sum(1, keepdim=True)
         weights = u / torch.where(total > 0, total, 1.0) * (total > 0)
-    return v, region.contiguous(), w, weights.contiguous()
+    return v, region.contiguous(), w, valid.contiguous(), weights.contiguous()
 
 
 def compute_dtype(dtype):

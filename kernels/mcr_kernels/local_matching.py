@@ -3,16 +3,18 @@
     scores = local_matching(img, img_mask, txt, txt_mask)      # [B_i, Li, E], [B_t, Lt, E] -> [B_i, B_t]
 
 For image i and report j: v, w = the L2-normalized valid rows of img[i] and txt[j];
-a = softmax over regions of attn_scale · w vᵀ; c = a v; s_k = cos(c_k, w_k); the score
-aggregates s over the valid words ("lse", "mean" or "weighted" by word_weights), or is s
-itself ("none": one matching per word, for a model that relates the matchings).
+a = softmax over regions of attn_scale · w vᵀ (attn="words_then_regions", GLoRIA's order:
+of attn_scale · P, P = softmax over words of word_scale · w vᵀ); c = a v; s_k = cos(c_k, w_k);
+the score aggregates s over the valid words ("lse", "mean" or "weighted" by word_weights), or
+is s itself ("none": one matching per word, for a model that relates the matchings).
 Written eagerly this holds [B_i, B_t, Lt, Li] tensors; no backend here does:
 
 * `blockwise`: PyTorch over blocks of (images, reports) of at most BLOCK_ELEMENTS attention
   entries, each block recomputed in backward with explicit gradient formulas (any device;
   mcr_kernels/blockwise/local_matching.py);
 * `triton`: one program per (image, report) pair (mcr_kernels/triton/local_matching.py);
-  float64 inputs and images whose tile cannot launch run `blockwise` instead.
+  float64 inputs, images whose tile cannot launch and attn="words_then_regions" (the word
+  softmax needs every word of a report per region) run `blockwise` instead.
 
 Formulas, backends and limits: docs/local_matching.md.
 """
@@ -23,19 +25,23 @@ from mcr_kernels._validate import FLOAT_DTYPES, check_size, check_tensor
 from mcr_kernels.blockwise import local_matching as _blockwise
 
 AGGS = reference.LOCAL_AGGS
+ATTNS = reference.LOCAL_ATTNS
 
 
 def local_matching(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", agg_scale=5.0,
-                   word_weights=None):
+                   word_weights=None, attn="regions", word_scale=1.0):
     """Word-to-region matching score of every image with every report.
 
     img [B_i, Li, E] and txt [B_t, Lt, E] (float; same dtype and device); img_mask [B_i, Li],
     txt_mask [B_t, Lt] bool (True = valid) or None (all valid). agg: "lse" (log Σ_k
     exp(agg_scale s_k) / agg_scale), "mean", or "weighted" (Σ u_k s_k / Σ u_k with u =
     word_weights [B_t, Lt], non-negative), or "none" (every word's matching s_k, 0 at the
-    invalid words). A report with no valid word (or zero total weight) scores 0. Returns
-    scores [B_i, B_t] ([B_i, B_t, Lt] for "none"): float32, or float64 for float64 inputs.
-    Differentiable in img, txt and word_weights.
+    invalid words). attn: "regions" (a softmax over the regions of attn_scale · w vᵀ) or
+    "words_then_regions" (GLoRIA's order: a softmax over the report's valid words of
+    word_scale · w vᵀ for each region, then over the regions of attn_scale times that);
+    word_scale > 0 matters only for the latter. A report with no valid word (or zero total
+    weight) scores 0. Returns scores [B_i, B_t] ([B_i, B_t, Lt] for "none"): float32, or
+    float64 for float64 inputs. Differentiable in img, txt and word_weights.
     """
     check_tensor("img", img, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("txt", txt, ndim=3, dtypes=(img.dtype,), device=img.device)
@@ -52,6 +58,10 @@ def local_matching(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", a
         raise ValueError(f"agg must be one of {AGGS}, got {agg!r}")
     if not agg_scale > 0:
         raise ValueError(f"agg_scale must be > 0, got {agg_scale}")
+    if attn not in ATTNS:
+        raise ValueError(f"attn must be one of {ATTNS}, got {attn!r}")
+    if not word_scale > 0:
+        raise ValueError(f"word_scale must be > 0, got {word_scale}")
     if agg == "weighted":
         if word_weights is None:
             raise ValueError('agg="weighted" needs word_weights [B_t, Lt]')
@@ -63,10 +73,11 @@ def local_matching(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", a
     elif word_weights is not None:
         raise ValueError(f'word_weights is only used with agg="weighted", got agg={agg!r}')
     name, fn = backend.resolve("local_matching", img.device)
-    if name == "triton" and not _triton.launches(img):
+    if name == "triton" and not _triton.launches(img, attn):
         fn = _blockwise.local_matching
     return fn(img, img_mask, txt, txt_mask, attn_scale=float(attn_scale), agg=agg,
-              agg_scale=float(agg_scale), word_weights=word_weights)
+              agg_scale=float(agg_scale), word_weights=word_weights, attn=attn,
+              word_scale=float(word_scale))
 
 
 backend.register("local_matching", "reference", reference.local_matching)

@@ -210,20 +210,22 @@ def linear_cross_entropy(hidden, weight, bias, labels, *, ignore_index=-100, red
 # --- local matching (word-to-region, GLoRIA-style) ------------------------------------
 
 LOCAL_AGGS = ("lse", "mean", "weighted", "none")
+LOCAL_ATTNS = ("regions", "words_then_regions")
 
 
 def local_matching(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", agg_scale=5.0,
-                   word_weights=None):
+                   word_weights=None, attn="regions", word_scale=1.0):
     """Word-to-region matching score of every image with every report -> [B_i, B_t]
     ([B_i, B_t, Lt]: the matching of every word, for agg="none").
 
     img [B_i, Li, E], txt [B_t, Lt, E]; masks [B, L] bool (True = valid) or None (all valid);
     word_weights [B_t, Lt] (agg="weighted"). One pair at a time over its valid rows only:
-    v, w = L2-normalized image / word rows, a = softmax(attn_scale w vᵀ) over regions,
-    c = a v, s_k = cos(c_k, w_k), then the aggregate of s over words (or s itself, 0 at the
-    invalid words). A report without a valid word (or with zero total weight) scores 0; an
-    image without a valid region gives c = 0, so s = 0. Computed in float32 (float64 for
-    float64 inputs).
+    v, w = L2-normalized image / word rows, a = softmax(attn_scale w vᵀ) over regions
+    (attn="words_then_regions": softmax(attn_scale P) over regions, P = softmax(word_scale
+    w vᵀ) over the words of each region), c = a v, s_k = cos(c_k, w_k), then the aggregate
+    of s over words (or s itself, 0 at the invalid words). A report without a valid word (or
+    with zero total weight) scores 0; an image without a valid region gives c = 0, so s = 0.
+    Computed in float32 (float64 for float64 inputs).
     """
     dtype = torch.promote_types(img.dtype, torch.float32)
     img, txt = img.to(dtype), txt.to(dtype)
@@ -239,7 +241,11 @@ def local_matching(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", a
             if v.shape[0] == 0:
                 s = torch.zeros(w.shape[0], dtype=img.dtype, device=img.device)
             else:
-                a = torch.softmax(attn_scale * w @ v.T, dim=-1)
+                if attn == "regions":
+                    logits = attn_scale * w @ v.T
+                else:
+                    logits = attn_scale * torch.softmax(word_scale * w @ v.T, dim=0)
+                a = torch.softmax(logits, dim=-1)
                 s = (F.normalize(a @ v, dim=-1) * w).sum(-1)
             if per_word:
                 scores[i, j] = torch.zeros(txt.shape[1], dtype=dtype, device=txt.device).masked_scatter(keep, s)

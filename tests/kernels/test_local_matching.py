@@ -1,7 +1,8 @@
 """local_matching on every backend against the float64 reference (mcr_kernels.reference).
 
 Values and gradients (img, txt, word_weights) for every agg (and the per-word matchings of
-agg="none"), with and without masks, with
+agg="none") and both attention orders (attn="regions" and GLoRIA's "words_then_regions"),
+with and without masks, with
 empty rows (an image without a region, a report without a word, zero total weight),
 B_i != B_t and awkward sizes (1, odd, more words than one Triton word block, more pairs than
 one native block). The Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (conftest).
@@ -23,6 +24,7 @@ from mcr_kernels.blockwise import local_matching as blockwise
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 BACKENDS = ["reference", "blockwise", "triton"]
+ATTNS = ["regions", "words_then_regions"]
 
 
 def assert_close(actual, expected, dtype, what):
@@ -33,11 +35,15 @@ def assert_close(actual, expected, dtype, what):
 
 
 def make_inputs(B_i, B_t, Li, Lt, E, *, masks=True, empty_rows=True):
-    """float64 img, txt, word weights (leaves) and bool masks; with empty_rows image 0 has no
-    region, report 0 no word and report 1 (when B_t > 2) valid words of weight 0 only."""
+    """float64 img, txt, word weights (leaves) and bool masks; word 0 of every report weighs 0
+    (a valid word of weight 0 still enters the word softmax of attn="words_then_regions");
+    with empty_rows image 0 has no region, report 0 no word and report 1 (when B_t > 2) valid
+    words of weight 0 only."""
     img = torch.randn(B_i, Li, E, dtype=torch.float64)
     txt = torch.randn(B_t, Lt, E, dtype=torch.float64)
     u = torch.rand(B_t, Lt, dtype=torch.float64)
+    if Lt > 1:
+        u[:, 0] = 0
     img_mask = txt_mask = None
     if masks:
         img_mask, txt_mask = torch.rand(B_i, Li) > 0.3, torch.rand(B_t, Lt) > 0.3
@@ -54,12 +60,12 @@ def make_inputs(B_i, B_t, Li, Lt, E, *, masks=True, empty_rows=True):
 
 
 def check(backend, B_i, B_t, Li, Lt, E, *, agg, masks=True, empty_rows=True, dtype=None,
-          attn_scale=4.0, agg_scale=5.0):
+          attn_scale=4.0, agg_scale=5.0, attn="regions", word_scale=3.0):
     """The backend's scores and gradients equal the float64 reference's."""
     (img, txt, u), img_mask, txt_mask = make_inputs(B_i, B_t, Li, Lt, E, masks=masks, empty_rows=empty_rows)
     dtype = dtype or (torch.float64 if backend != "triton" else torch.float32)
     weighted = agg == "weighted"
-    kw = dict(attn_scale=attn_scale, agg=agg, agg_scale=agg_scale)
+    kw = dict(attn_scale=attn_scale, agg=agg, agg_scale=agg_scale, attn=attn, word_scale=word_scale)
     ref = reference.local_matching(img, img_mask, txt, txt_mask, **kw, word_weights=u if weighted else None)
     inputs = [img, txt, u] if weighted else [img, txt]
     grad_out = torch.randn_like(ref)
@@ -83,31 +89,35 @@ def small_native_blocks(monkeypatch):
     monkeypatch.setattr(blockwise, "BLOCK_ELEMENTS", 2 * 7 * 5)
 
 
+@pytest.mark.parametrize("attn", ATTNS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("agg", ["lse", "mean", "weighted", "none"])
-def test_matches_float64_reference_with_masks_and_empty_rows(backend, agg, small_native_blocks):
-    check(backend, 3, 4, 5, 7, 6, agg=agg)
+def test_matches_float64_reference_with_masks_and_empty_rows(backend, agg, attn, small_native_blocks):
+    check(backend, 3, 4, 5, 7, 6, agg=agg, attn=attn)
 
 
+@pytest.mark.parametrize("attn", ATTNS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("agg", ["lse", "mean", "weighted", "none"])
-def test_matches_float64_reference_without_masks(backend, agg):
-    check(backend, 2, 3, 4, 5, 8, agg=agg, masks=False)
+def test_matches_float64_reference_without_masks(backend, agg, attn):
+    check(backend, 2, 3, 4, 5, 8, agg=agg, masks=False, attn=attn)
 
 
+@pytest.mark.parametrize("attn", ATTNS)
 @pytest.mark.parametrize("backend", ["blockwise", "triton"])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (1, 5, 3, 19, 33), (5, 2, 17, 3, 7)])
-def test_awkward_sizes(backend, shape):
+def test_awkward_sizes(backend, shape, attn):
     """One of everything; more words than a Triton word block (16); Li, E off powers of two."""
-    check(backend, *shape, agg="lse", empty_rows=False)
-    check(backend, *shape, agg="weighted", empty_rows=False)
-    check(backend, *shape, agg="none", empty_rows=False)
+    check(backend, *shape, agg="lse", empty_rows=False, attn=attn)
+    check(backend, *shape, agg="weighted", empty_rows=False, attn=attn)
+    check(backend, *shape, agg="none", empty_rows=False, attn=attn)
 
 
+@pytest.mark.parametrize("attn", ATTNS)
 @pytest.mark.parametrize("backend", ["blockwise", "triton"])
-def test_sharp_scales(backend):
-    """Large attention and aggregation scales: the softmax and log-sum-exp stay finite."""
-    check(backend, 2, 3, 6, 5, 4, agg="lse", attn_scale=60.0, agg_scale=100.0)
+def test_sharp_scales(backend, attn):
+    """Large attention, word and aggregation scales: the softmaxes and log-sum-exp stay finite."""
+    check(backend, 2, 3, 6, 5, 4, agg="lse", attn_scale=60.0, agg_scale=100.0, attn=attn, word_scale=30.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -115,39 +125,93 @@ def test_triton_half_precision_inputs(dtype):
     check("triton", 2, 3, 5, 6, 16, agg="lse", dtype=dtype)
 
 
-def test_native_blocks_cover_every_pair(small_native_blocks):
+@pytest.mark.parametrize("attn", ATTNS)
+def test_native_blocks_cover_every_pair(attn, small_native_blocks):
     """Ragged block grid (7 reports with blocks of 2) gives the one-block result exactly."""
     (img, txt, u), img_mask, txt_mask = make_inputs(5, 7, 5, 7, 4)
     inputs = prepare(img, img_mask, txt, txt_mask, "weighted", u, torch.float64)
-    blocked = blockwise.local_matching_blockwise(*inputs, 4.0, 5.0, "linear")
-    one_block = blockwise._block(*inputs, 4.0, 5.0, False)[-1]
+    blocked = blockwise.local_matching_blockwise(*inputs, 4.0, 5.0, "linear", attn, 3.0)
+    one_block = blockwise._block(*inputs, 4.0, 5.0, "linear", attn, 3.0)[-1]
     assert len(blockwise._block_ranges(5, 7, 7, 5)) > 10
     assert (blocked - one_block).abs().max().item() < 1e-12
 
 
-def test_reference_closed_form_for_one_region():
-    """With one region the attention is 1, c = v and s_k = cos(v, w_k): the reference's scores
-    follow the formula (an oracle for the oracle)."""
+@pytest.mark.parametrize("attn", ATTNS)
+def test_reference_closed_form_for_one_region(attn):
+    """With one region the attention is 1 (whatever the word softmax gives), c = v and
+    s_k = cos(v, w_k): the reference's scores follow the formula (an oracle for the oracle)."""
     img, txt = torch.randn(2, 1, 5, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
     cos = torch.einsum("ie,jke->ijk", F.normalize(img[:, 0], dim=-1), F.normalize(txt, dim=-1))
-    scores = reference.local_matching(img, None, txt, None, agg="lse", agg_scale=5.0)
+    kw = dict(attn=attn, word_scale=3.0)
+    scores = reference.local_matching(img, None, txt, None, agg="lse", agg_scale=5.0, **kw)
     assert torch.allclose(scores, torch.logsumexp(5.0 * cos, -1) / 5.0, atol=1e-12)
-    scores = reference.local_matching(img, None, txt, None, agg="mean")
+    scores = reference.local_matching(img, None, txt, None, agg="mean", **kw)
     assert torch.allclose(scores, cos.mean(-1), atol=1e-12)
     u = torch.rand(3, 4, dtype=torch.float64)
-    scores = reference.local_matching(img, None, txt, None, agg="weighted", word_weights=u)
+    scores = reference.local_matching(img, None, txt, None, agg="weighted", word_weights=u, **kw)
     assert torch.allclose(scores, (cos * u).sum(-1) / u.sum(-1), atol=1e-12)
 
 
+def test_reference_closed_form_for_one_word_words_then_regions():
+    """With one valid word the word softmax is 1 at every region, so the attention is uniform
+    over the valid regions: c = their mean and s = cos(mean v, w), whatever the scales."""
+    img, txt = torch.randn(3, 6, 5, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
+    img_mask = torch.rand(3, 6) > 0.4
+    img_mask[:, 0] = True
+    txt_mask = torch.zeros(2, 4, dtype=torch.bool)
+    txt_mask[0, 2] = txt_mask[1, 0] = True
+    v = F.normalize(img, dim=-1) * img_mask[..., None]
+    mean_v = v.sum(1) / img_mask.sum(1, keepdim=True)
+    word = F.normalize(txt[txt_mask], dim=-1)                        # [2, E]: each report's one word
+    cos = torch.einsum("ie,je->ij", F.normalize(mean_v, dim=-1), word)
+    s = reference.local_matching(img, img_mask, txt, txt_mask, agg="none", attn="words_then_regions",
+                                 attn_scale=60.0, word_scale=30.0)
+    assert torch.allclose(s[txt_mask[None].expand_as(s)].view(3, 2), cos, atol=1e-12)
+    assert (s[~txt_mask[None].expand_as(s)] == 0).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_per_word_matchings_aggregate_to_every_score(backend):
+def test_default_attn_is_regions_and_word_scale_matters_only_for_words_then_regions(backend):
+    """The default is attn="regions", bit for bit, and word_scale does not change it."""
+    (img, txt, _), img_mask, txt_mask = make_inputs(3, 4, 5, 7, 6)
+    img, txt = img.detach().float(), txt.detach().float()
+    with mcr_kernels.use_backend(backend, "local_matching"):
+        default = mcr_kernels.local_matching(img, img_mask, txt, txt_mask, agg="none")
+        regions = mcr_kernels.local_matching(img, img_mask, txt, txt_mask, agg="none", attn="regions")
+        sharp = mcr_kernels.local_matching(img, img_mask, txt, txt_mask, agg="none", attn="regions",
+                                           word_scale=30.0)
+        gloria = mcr_kernels.local_matching(img, img_mask, txt, txt_mask, agg="none",
+                                            attn="words_then_regions")
+    assert torch.equal(default, regions) and torch.equal(default, sharp)
+    assert not torch.allclose(default, gloria, atol=1e-3)
+
+
+def test_triton_runs_words_then_regions_on_the_blockwise_path(monkeypatch):
+    """The kernels have no word softmax: with the triton backend attn="words_then_regions"
+    launches no kernel and gives the reference's scores and gradients (through blockwise)."""
+    pytest.importorskip("triton")
+    triton_lm = importlib.import_module("mcr_kernels.triton.local_matching")
+    launched = []
+    monkeypatch.setattr(triton_lm, "local_matching_pairs", lambda *a: launched.append(1))
+    for agg in ("lse", "weighted"):
+        check("triton", 3, 4, 5, 7, 6, agg=agg, attn="words_then_regions")
+    assert not launched
+    img, txt = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match="attn"):
+        triton_lm.local_matching(img, None, txt, None, attn="words_then_regions")
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_word_matchings_aggregate_to_every_score(backend, attn):
     """agg="none" gives the s_k the aggregates are made of: log-sum-exp, mean and weighted mean
     of it over the valid words are the reference's lse, mean and weighted scores; 0 off them."""
     (img, txt, u), img_mask, txt_mask = make_inputs(3, 4, 5, 7, 6)
     img, txt, u = img.detach(), txt.detach(), u.detach()
     dtype = torch.float64 if backend != "triton" else torch.float32
     with mcr_kernels.use_backend(backend, "local_matching"):
-        s = mcr_kernels.local_matching(img.to(dtype), img_mask, txt.to(dtype), txt_mask, agg="none").double()
+        s = mcr_kernels.local_matching(img.to(dtype), img_mask, txt.to(dtype), txt_mask, agg="none",
+                                       attn=attn).double()
     valid = txt_mask[None].expand_as(s)
     assert (s[~valid] == 0).all()
     lse = torch.logsumexp((5.0 * s).masked_fill(~valid, -math.inf), -1).nan_to_num(neginf=0.0) / 5.0
@@ -156,16 +220,18 @@ def test_per_word_matchings_aggregate_to_every_score(backend):
     uu = u * txt_mask
     weighted = (s * uu).sum(-1) / uu.sum(-1).where(uu.sum(-1) > 0, 1.0)
     for agg, got, kw in (("lse", lse, {}), ("mean", mean, {}), ("weighted", weighted, dict(word_weights=u))):
-        want = reference.local_matching(img, img_mask, txt, txt_mask, agg=agg, **kw)
+        want = reference.local_matching(img, img_mask, txt, txt_mask, agg=agg, attn=attn, **kw)
         assert_close(got, want, dtype, f"{backend} {agg} of the per-word matchings")
 
 
-def test_empty_rows_score_as_documented():
+@pytest.mark.parametrize("attn", ATTNS)
+def test_empty_rows_score_as_documented(attn):
     (img, txt, u), img_mask, txt_mask = make_inputs(3, 4, 5, 6, 4)
     for backend in BACKENDS:
         with mcr_kernels.use_backend(backend, "local_matching"):
-            lse = mcr_kernels.local_matching(img, img_mask, txt, txt_mask)
-            weighted = mcr_kernels.local_matching(img, img_mask, txt, txt_mask, agg="weighted", word_weights=u)
+            lse = mcr_kernels.local_matching(img, img_mask, txt, txt_mask, attn=attn)
+            weighted = mcr_kernels.local_matching(img, img_mask, txt, txt_mask, agg="weighted", word_weights=u,
+                                                  attn=attn)
         assert lse[:, 0].abs().max() == 0 and weighted[:, :2].abs().max() == 0, backend
         n_words = txt_mask.sum(1)[1:].double()   # image 0 has no region: every s_k = 0
         assert torch.allclose(lse[0, 1:], torch.log(n_words) / 5.0), backend
@@ -191,15 +257,18 @@ def test_triton_falls_back_to_native_past_one_tile():
 def prepared(mode, dtype=torch.float32):
     (img, txt, u), img_mask, txt_mask = make_inputs(2, 3, 5, 6, 4)
     inputs = prepare(img, img_mask, txt, txt_mask, "weighted" if mode == "linear" else mode, u, dtype)
-    return [t.detach().requires_grad_(i in (0, 2) or (i == 3 and mode == "linear")) for i, t in enumerate(inputs)]
+    return [t.detach().requires_grad_(i in (0, 2) or (i == 4 and mode == "linear")) for i, t in enumerate(inputs)]
 
 
 @pytest.mark.parametrize("mode", ["lse", "linear", "none"])
 def test_opcheck_custom_ops(mode):
     from mcr_kernels.triton import local_matching as tlm
 
-    torch.library.opcheck(blockwise.local_matching_blockwise, (*prepared(mode, torch.float64), 4.0, 5.0, mode))
-    torch.library.opcheck(tlm.local_matching_pairs, (*prepared(mode), 4.0, 5.0, mode, False))
+    for attn in ATTNS:
+        torch.library.opcheck(blockwise.local_matching_blockwise,
+                              (*prepared(mode, torch.float64), 4.0, 5.0, mode, attn, 3.0))
+    v, region, w, _, weights = prepared(mode)
+    torch.library.opcheck(tlm.local_matching_pairs, (v, region, w, weights, 4.0, 5.0, mode, False))
 
 
 @pytest.mark.parametrize("backend", ["blockwise", "triton"])
@@ -211,7 +280,8 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     def loss(img, txt, u):
         lse = mcr_kernels.local_matching(img, img_mask, txt, txt_mask)
         weighted = mcr_kernels.local_matching(img, img_mask, txt, txt_mask, agg="weighted", word_weights=u)
-        return (lse * 3.0).logsumexp(1).sum() + weighted.square().sum()
+        gloria = mcr_kernels.local_matching(img, img_mask, txt, txt_mask, attn="words_then_regions")
+        return (lse * 3.0).logsumexp(1).sum() + weighted.square().sum() + gloria.square().sum()
 
     compile_backend = "inductor" if DEVICE == "cuda" else "aot_eager"
     with mcr_kernels.use_backend(backend, "local_matching"):
@@ -245,6 +315,9 @@ def call(img=None, img_mask=None, txt=None, txt_mask=None, **kw):
     (dict(agg="weighted", word_weights=torch.rand(5, 7)), "word_weights"),
     (dict(agg="weighted", word_weights=-torch.rand(5, 6)), "word_weights"),
     (dict(word_weights=torch.rand(5, 6)), "word_weights"),
+    (dict(attn="words"), "^attn must"),
+    (dict(word_scale=0.0), "word_scale"),
+    (dict(word_scale=-1.0, attn="words_then_regions"), "word_scale"),
 ])
 def test_bad_input_raises_value_error_naming_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):

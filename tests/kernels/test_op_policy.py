@@ -122,11 +122,12 @@ def infonce_args(dtype, seed):
                 logit_bias=torch.tensor(-1.0, dtype=dtype, device=DEVICE))
 
 
-def matching_args(dtype, seed, agg="weighted"):
+def matching_args(dtype, seed, agg="weighted", attn="regions"):
     img_mask, txt_mask = bools(3, 5, p=0.6, seed=seed), bools(4, 6, p=0.6, seed=seed + 1)
     weights = randn(4, 6, dtype=dtype, seed=seed + 2).abs() if agg == "weighted" else None
     return dict(img=randn(3, 5, 8, dtype=dtype, seed=seed), img_mask=img_mask,
-                txt=randn(4, 6, 8, dtype=dtype, seed=seed + 3), txt_mask=txt_mask, agg=agg, word_weights=weights)
+                txt=randn(4, 6, 8, dtype=dtype, seed=seed + 3), txt_mask=txt_mask, agg=agg, word_weights=weights,
+                attn=attn)
 
 
 def matching_masked(args):
@@ -193,7 +194,9 @@ VARIANTS = {  # further inputs of an op the masked, NaN and dtype tests run as w
     "mba_pool": [lambda dtype, seed: pool_args(dtype, seed, pool="max")],
     "local_matching": [lambda dtype, seed: matching_args(dtype, seed, agg="lse"),
                        lambda dtype, seed: matching_args(dtype, seed, agg="mean"),
-                       lambda dtype, seed: matching_args(dtype, seed, agg="none")],
+                       lambda dtype, seed: matching_args(dtype, seed, agg="none"),
+                       lambda dtype, seed: matching_args(dtype, seed, attn="words_then_regions"),
+                       lambda dtype, seed: matching_args(dtype, seed, agg="none", attn="words_then_regions")],
 }
 
 

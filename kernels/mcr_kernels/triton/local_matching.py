@@ -8,7 +8,9 @@ the weighted sum), or stored per word (agg="none"). Backward recomputes the same
 grid (B_t, word blocks) loops over every image for d w and d weights; grid (B_i,) loops over
 every (report, word block) for d v. Saved for backward: the inputs and scores.
 Li and E must fit one tile that fits the device (tile_fits); the front end runs larger
-inputs, and float64 ones (the kernels compute in float32), on the `blockwise` backend (launches).
+inputs, float64 ones (the kernels compute in float32) and attn="words_then_regions" (its
+word softmax needs every word of a report per region, which a word block does not hold) on
+the `blockwise` backend (launches).
 """
 import os
 
@@ -284,18 +286,21 @@ def _pairs_grads(ctx, grad):
 local_matching_pairs.register_autograd(_pairs_grads, setup_context=_pairs_setup)
 
 
-def launches(img):
-    """Whether the kernels run img [B_i, Li, E]: not float64, and its tile fits the device."""
+def launches(img, attn):
+    """Whether the kernels run img [B_i, Li, E] with attention order attn: attn "regions" (the
+    kernels have no word softmax), not float64, and its tile fits the device."""
     tiles = _tiles(img)
-    return img.dtype != torch.float64 and tile_fits(tiles["BLOCK_L"], tiles["BLOCK_E"], img.dtype != torch.float32,
-                                                    img.device)
+    return (attn == "regions" and img.dtype != torch.float64
+            and tile_fits(tiles["BLOCK_L"], tiles["BLOCK_E"], img.dtype != torch.float32, img.device))
 
 
 def local_matching(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", agg_scale=5.0,
-                   word_weights=None):
-    """`triton` backend of mcr_kernels.local_matching (same arguments and result) for images it
-    launches on."""
-    v, region, w, weights = prepare(img, img_mask, txt, txt_mask, agg, word_weights, torch.float32)
+                   word_weights=None, attn="regions", word_scale=1.0):
+    """`triton` backend of mcr_kernels.local_matching (same arguments and result) for inputs it
+    launches on (launches; word_scale is unused, as attn must be "regions")."""
+    if attn != "regions":
+        raise ValueError(f'the triton kernels compute attn="regions" only, got attn={attn!r}')
+    v, region, w, _, weights = prepare(img, img_mask, txt, txt_mask, agg, word_weights, torch.float32)
     return local_matching_pairs(v, region, w, weights, attn_scale, agg_scale, blockwise_mode(agg),
                                 img.dtype != torch.float32)
 
