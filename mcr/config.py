@@ -47,6 +47,11 @@ class LocalConfig:
     """The local (word-to-region) alignment of the mpma and reclf variants (docs/method.md);
     flags --local-<field>."""
     attn_scale: float = option(4.0, "mpma/reclf: scale of the word-to-region attention logits (GLoRIA's gamma1)")
+    attn: str = option("regions", "mpma/reclf: the word-to-region attention: regions (one softmax over the "
+                       "regions of the cosines) or words_then_regions (GLoRIA's order: a softmax over the "
+                       "report's words for each region first)", ("regions", "words_then_regions"))
+    word_scale: float = option(1.0, "mpma/reclf: scale of the cosines in the softmax over words of "
+                               "--local-attn words_then_regions", minimum=1e-4)
     agg_scale: float = option(5.0, "mpma: scale of the log-sum-exp over a pair's word matchings (GLoRIA's "
                               "gamma2)", minimum=1e-4)
     logit_scale: float = option(10.0, "mpma/reclf: the local loss's logits are the local matching scores times "

@@ -112,15 +112,16 @@ class LocalAlignment(nn.Module):
                                                                (txt_local, word_weights, *report_features))
             offset = 0
         scale = self.log_scale.exp().clamp(max=100)
+        attention = dict(attn_scale=local.attn_scale, attn=local.attn, word_scale=local.word_scale)
 
         def scores(images, reports):
             if aggregate is not None:
-                matchings = mcr_kernels.local_matching(img[images], None, txt[reports], mask[reports],
-                                                       attn_scale=local.attn_scale, agg="none")
+                matchings = mcr_kernels.local_matching(img[images], None, txt[reports], mask[reports], agg="none",
+                                                       **attention)
                 return scale * aggregate(matchings, mask[reports], *(f[reports] for f in features))
             return scale * mcr_kernels.local_matching(
-                img[images], None, txt[reports], mask[reports], attn_scale=local.attn_scale, agg=agg,
-                agg_scale=local.agg_scale, word_weights=None if weights is None else weights[reports])
+                img[images], None, txt[reports], mask[reports], agg=agg, agg_scale=local.agg_scale,
+                word_weights=None if weights is None else weights[reports], **attention)
 
         total_loss = 0
         for group in groups:

@@ -37,12 +37,13 @@ def oracle(module, img, txt, word_mask, agg="lse", word_weights=None):
     of its per-word matchings); each group's block of the [B, B] scores is its cross-entropy
     in both directions; the mean over the B rows."""
     local = module.cfg.local
+    attention = dict(attn_scale=local.attn_scale, attn=local.attn, word_scale=local.word_scale)
     if agg == "aggregate":
-        matchings = reference.local_matching(img, None, txt, word_mask, attn_scale=local.attn_scale, agg="none")
+        matchings = reference.local_matching(img, None, txt, word_mask, agg="none", **attention)
         scores = feature_weighted(matchings, word_mask, word_weights[..., None])
     else:
-        scores = reference.local_matching(img, None, txt, word_mask, attn_scale=local.attn_scale, agg=agg,
-                                          agg_scale=local.agg_scale, word_weights=word_weights)
+        scores = reference.local_matching(img, None, txt, word_mask, agg=agg, agg_scale=local.agg_scale,
+                                          word_weights=word_weights, **attention)
     logits = module.log_scale.double().exp() * scores
     B = img.shape[0]
     size = local.group_size or B
@@ -68,13 +69,17 @@ def leaves(*tensors, dtype):
 
 
 @pytest.mark.parametrize("backend", mcr_kernels.registered_backends("local_matching"))
-@pytest.mark.parametrize("B,group_size", [(1, 0), (1, 16), (5, 0), (7, 3), (7, 1), (32, 16), (6, 4), (9, 20)])
+@pytest.mark.parametrize("B,group_size,attention", [
+    (1, 0, {}), (1, 16, {}), (5, 0, {}), (7, 3, {}), (7, 1, {}), (32, 16, {}), (6, 4, {}), (9, 20, {}),
+    (7, 3, dict(local_attn="words_then_regions", local_word_scale=3.0))])
 @pytest.mark.parametrize("agg", ["lse", "weighted", "aggregate"])
-def test_groups_match_the_float64_oracle_with_gradients(backend, B, group_size, agg):
+def test_groups_match_the_float64_oracle_with_gradients(backend, B, group_size, attention, agg):
+    """Every group size, each local attention (--local-attn), every aggregate."""
     if backend == "triton" and not os.environ.get("TRITON_INTERPRET") and not torch.cuda.is_available():
         pytest.skip("triton on the CPU needs TRITON_INTERPRET=1")
     img, txt, word_mask, weights = inputs(B, weighted=agg != "lse")
-    module = alignment(group_size)
+    module = alignment(group_size, **attention)
+    assert module.cfg.local.attn == attention.get("local_attn", "regions")
     got_leaves = leaves(img, txt, weights, dtype=torch.float32)
     with mcr_kernels.use_backend(backend, "local_matching"):
         got = local_loss(module, *got_leaves[:2], word_mask, agg, got_leaves[2])
@@ -87,6 +92,14 @@ def test_groups_match_the_float64_oracle_with_gradients(backend, B, group_size, 
     want_grads = torch.autograd.grad(want, [want_leaves[i] for i in used])
     for i, g, w in zip(used, got_grads, want_grads):
         torch.testing.assert_close(g.double(), w, atol=ATOL, rtol=RTOL, msg=lambda m, i=i: f"grad {i}: {m}")
+
+
+def test_attention_order_changes_the_loss():
+    """--local-attn words_then_regions reaches local_matching: the loss differs from the default's."""
+    img, txt, word_mask, _ = inputs(6)
+    default = alignment(3)(img, txt, word_mask)
+    gloria = alignment(3, local_attn="words_then_regions", local_word_scale=3.0)(img, txt, word_mask)
+    assert not torch.allclose(default, gloria)
 
 
 def test_a_group_of_one_pair_has_no_negatives_and_no_loss():

@@ -201,7 +201,8 @@ def test_reclf_unmasked_setting_sees_every_patch(tiny_config, make_batch, token_
 
 
 @pytest.mark.parametrize("variant,flags", [("mpma", []), ("reclf", []), ("reclf", ["--unmasked-tuning", "1"]),
-                                           ("reclf", ["--reasoning-over", "matchings"])])
+                                           ("reclf", ["--reasoning-over", "matchings"]),
+                                           ("mpma", ["--local-attn", "words_then_regions", "--local-word-scale", "5"])])
 def test_cli_trains_each_variant(tmp_path, variant, flags, run_args):
     results = main(run_args(tmp_path, "--max-steps", "2", "--eval-every", "0", "--variant", variant,
                             "--memory-slots", "4", "--loss-local", "0.5", *flags))
