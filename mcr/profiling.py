@@ -24,9 +24,9 @@ def seeded_masks(model, batch, seed=0):
                         generator=torch.Generator(device=device).manual_seed(seed))
 
 
-def saved_activation_bytes(model, batch):
+def saved_activation_bytes(model, batch, unmasked=False):
     """Bytes of distinct non-parameter tensors autograd saves for one masked forward of
-    `model` on `batch` (seeded_masks)."""
+    `model` on `batch` (seeded_masks), or one unmasked, contrastive-only forward."""
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
@@ -37,9 +37,9 @@ def saved_activation_bytes(model, batch):
             seen[ptr] = storage.nbytes()
         return t
 
-    masks = seeded_masks(model, batch)
+    masks = None if unmasked else seeded_masks(model, batch)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        losses = model(batch, masks)
+        losses = model(batch, masks, unmasked=unmasked)
     del losses
     return sum(seen.values())
 
