@@ -35,3 +35,8 @@ def prepare(img, img_mask, txt, txt_mask, agg, word_weights, dtype):
 def compute_dtype(dtype):
     """float32 for 16- and 32-bit inputs, float64 for float64."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def kernel_mode(agg):
+    """The fused kernels' aggregation mode of an agg: "lse", "none", or "linear" (mean, weighted)."""
+    return agg if agg in ("lse", "none") else "linear"

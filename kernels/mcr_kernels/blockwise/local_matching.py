@@ -4,7 +4,7 @@ with explicit gradient formulas (any device). Formulas: docs/local_matching.md.
 """
 import torch
 
-from mcr_kernels._local_matching_inputs import compute_dtype, prepare
+from mcr_kernels._local_matching_inputs import compute_dtype, kernel_mode, prepare
 
 NORM_EPS = 1e-12            # F.normalize's: a row of norm below it is divided by NORM_EPS
 BLOCK_ELEMENTS = 1 << 21    # attention entries [images, reports, Lt, Li] per block
@@ -145,10 +145,5 @@ def local_matching(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", a
                    word_weights=None, attn="regions", word_scale=1.0):
     """`blockwise` backend of mcr_kernels.local_matching (same arguments and result)."""
     inputs = prepare(img, img_mask, txt, txt_mask, agg, word_weights, compute_dtype(img.dtype))
-    return local_matching_blockwise(*inputs, attn_scale, agg_scale, blockwise_mode(agg), attn,
+    return local_matching_blockwise(*inputs, attn_scale, agg_scale, kernel_mode(agg), attn,
                                     word_scale)
-
-
-def blockwise_mode(agg):
-    """The kernels' aggregation mode of an agg: "lse", "none", or "linear" (mean, weighted)."""
-    return agg if agg in ("lse", "none") else "linear"

@@ -19,8 +19,7 @@ import triton
 import triton.language as tl
 
 from mcr_kernels import backend
-from mcr_kernels._local_matching_inputs import prepare
-from mcr_kernels.blockwise.local_matching import blockwise_mode
+from mcr_kernels._local_matching_inputs import kernel_mode, prepare
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_T = 16
@@ -301,7 +300,7 @@ def local_matching(img, img_mask, txt, txt_mask, *, attn_scale=4.0, agg="lse", a
     if attn != "regions":
         raise ValueError(f'the triton kernels compute attn="regions" only, got attn={attn!r}')
     v, region, w, _, weights = prepare(img, img_mask, txt, txt_mask, agg, word_weights, torch.float32)
-    return local_matching_pairs(v, region, w, weights, attn_scale, agg_scale, blockwise_mode(agg),
+    return local_matching_pairs(v, region, w, weights, attn_scale, agg_scale, kernel_mode(agg),
                                 img.dtype != torch.float32)
 
 
