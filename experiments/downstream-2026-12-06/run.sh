@@ -5,7 +5,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 RUNS=${RUNS:-/work/runs-downstream}
-VARIANT_RUNS=${VARIANT_RUNS:-/work/runs-variants}  # mpma and reclf (experiments/variants-2026-12-07)
+VARIANT_RUNS=${VARIANT_RUNS:-/work/runs-variants}  # mpma and reclf (experiments/variants-2026-12-07, reclf-reasoning-2026-12-07)
 CACHE=${CACHE:-/tmp/mcr-downstream-cache}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 mkdir -p "$here/raw"
@@ -26,7 +26,7 @@ for variant in default dual-stream-at-time abm dual-stream; do
     if [ "$variant" = default ]; then evaluate "random-init-seed$seed" "$run" --random-init "$seed"; fi
   done
 done
-for variant in mpma reclf mpma-every-pair reclf-every-pair; do
+for variant in mpma reclf mpma-every-pair reclf-every-pair reclf-matchings reclf-matchings-unmasked; do
   for seed in 0 1 2; do
     run="$VARIANT_RUNS/$variant/seed$seed"
     [ -f "$run/final.json" ] && evaluate "$variant-seed$seed" "$run"

@@ -21,6 +21,8 @@ ROWS = (("default", "MCR, the default (2,000 steps)"),
         ("mpma-every-pair", "mpma, every pair as local negatives (`--local-group-size 0`)"),
         ("reclf", "reclf, our form, local groups of 16 (2,000 steps)"),
         ("reclf-every-pair", "reclf, every pair as local negatives (`--local-group-size 0`)"),
+        ("reclf-matchings", "reclf, reasoning over the matchings (`--reasoning-over matchings`)"),
+        ("reclf-matchings-unmasked", "reclf over the matchings, contrastive-only (`--unmasked-tuning 1`)"),
         ("random-init", "randomly initialised, not trained (floor)"))
 FRACTIONS = ("1%", "10%", "100%")
 

@@ -65,6 +65,8 @@ def load_tokenizer(path):
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tok.mask_token_id is None or tok.pad_token_id is None:
         raise ValueError(f"tokenizer at {path!r} needs [MASK] and [PAD] tokens for masked report modelling")
+    if not tok.is_fast:  # the collate function reads each token's word from word_ids()
+        raise ValueError(f"tokenizer at {path!r} must be a fast tokenizer (word_ids), got {type(tok).__name__}")
     return tok
 
 

@@ -158,6 +158,20 @@ def test_tokenizer_round_trip(tmp_path):
     assert again.mask_token_id == tok.mask_token_id and again.pad_token_id == tok.pad_token_id
 
 
+def test_a_slow_tokenizer_is_refused_by_name(tmp_path, monkeypatch):
+    """The collate function needs word_ids(), which only fast (tokenizers-backed) tokenizers
+    give; a Python-backed one is refused when loaded."""
+    import transformers
+
+    class PythonWordPiece:  # what AutoTokenizer returns for a tokenizer without a fast form
+        mask_token_id, pad_token_id, is_fast = 4, 0, False
+
+    train_wordpiece(["FINDINGS: Small effusion."] * 20, 60).save_pretrained(str(tmp_path))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: PythonWordPiece())
+    with pytest.raises(ValueError, match="must be a fast tokenizer.*PythonWordPiece"):
+        load_tokenizer(str(tmp_path))
+
+
 def test_training_flags_load_both(tmp_path, capsys, tiny_flags):
     texts = [f"FINDINGS: finding number {i}. IMPRESSION: normal." for i in range(50)]
     tok = train_wordpiece(texts, 90)
